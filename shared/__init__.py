@@ -1,0 +1,1 @@
+"""Code that two or more of the method packages need: IO, data, metrics, inference, run harness, demo data."""

@@ -1,0 +1,17 @@
+"""One exception type for bad user input, and the CLI wrapper that turns it into one sentence and exit 2."""
+
+import sys
+from typing import Callable
+
+
+class InputError(ValueError):
+    """Bad input from the user (a file, an argument, a dataset): the message is one sentence naming it."""
+
+
+def run_cli(main: Callable[[], None]) -> None:
+    """Run a CLI `main()`; an `InputError` prints `error: <sentence>` on stderr and exits with status 2."""
+    try:
+        main()
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(2)
