@@ -1,7 +1,7 @@
 """One exception type for bad user input, and the CLI wrapper that turns it into one sentence and exit 2."""
 
 import sys
-from typing import Callable
+from collections.abc import Callable
 
 
 class InputError(ValueError):

@@ -1,4 +1,4 @@
-"""NIfTI IO: round trip keeps data, affine and header; bad files give one clear sentence. Run: pytest tests/test_shared_nifti.py"""
+"""NIfTI IO round trip keeps affine and header; bad files give one sentence. Run: pytest tests/test_shared_nifti.py"""
 
 import gzip
 import os
