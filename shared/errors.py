@@ -9,9 +9,13 @@ class InputError(ValueError):
 
 
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a CLI `main()`; an `InputError` prints `error: <sentence>` on stderr and exits with status 2."""
+    """Run a CLI `main()`: an `InputError` prints `error: <sentence>` on stderr and exits with status 2; a
+    `FloatingPointError` (a NaN/Inf training loss, see `shared.harness.check_finite_loss`) exits with status 3."""
     try:
         main()
     except InputError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except FloatingPointError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(3)
