@@ -166,15 +166,17 @@ def init_distributed(prefer: str | None = None) -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, is_main=rank == 0, device=device)
 
 
-def wrap_ddp(model: torch.nn.Module, dist_info: DistInfo) -> torch.nn.Module:
+def wrap_ddp(model: torch.nn.Module, dist_info: DistInfo, find_unused_parameters: bool = False) -> torch.nn.Module:
     """Wrap `model` (already on `dist_info.device`) in DDP when there is more than one process.
 
     DDP broadcasts rank 0's parameters at construction, so ranks seeded differently still start equal.
+    `find_unused_parameters` is needed when some parameters get no gradient in a step (e.g. a deep-supervision
+    head whose loss weight is 0).
     """
     if dist_info.world_size == 1:
         return model
     device_ids = [dist_info.device.index] if dist_info.device.type == "cuda" else None
-    return DistributedDataParallel(model, device_ids=device_ids)
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused_parameters)
 
 
 def cleanup_distributed() -> None:
