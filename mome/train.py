@@ -1,0 +1,182 @@
+"""MoME phase 2: joint training of the experts and the hierarchical gate with the curriculum loss (Eq. 2).
+
+    python -m mome.train --data DATASET_DIR [DATASET_DIR ...] --experts T1.pt T1ce.pt T2.pt FLAIR.pt DWI.pt \
+        --out runs/mome
+
+Every channel of every case is one single-modality sample; its modality picks the expert that the
+specialisation term of Eq. 2 supervises. Table 3 ablations: `--random-experts` (no phase 1),
+`--no-curriculum` (Eq. 4 only), `--gate basic` (one weight map for all levels).
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mome.data import describe, draw_batch
+from mome.losses import curriculum_loss
+from mome.model import build_mome
+from mome.nnunet_import import load_checked, plain_state_dict, read_nnunet_checkpoint
+from mome.train_common import (
+    add_common_args,
+    check_common_args,
+    config_from_args,
+    last_epoch,
+    prepare_data,
+    resume_run,
+    save_run,
+)
+from shared.checkpoint import load_checkpoint
+from shared.errors import InputError, run_cli
+from shared.harness import (
+    MetricsLogger,
+    all_reduce_mean,
+    autocast_context,
+    check_finite_loss,
+    cleanup_distributed,
+    gather_rng_state,
+    init_distributed,
+    make_grad_scaler,
+    maybe_compile,
+    pick_amp_dtype,
+    poly_lr,
+    seed_everything,
+    wrap_ddp,
+)
+
+KIND = "mome"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("MoME")
+    g.add_argument("--experts", nargs="+", help="phase-1 checkpoints (mome.train_expert or nnU-Net v2), one per "
+                   "modality in --modalities order")  # fmt: skip
+    g.add_argument("--random-experts", action="store_true", help="ablation: start from randomly initialised experts")
+    g.add_argument("--transfer-heads", action="store_true", help="also load the experts' seg heads (the official "
+                   "code re-initialises them)")  # fmt: skip
+    g.add_argument("--no-curriculum", action="store_true", help="ablation: L_MoME (Eq. 4) only, no curriculum")
+    g.add_argument("--gate", choices=("hierarchical", "basic"), default="hierarchical", help="gating network type")
+    g.add_argument("--gate-norm", choices=("none", "softmax"), default="none",
+                   help="raw per-class gate maps (official code) or softmax over experts")  # fmt: skip
+    g.add_argument("--clip-experts", action="store_true", help="clip expert gradients too (official: gate only)")
+    add_common_args(parser, lr=1e-3, epochs=800)
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    if args.random_experts == bool(args.experts):
+        raise InputError("give either --experts (one checkpoint per modality) or --random-experts, not both or none.")
+    if args.experts and len(args.experts) != len(args.modalities):
+        raise InputError(f"--experts lists {len(args.experts)} files but --modalities has {len(args.modalities)}.")
+    return args
+
+
+def expert_weights(path, modality: str) -> dict:
+    """State dict of a phase-1 expert: a `mome.train_expert` checkpoint or an nnU-Net v2 checkpoint."""
+    try:
+        ckpt = load_checkpoint(path)
+    except InputError:
+        ckpt = None  # not our format (nnU-Net checkpoints pickle numpy scalars): try nnU-Net's
+    if ckpt is not None and ckpt.get("kind") == "mome_expert":
+        if ckpt.get("modality") != modality:
+            raise InputError(f"--experts {path} is the {ckpt.get('modality')} expert, expected {modality}.")
+        return ckpt["model"]
+    if ckpt is not None and "kind" in ckpt:
+        raise InputError(f"--experts {path} is a {ckpt['kind']} checkpoint, expected a mome_expert one.")
+    return plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+
+
+def load_experts(model, paths, modalities, transfer_heads: bool) -> None:
+    """Initialise the experts from phase 1; the seg heads stay freshly initialised unless `transfer_heads`."""
+    for expert, path, modality in zip(model.experts, paths, modalities):
+        weights = expert_weights(path, modality)
+        if not transfer_heads:  # as the official code: keys with ".seg_layers." are not transferred
+            own = expert.state_dict()
+            weights = {k: (own[k] if ".seg_layers." in k else v) for k, v in weights.items()}
+        load_checked(expert, weights, source=f"--experts {path}")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dist_info = init_distributed(args.device)
+    device = dist_info.device
+    rng = seed_everything(args.seed, rank=dist_info.rank)
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not args.resume:
+        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+
+    samples = prepare_data(args, dist_info)
+    cfg = config_from_args(args, gate_mode=args.gate, gate_norm=args.gate_norm)
+    model = build_mome(cfg).to(device)
+    if args.experts:
+        load_experts(model, args.experts, cfg.modalities, args.transfer_heads)
+    if dist_info.is_main:
+        n_params = sum(p.numel() for p in model.parameters())
+        print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
+              f"on {len(samples)} images\n{describe(samples)}")  # fmt: skip
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
+                                weight_decay=args.weight_decay)  # fmt: skip
+    amp_dtype = pick_amp_dtype(device, enabled=args.amp)
+    scaler = make_grad_scaler(device, amp_dtype)
+    start_epoch = 0
+    if args.resume and ckpt_path.exists():
+        start_epoch = resume_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
+                                 generator=rng, device=device)  # fmt: skip
+        if dist_info.is_main:
+            print(f"resumed {ckpt_path} at epoch {start_epoch}")
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
+    forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
+    clipped = list(model.parameters() if args.clip_experts else model.gate.parameters())
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+
+    for epoch in range(start_epoch, last_epoch(args, start_epoch)):
+        lr = poly_lr(epoch, args.epochs, args.lr)  # stepped once per epoch, as nnU-Net's PolyLRScheduler
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        forward_model.train()
+        t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+        for it in bar:
+            x, y, expert = draw_batch(samples, batch_size=args.batch_size, patch_size=args.patch, rng=rng,
+                                      oversample=args.oversample, augmentation=not args.no_augment)  # fmt: skip
+            x, y, expert = x.to(device, non_blocking=True), y.to(device, non_blocking=True), expert.to(device)
+            with autocast_context(device, enabled=args.amp):
+                out_all = forward_model(x, return_all=True)
+                losses = curriculum_loss(
+                    [o.float() for o in out_all["fused"]],
+                    [[e.float() for e in levels] for levels in out_all["experts"]],
+                    y,
+                    expert,
+                    epoch=epoch,
+                    num_epochs=args.epochs,
+                    curriculum=not args.no_curriculum,
+                )  # Eq. 2 (Eq. 4 alone with --no-curriculum)
+            loss = losses["loss"]
+            check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(clipped, 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            for key in sums:
+                sums[key] += float(losses[key].detach())
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        means = {k: all_reduce_mean(v / args.steps_per_epoch) for k, v in sums.items()}
+        f_epoch = 0.0 if args.no_curriculum else float(losses["f_epoch"])
+        logger.log(step=(epoch + 1) * args.steps_per_epoch, epoch=epoch, lr=lr, f_epoch=f_epoch,
+                   seconds=time.time() - t0, **means)  # fmt: skip
+        rng_states = gather_rng_state(rng)
+        if dist_info.is_main:
+            print(f"epoch {epoch}: loss {means['loss']:.4f} (MoME {means['mome']:.4f}, experts {means['experts']:.4f},"
+                  f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
+            save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
+                     epoch=epoch + 1, args=args, rng=rng_states)  # fmt: skip
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,128 @@
+"""MoME phase 1: train one modality expert alone on the images of its modality (nnU-Net recipe).
+
+    python -m mome.train_expert --modality FLAIR --data DATASET_DIR [...] --out runs/expert_FLAIR
+
+The result `OUT/checkpoint.pt` is one of the `--experts` of `python -m mome.train` (phase 2). An nnU-Net v2
+`checkpoint_final.pth` of a 1-channel PlainConvUNet can be used there instead.
+"""
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mome.data import describe, draw_batch
+from mome.losses import deep_supervised_loss, deep_supervision_weights, downsample_target
+from mome.model import build_expert
+from mome.train_common import (
+    add_common_args,
+    check_common_args,
+    config_from_args,
+    last_epoch,
+    prepare_data,
+    resume_run,
+    save_run,
+)
+from shared.dataset import canonical_modality
+from shared.errors import InputError, run_cli
+from shared.harness import (
+    MetricsLogger,
+    all_reduce_mean,
+    autocast_context,
+    check_finite_loss,
+    cleanup_distributed,
+    gather_rng_state,
+    init_distributed,
+    make_grad_scaler,
+    maybe_compile,
+    pick_amp_dtype,
+    poly_lr,
+    seed_everything,
+    wrap_ddp,
+)
+
+KIND = "mome_expert"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--modality", required=True, help="the expert's modality, e.g. T1, T1ce, T2, FLAIR, DWI")
+    add_common_args(parser, lr=1e-2, epochs=1000)
+    args = parser.parse_args(argv)
+    check_common_args(args)
+    args.modality = canonical_modality(args.modality)
+    if args.modality not in args.modalities:
+        raise InputError(f"--modality {args.modality} is not one of --modalities {args.modalities}.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    dist_info = init_distributed(args.device)
+    device = dist_info.device
+    rng = seed_everything(args.seed, rank=dist_info.rank)
+    out = Path(args.out)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not args.resume:
+        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+
+    samples = prepare_data(args, dist_info, only_modality=args.modality)
+    if dist_info.is_main:
+        print(f"phase 1: expert for {args.modality} on {len(samples)} images\n{describe(samples)}")
+    cfg = config_from_args(args)
+    model = build_expert(cfg).to(device)
+    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
+                                weight_decay=args.weight_decay)  # fmt: skip
+    amp_dtype = pick_amp_dtype(device, enabled=args.amp)
+    scaler = make_grad_scaler(device, amp_dtype)
+    start_epoch = 0
+    if args.resume and ckpt_path.exists():
+        start_epoch = resume_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
+                                 generator=rng, device=device)  # fmt: skip
+        if dist_info.is_main:
+            print(f"resumed {ckpt_path} at epoch {start_epoch}")
+    use_compile = device.type == "cuda" if args.compile is None else args.compile
+    # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
+    forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
+    weights = deep_supervision_weights(cfg.num_levels).to(device)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+
+    for epoch in range(start_epoch, last_epoch(args, start_epoch)):
+        lr = poly_lr(epoch, args.epochs, args.lr)  # nnU-Net steps the poly schedule once per epoch
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        forward_model.train()
+        t0, total = time.time(), 0.0
+        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+        for it in bar:
+            x, y, _ = draw_batch(samples, batch_size=args.batch_size, patch_size=args.patch, rng=rng,
+                                 oversample=args.oversample, augmentation=not args.no_augment)  # fmt: skip
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            with autocast_context(device, enabled=args.amp):
+                outputs = forward_model(x)  # L logits, highest resolution first
+                targets = downsample_target(y, [o.shape[2:] for o in outputs])
+                loss = deep_supervised_loss([o.float() for o in outputs], targets, weights)  # Eq. 3
+            check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            total += loss.item()
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        mean_loss = all_reduce_mean(total / args.steps_per_epoch)
+        logger.log(step=(epoch + 1) * args.steps_per_epoch, epoch=epoch, loss=mean_loss, lr=lr,
+                   seconds=time.time() - t0)  # fmt: skip
+        rng_states = gather_rng_state(rng)
+        if dist_info.is_main:
+            print(f"epoch {epoch}: loss {mean_loss:.4f} lr {lr:.2e} ({time.time() - t0:.1f} s)")
+            save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
+                     epoch=epoch + 1, args=args, rng=rng_states, modality=args.modality)  # fmt: skip
+    cleanup_distributed()
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,134 @@
+"""MoME end to end on tiny phantoms: phase 1 -> phase 2 -> exact resume -> predict -> evaluate, and CLI errors.
+
+Run: pytest tests/test_mome_pipeline.py
+"""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+
+from mome import evaluate, predict, train, train_expert
+from shared.checkpoint import load_checkpoint
+from shared.errors import InputError
+from shared.phantom import write_phantom_datasets
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ["--features", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "2",
+        "--fold", "0", "--folds", "3", "--device", "cpu", "--no-compile"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("phantoms")
+    dirs = write_phantom_datasets(root, datasets=["wmh", "stroke_acute"], cases=3, shape=(24, 24, 24), seed=1)
+    return [str(d) for d in dirs]
+
+
+@pytest.fixture(scope="module")
+def experts(data, tmp_path_factory):
+    """Phase-1 checkpoints of the three experts (T1, FLAIR, DWI) of the tiny runs."""
+    root = tmp_path_factory.mktemp("experts")
+    paths = []
+    for modality in ("T1", "FLAIR", "DWI"):
+        out = root / modality
+        train_expert.main(["--modality", modality, "--data", *data, "--modalities", "T1", "FLAIR", "DWI",
+                           "--epochs", "1", "--out", str(out), *TINY])  # fmt: skip
+        paths.append(str(out / "checkpoint.pt"))
+    return paths
+
+
+def _weights(path):
+    return load_checkpoint(path)["model"]
+
+
+def test_phase1_expert_checkpoint_names_its_modality(experts):
+    ckpt = load_checkpoint(experts[1], expect_kind="mome_expert")
+    assert ckpt["modality"] == "FLAIR" and ckpt["epoch"] == 1
+    assert tuple(ckpt["config"]["features"]) == (4, 8, 16)
+
+
+def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, tmp_path):
+    common = ["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2", *TINY]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
+    assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
+    straight, resumed = (
+        _weights(tmp_path / "straight" / "checkpoint.pt"),
+        _weights(tmp_path / "resumed" / "checkpoint.pt"),
+    )
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    with open(tmp_path / "straight" / "log.csv") as f:
+        log = list(csv.DictReader(f))
+    assert [float(r["f_epoch"]) for r in log] == [1.0, 0.25]  # (1 - epoch/2)^2
+
+    # the experts' 3x3x3 convs come from phase 1; the trained full-res head (seg_layers.1) was re-initialised
+    ckpt_expert = _weights(experts[0])
+    first = tmp_path / "first_epoch"
+    train.main([*common, "--out", str(first), "--stop-after", "1", "--lr", "1e-12"])
+    mome = _weights(first / "checkpoint.pt")
+    conv = "encoder.stages.0.0.convs.0.conv.weight"
+    torch.testing.assert_close(mome[f"experts.0.{conv}"], ckpt_expert[conv], rtol=0, atol=1e-9)
+    assert not torch.equal(mome["experts.0.decoder.seg_layers.1.weight"], ckpt_expert["decoder.seg_layers.1.weight"])
+
+    split = tmp_path / "straight" / "split.json"
+    pred = tmp_path / "pred"
+    for d in data:
+        name = Path(d).name
+        val = json.loads(split.read_text())[name]["val"]
+        predict.main(["--model", str(tmp_path / "straight" / "checkpoint.pt"), "--input", f"{d}/imagesTr",
+                      "--output", str(pred / name), "--cases", *val, "--device", "cpu"])  # fmt: skip
+        image = nib.load(f"{d}/imagesTr/{val[0]}_0000.nii.gz")
+        out = nib.load(str(pred / name / f"{val[0]}_0000.nii.gz"))
+        assert out.shape == image.shape
+        np.testing.assert_allclose(out.affine, image.affine)
+        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+
+    model = str(tmp_path / "straight" / "checkpoint.pt")
+    evaluate.main(["--data", *data, "--pred", str(pred), "--split", str(split), "--unseen", Path(data[1]).name,
+                   "--model", model, "--out", str(tmp_path / "eval")])  # fmt: skip
+    with open(tmp_path / "eval" / "table1.csv") as f:
+        table = {r["data"]: r for r in csv.DictReader(f)}
+    assert set(table) == {"seen", "unseen"}
+    with open(tmp_path / "eval" / "per_image.csv") as f:
+        rows = list(csv.DictReader(f))
+    seen = [float(r["dice"]) for r in rows if r["dataset"] == Path(data[0]).name]
+    assert float(table["seen"]["image"]) == pytest.approx(np.mean(seen))
+    with open(tmp_path / "eval" / "expert_usage.csv") as f:
+        usage = list(csv.DictReader(f))
+    for row in usage:
+        assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
+    with pytest.raises(InputError, match="--experts lists 2 files but --modalities has 3"):
+        train.parse_args(["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts[:2],
+                          "--out", str(tmp_path)])  # fmt: skip
+    with pytest.raises(InputError, match="is the T1 expert, expected FLAIR"):
+        train.expert_weights(experts[0], "FLAIR")
+    with pytest.raises(InputError, match="must be divisible by 2"):
+        train.parse_args(["--data", *data, "--random-experts", "--patch", "20", "20", "20", "--out", str(tmp_path)])
+    with pytest.raises(InputError, match="no dataset.json found"):
+        train_expert.parse_args(["--modality", "T1", "--data", str(tmp_path), "--out", str(tmp_path)])
+    with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
+        predict.load_mome(experts[0], torch.device("cpu"))
+
+
+def test_cli_exit_code_and_message_on_broken_input(data, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    image = Path(data[0]) / "imagesTr"
+    result = subprocess.run([sys.executable, "-m", "mome.predict", "--model", str(broken), "--input", str(image),
+                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and str(broken) in result.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
