@@ -4,6 +4,7 @@
 #   bash run.sh test [ARGS]      set up .venv, lint, run the pytest suite (ARGS go to pytest, e.g. -m slow)
 #   bash run.sh data             write the demo phantom datasets into data/demo if absent
 #   bash run.sh bench            run the benchmark scripts and print their tables
+#   bash run.sh moe_missing      demo of moe_missing (likewise brainsegfounder, sam_med3d_moe)
 #   bash run.sh setup            only create/update .venv
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -61,26 +62,27 @@ run_bench() {
     done
 }
 
-main_job() {
-    make_data
-    if [ -f mome/demo.py ]; then
-        "$PY" -m mome.demo --data "$DEMO_DIR" --runs "$RUNS_DIR/mome_demo"
-    else
-        echo "[run.sh] the MoME demo is not in this checkout yet; available commands:"
-        sed -n '2,7p' "$0"
+method_demo() {
+    local package=$1
+    if [ ! -f "$package/demo.py" ]; then
+        echo "error: the $package demo is not in this checkout yet" >&2
+        exit 2
     fi
+    "$PY" -m "$package.demo" --data "$DEMO_DIR" --runs "$RUNS_DIR/$package"
 }
 
 cmd=${1:-main}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    main) setup; main_job ;;
+    main) setup; make_data; method_demo mome ;;
+    mome|moe_missing|brainsegfounder|sam_med3d_moe) setup; make_data; method_demo "$cmd" ;;
     test) setup; run_tests "$@" ;;
     data) setup; make_data ;;
     bench) setup; run_bench ;;
     setup) setup ;;
     *)
-        echo "error: unknown command '$cmd'; use one of: test, data, bench, setup (or no argument for the MoME demo)" >&2
+        echo "error: unknown command '$cmd'; use one of: test, data, bench, setup, mome, moe_missing," \
+            "brainsegfounder, sam_med3d_moe (no argument: the MoME demo)" >&2
         exit 2
         ;;
 esac
