@@ -7,8 +7,6 @@ lesion/background, and cached as .npy files that training reads by memory map.
 """
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from shared.atomic import atomic_path
 from shared.dataset import kfold_splits, list_cases, load_case, load_dataset_json
 from shared.errors import InputError
 from shared.transforms import augment, sample_patch, zscore
@@ -59,14 +58,8 @@ def split_cases(dataset_dirs, fold: int, folds: int, seed: int = 12345) -> dict:
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".npy", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         np.save(tmp, array)
-        os.replace(tmp, path)
-    except BaseException:
-        os.remove(tmp)
-        raise
 
 
 def prepare_samples(dataset_dirs, case_ids: dict, modalities, cache_dir, binarise: bool = True) -> list:

@@ -14,7 +14,6 @@ PRED_ROOT/<dataset folder name>/<CASE_XXXX>.nii.gz is the prediction for channel
 """
 
 import argparse
-import csv
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 from mome.predict import load_mome
 from shared.dataset import list_cases, load_case
 from shared.errors import InputError, run_cli
+from shared.evaluate import write_csv_atomic
 from shared.geometry import crop_or_pad
 from shared.metrics import aggregate_levels, case_metrics
 from shared.nifti import read_nifti
@@ -125,16 +125,6 @@ def expert_usage(model, images, patch_size, device, expert_names, per_modality: 
     return table
 
 
-def write_csv(path: Path, rows: list[dict]) -> None:
-    """Write rows (dicts with the same keys) as CSV, atomically."""
-    tmp = path.with_name(f".tmp_{path.name}")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-
-
 def format_table(rows: list[dict], floats: str = "{:.4f}") -> str:
     """A plain-text table of dict rows for the terminal."""
     keys = list(rows[0])
@@ -173,17 +163,17 @@ def main(argv=None) -> None:
     rows = score_images(images, args.pred, connectivity=args.connectivity)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv(out / "per_image.csv", rows)
+    write_csv_atomic(out / "per_image.csv", rows)
     levels, tasks = level_table(rows, set(args.unseen)), task_table(rows)
-    write_csv(out / "table1.csv", levels)
-    write_csv(out / "per_task.csv", tasks)
+    write_csv_atomic(out / "table1.csv", levels)
+    write_csv_atomic(out / "per_task.csv", tasks)
     print("Dice per dataset and modality (Suppl. Table I)\n" + format_table(tasks))
     print("\nDice at three averaging levels (Table 1: seen, Table 2: unseen)\n" + format_table(levels))
     if args.model:
         device = torch.device(args.device)
         model, ckpt = load_mome(args.model, device)
         usage = expert_usage(model, images, tuple(ckpt["args"]["patch"]), device, ckpt["config"]["modalities"])
-        write_csv(out / "expert_usage.csv", usage)
+        write_csv_atomic(out / "expert_usage.csv", usage)
         print("\nShare of each expert in the gate-weighted output, by input modality (Suppl. Fig. I)\n"
               + format_table(usage, floats="{:.3f}"))  # fmt: skip
     print(f"\ntables written to {out}")

@@ -12,12 +12,11 @@ strings, None and dicts/lists/tuples of them are accepted, which is exactly what
 """
 
 import os
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 
 import torch
 
+from shared.atomic import atomic_path
 from shared.errors import InputError
 
 _PLAIN_TYPES = (torch.Tensor, bool, int, float, str, type(None))
@@ -58,19 +57,10 @@ def save_checkpoint(path, **payload) -> None:
     """
     for key, value in payload.items():
         _check_plain(value, key)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".tmp_{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
 
 
 def load_checkpoint(path, map_location="cpu", expect_kind: str | None = None) -> dict:

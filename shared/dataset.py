@@ -8,14 +8,13 @@ Layout (https://github.com/MIC-DKFZ/nnUNet, documentation/dataset_format.md):
 """
 
 import json
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import atomic_path
 from shared.errors import InputError
 from shared.nifti import Volume, read_nifti
 
@@ -100,7 +99,9 @@ def load_dataset_json(root) -> dict:
     return _validate_dataset_json(ds, path)
 
 
-def write_dataset_json(root, channel_names, labels: dict, num_training: int, file_ending: str = ".nii.gz", name=None):
+def write_dataset_json(
+    root, channel_names, labels: dict, num_training: int, file_ending: str = ".nii.gz", name=None, **extra
+):
     """Write a valid `<root>/dataset.json` atomically (used by the phantom generator).
 
     Args:
@@ -110,6 +111,7 @@ def write_dataset_json(root, channel_names, labels: dict, num_training: int, fil
         num_training: number of training cases.
         file_ending: image file suffix.
         name: dataset name; defaults to the folder name.
+        extra: further JSON-serialisable keys (e.g. "description").
     Returns:
         Path of the written file.
     """
@@ -124,19 +126,12 @@ def write_dataset_json(root, channel_names, labels: dict, num_training: int, fil
         "labels": dict(labels),
         "numTraining": int(num_training),
         "file_ending": file_ending,
+        **extra,
     }
     path = root / "dataset.json"
     _validate_dataset_json(ds, path)
-    root.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=root)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(ds, f, indent=4)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(ds, indent=4))
     return path
 
 

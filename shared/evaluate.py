@@ -10,13 +10,12 @@ correlation across cases and the CScore built from them.
 
 import argparse
 import csv
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from shared.atomic import atomic_path
 from shared.errors import InputError, run_cli
 from shared.metrics import brats_regions, case_metrics, cscore, volume_correlation
 from shared.nifti import read_nifti
@@ -140,19 +139,10 @@ def summarise(rows: list) -> list:
 
 def write_csv_atomic(path, rows: list) -> None:
     """Write dict rows to CSV via a temp file in the same folder and a rename, so no half-written file remains."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".csv", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", newline="") as handle:
-            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def summary_path(out) -> Path:

@@ -34,6 +34,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
+from shared.atomic import atomic_path
 from shared.errors import InputError
 
 _DEVICE_PRINTED = False  # pick_device announces the device once per process, not at every call
@@ -354,12 +355,10 @@ class MetricsLogger:
         """Rewrite the CSV with the header `columns` (atomically, so a crash keeps the old file)."""
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
-        tmp = self.path.with_name(f".tmp_{self.path.name}")
-        with open(tmp, "w", newline="") as f:
+        with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
             writer.writerows(rows)
-        os.replace(tmp, self.path)
         self.columns = columns
 
 

@@ -1,13 +1,13 @@
 """NIfTI read/write with nibabel: images keep their affine and header end to end."""
 
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 
+from shared.atomic import atomic_path
 from shared.errors import InputError
 
 
@@ -74,14 +74,5 @@ def write_nifti(path, data: np.ndarray, like: Volume, dtype=None) -> None:
     # keep the qform/sform codes of the input so viewers place the prediction identically
     img.set_qform(like.affine, code=int(like.header["qform_code"]) or 1)
     img.set_sform(like.affine, code=int(like.header["sform_code"]) or 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=suffix, dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise

@@ -11,8 +11,6 @@ A case depends only on (seed, dataset name, case index), so any subset of datase
 
 import argparse
 import json
-import os
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -23,6 +21,8 @@ import numpy as np
 from scipy import ndimage
 from tqdm import tqdm
 
+from shared.atomic import atomic_path
+from shared.dataset import write_dataset_json
 from shared.errors import InputError, run_cli
 from shared.phantom_anatomy import LESION_GENERATORS, grid, make_anatomy, smooth_field
 
@@ -205,15 +205,8 @@ def _save(path: Path, data: np.ndarray, affine: np.ndarray) -> None:
     img.set_qform(affine, code=1)
     img.set_sform(affine, code=1)
     img.header.set_xyzt_units("mm")
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         nib.save(img, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _expected_files(root: Path, spec: PhantomSpec, cases: int) -> list:
@@ -295,19 +288,15 @@ def write_phantom_datasets(out, datasets=None, cases: int = 12, shape=(64, 64, 6
             for channel, modality in enumerate(spec.modalities):
                 _save(root / "imagesTr" / f"{case}_{channel:04d}.nii.gz", images[modality], affine)
             _save(root / "labelsTr" / f"{case}.nii.gz", label, affine)
-        dataset_json = {
-            "name": spec.name,
-            "description": f"procedural {dataset} phantom from shared.phantom",
-            "channel_names": {str(c): m for c, m in enumerate(spec.modalities)},
-            "labels": spec.labels,
-            "numTraining": cases,
-            "file_ending": ".nii.gz",
-            "phantom": wanted,
-        }
-        fd, tmp = tempfile.mkstemp(prefix=".tmp_", suffix=".json", dir=root)
-        with os.fdopen(fd, "w") as f:
-            json.dump(dataset_json, f, indent=4)
-        os.replace(tmp, root / "dataset.json")
+        write_dataset_json(
+            root,
+            channel_names=spec.modalities,
+            labels=spec.labels,
+            num_training=cases,
+            name=spec.name,
+            description=f"procedural {dataset} phantom from shared.phantom",
+            phantom=wanted,  # the settings, so that a complete folder is recognised and another one refused
+        )
         print(f"wrote {root}: {cases} cases of shape {shape} in {time.perf_counter() - start:.1f} s")
     return [Path(out) / f"Dataset{DATASETS[d].dataset_id:03d}_{DATASETS[d].name}" for d in datasets]
 
