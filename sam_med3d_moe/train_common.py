@@ -1,0 +1,194 @@
+"""What the three training entry points share: flags, the case split, data, model loading and checkpoints.
+
+The loops themselves stay inline in `train.py` (general model), `finetune_expert.py` and `train_gate.py`.
+"""
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import torch
+
+from sam_med3d_moe.config import SamConfig, small_config
+from sam_med3d_moe.data import load_samples
+from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.dataset import kfold_splits, list_cases
+from shared.errors import InputError
+from shared.harness import set_rng_state
+
+KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
+
+
+def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
+    """Flags of every training entry point: data, split, prompts, optimisation, run harness."""
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
+    g.add_argument("--modalities", nargs="+", help="channels to use (default: every channel of each dataset)")
+    g.add_argument(
+        "--union",
+        nargs="*",
+        metavar="DATASET",
+        help="one target per case = all labels > 0 (e.g. whole "
+        "lesion) instead of one per label value; for every dataset, or only the named folders",
+    )
+    g.add_argument("--fold", type=int, default=0, help="held-out fold of each dataset; -1 trains on all cases")
+    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits per dataset")
+    g.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
+    g.add_argument("--min-voxels", type=int, default=10, help="skip targets smaller than this after resampling")
+    g = parser.add_argument_group("prompts")
+    g.add_argument("--num-clicks", type=int, default=11, help="interaction steps per batch (official: 11)")
+    g.add_argument("--box-prob", type=float, default=0.5, help="probability that a batch starts from a box prompt")
+    g.add_argument("--jitter", type=int, default=2, help="largest shift (voxels) of each box coordinate")
+    g.add_argument(
+        "--dice-only", action="store_true", help="Dice loss only (the official CE term was 0 before MONAI 1.3)"
+    )
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=int, default=2, help="crops per step and process")
+    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (official: 0.1)")
+    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, split.json")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
+    g.add_argument("--stop-after", type=int, help="stop after this many steps in this call (continue with --resume)")
+    g.add_argument("--save-every", type=int, default=100, help="write the checkpoint every this many steps")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    g.add_argument(
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile the image encoder (default: on for CUDA, off on CPU)",
+    )
+
+
+def check_common_args(args) -> None:
+    """Refuse bad flag values with one sentence each."""
+    for path in args.data:
+        if not Path(path, "dataset.json").is_file():
+            raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
+    for name in ("steps", "batch_size", "num_clicks", "save_every"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
+    if not 0.0 <= args.box_prob <= 1.0:
+        raise InputError(f"--box-prob must lie in [0, 1], got {args.box_prob}.")
+    if args.spacing <= 0 or args.jitter < 0:
+        raise InputError(f"--spacing must be positive and --jitter non-negative, got {args.spacing}, {args.jitter}.")
+
+
+def split_cases(data_dirs, fold: int, folds: int) -> dict:
+    """Folder name -> {"train": ids, "val": ids} from `kfold_splits` (fold -1: all cases train, none held out)."""
+    split = {}
+    for root in data_dirs:
+        ids = [c.case_id for c in list_cases(root) if c.label is not None]
+        if fold == -1:
+            split[Path(root).name] = {"train": ids, "val": []}
+            continue
+        if not 0 <= fold < folds:
+            raise InputError(f"--fold must be -1 or in [0, {folds}), got {fold}.")
+        if len(ids) < folds:
+            raise InputError(f"--data {root}: {len(ids)} labelled cases are too few for --folds {folds}.")
+        train, val = kfold_splits(ids, k=folds)[fold]
+        split[Path(root).name] = {"train": train, "val": val}
+    return split
+
+
+def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> list:
+    """Write OUT/split.json (rank 0) and load the samples of `part` of every dataset."""
+    split = split_cases(args.data, args.fold, args.folds)
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "split.json").write_text(json.dumps(split, indent=1))
+    ids = {name: s[part] for name, s in split.items()}
+    return load_samples(
+        args.data, ids, modalities=args.modalities, spacing=args.spacing, union=args.union, min_voxels=args.min_voxels
+    )
+
+
+def read_run(path, expect_kind: str | None = None) -> dict:
+    """A checkpoint of this package (kind in KINDS), read with weights_only=True."""
+    ckpt = load_checkpoint(path, map_location="cpu", expect_kind=expect_kind)
+    if ckpt.get("kind") not in KINDS:
+        raise InputError(
+            f"{path}: not a SAM-Med3D(-MoE) run checkpoint (kind {ckpt.get('kind')!r}); convert "
+            "official files with python -m sam_med3d_moe.convert_checkpoint."
+        )
+    return ckpt
+
+
+def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
+    """The SAM-Med3D to start from: a run of this package, or a converted plain state_dict (`--config` names its
+    architecture: "vit_b_ori" for official weights). Returns the model and info {"kind", "box_trained"}."""
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") in KINDS:
+        cfg = config_from_dict(ckpt["config"]["sam"])
+        weights = ckpt["model"]
+        if ckpt["kind"] == "sam_med3d_moe":
+            weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
+        model = build_model(cfg)
+        load_weights(model, weights, source=str(path), allow_new=False)
+        return model, {"kind": ckpt["kind"], "box_trained": bool(ckpt.get("box_trained", True))}
+    cfg = config_by_name(config or "vit_b_ori", box_prompts=True)
+    model = build_model(cfg)
+    missing = load_weights(model, ckpt, source=str(path), allow_new=True)
+    return model, {"kind": "state_dict", "box_trained": not missing}
+
+
+def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:
+    """ "vit_b_ori" (official default), "small" (CPU demos) or "tiny" (tests: 32^3 input, patch 4, width 48)."""
+    if name == "vit_b_ori":
+        return SamConfig(box_prompts=box_prompts)
+    if name == "small":
+        return small_config(box_prompts=box_prompts)
+    if name == "tiny":
+        return small_config(
+            image_size=32,
+            patch_size=4,
+            encoder_dim=48,
+            encoder_depth=2,
+            global_attn_indexes=(1,),
+            prompt_dim=48,
+            mask_in_chans=8,
+            decoder_mlp_dim=64,
+            iou_head_hidden_dim=16,
+            box_prompts=box_prompts,
+        )
+    raise InputError(f"--config must be vit_b_ori, small or tiny, got {name!r}.")
+
+
+def save_run(
+    path, *, kind: str, model: torch.nn.Module, config: dict, optimizer, scaler, step: int, args, rng, **extra
+) -> None:
+    """Atomically write what is needed to use or resume a run (the un-compiled, un-wrapped model)."""
+    save_checkpoint(
+        path,
+        kind=kind,
+        config=config,
+        model=model.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scaler=scaler.state_dict(),
+        step=step,
+        rng=rng,
+        args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        **extra,
+    )
+
+
+def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
+    """Load model/optimizer/scaler/RNG state of a run; returns the step to continue from."""
+    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], generator=generator)
+    return int(ckpt["step"])
+
+
+def sam_config_dict(cfg: SamConfig) -> dict:
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,201 @@
+"""SAM-Med3D-MoE by hand: mask selector (Sec. 2.3) and Table 2 variants, gate (Sec. 2.2), losses, click simulation.
+
+Run: pytest tests/test_sam_med3d_moe_moe.py
+"""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from sam_med3d_moe.clicks import box_from_mask, random_click, ritm_click
+from sam_med3d_moe.config import GateConfig, small_config
+from sam_med3d_moe.gate import GatingNetwork
+from sam_med3d_moe.interaction import evaluate_points, train_interaction
+from sam_med3d_moe.losses import dice_ce_loss, gate_loss
+from sam_med3d_moe.model import build_model
+from sam_med3d_moe.moe import SamMed3DMoE, expert_from
+from sam_med3d_moe.selector import aft_weight_selector, average_selector, mask_selector, select, top_expert
+
+MG = torch.tensor([[1.0, -2.0], [0.5, 4.0]])  # two samples of general logits
+MT = torch.tensor([[3.0, 2.0], [-1.0, 0.0]])  # top-expert logits
+
+
+def test_mask_selector_by_hand():
+    s = torch.tensor([0.8, 0.3])
+    out = mask_selector(MG, MT, s, tau=0.5)
+    assert torch.allclose(out[0], torch.tensor([0.2 * 1 + 0.8 * 3, 0.2 * -2 + 0.8 * 2]))
+    assert torch.equal(out[1], MG[1])  # s_top <= tau: general only
+    assert torch.equal(mask_selector(MG, MT, torch.tensor([0.5, 0.5]), tau=0.5), MG)  # strict ">"
+    assert torch.equal(mask_selector(MG, MT, s, tau=0.85), MG)  # tau 0.85 switches the expert off
+
+
+def test_table2_variants_by_hand():
+    s = torch.tensor([0.8, 0.3])
+    avg = average_selector(MG, MT, s, tau=0.5)
+    assert torch.allclose(avg[0], torch.tensor([2.0, 0.0])) and torch.equal(avg[1], MG[1])
+    s_g = torch.tensor([0.1, 0.6])
+    aft = aft_weight_selector(MG, MT, s, s_g, tau=0.5)
+    w = math.exp(0.8) / (math.exp(0.1) + math.exp(0.8))
+    assert torch.allclose(aft[0], (1 - w) * MG[0] + w * MT[0]) and torch.equal(aft[1], MG[1])
+
+
+def test_select_uses_the_best_specific_expert_not_the_general_column():
+    scores = torch.tensor([[0.5, 0.1, 0.4], [0.05, 0.9, 0.05]])
+    s_top, index = top_expert(scores)
+    assert torch.allclose(s_top, torch.tensor([0.4, 0.9])) and index.tolist() == [1, 0]
+    out = select(MG, MT, scores, mode="weighted", tau=0.5)
+    assert torch.equal(out[0], MG[0]) and torch.allclose(out[1], 0.1 * MG[1] + 0.9 * MT[1])
+    assert torch.equal(select(MG, MT, scores, mode="top1")[1], MT[1])
+    assert torch.equal(select(MG, MT, scores, mode="general"), MG)
+
+
+def test_losses_by_hand():
+    logits = torch.tensor([0.0, 2.0, -1.0, 1.0]).reshape(1, 1, 2, 2, 1)
+    target = torch.tensor([1.0, 1.0, 0.0, 0.0]).reshape(1, 1, 2, 2, 1)
+    p = [0.5, 1 / (1 + math.exp(-2)), 1 / (1 + math.exp(1)), 1 / (1 + math.exp(-1))]
+    dice = 1 - (2 * (p[0] + p[1]) + 1e-5) / (sum(x * x for x in p) + 2 + 1e-5)
+    bce = -(math.log(p[0]) + math.log(p[1]) + math.log(1 - p[2]) + math.log(1 - p[3])) / 4
+    assert dice_ce_loss(logits, target, ce=False).item() == pytest.approx(dice, rel=1e-6)
+    assert dice_ce_loss(logits, target).item() == pytest.approx(dice + bce, rel=1e-6)
+    gate_logits, task = torch.tensor([[2.0, 0.0], [0.0, 1.0]]), torch.tensor([0, 0])
+    want = (-math.log(math.exp(2) / (math.exp(2) + 1)) - math.log(1 / (1 + math.e))) / 2
+    assert gate_loss(gate_logits, task).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_dice_ce_equals_monai():
+    monai = pytest.importorskip("monai")
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 1, 5, 4, 3), (torch.rand(2, 1, 5, 4, 3) > 0.5).float()
+    ref = monai.losses.DiceCELoss(sigmoid=True, squared_pred=True, reduction="mean")(logits, target)
+    assert dice_ce_loss(logits, target).item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def _gt(size=12, lo=3, hi=10):
+    gt = torch.zeros(1, 1, size, size, size)
+    gt[..., lo:hi, lo:hi, lo:hi] = 1
+    return gt
+
+
+def test_random_click_draws_from_the_error_region_with_the_logit_cut_off():
+    rng = np.random.default_rng(0)
+    gt = _gt()
+    coords, labels = random_click(torch.zeros_like(gt), gt, rng)  # first click: a foreground voxel, positive
+    assert gt[0, 0][tuple(coords[0, 0])] == 1 and labels.item() == 1
+    logits = torch.where(gt > 0, 5.0, -5.0)
+    logits[0, 0, 0, 0, 0] = 0.7  # one false positive (logit above the 0.5 cut-off)
+    logits[0, 0, 1, 1, 1] = 0.4  # logit 0.4: below the cut-off, so not predicted
+    for _ in range(5):
+        coords, labels = random_click(logits, gt, rng)
+        assert coords[0, 0].tolist() == [0, 0, 0] and labels.item() == 0
+
+
+def test_ritm_click_lands_in_the_interior_of_the_larger_error():
+    rng = np.random.default_rng(1)
+    gt = _gt(size=12, lo=2, hi=9)  # a 7^3 false-negative cube: EDT 4 at the centre, > 2 in the inner 3^3
+    for _ in range(10):
+        coords, labels = ritm_click(torch.zeros_like(gt), gt, rng)
+        assert labels.item() == 1 and all(4 <= c <= 6 for c in coords[0, 0].tolist())
+
+
+def test_box_from_mask_is_the_bounding_box():
+    gt = torch.zeros(1, 1, 10, 10, 10)
+    gt[0, 0, 2:5, 3:8, 1:2] = 1
+    assert box_from_mask(gt, np.random.default_rng(0)).tolist() == [[2, 3, 1, 4, 7, 1]]
+    jittered = box_from_mask(gt, np.random.default_rng(0), jitter=2)[0]
+    assert (jittered[:3] <= jittered[3:]).all() and (jittered - torch.tensor([2, 3, 1, 4, 7, 1])).abs().max() <= 2
+
+
+def test_train_interaction_follows_the_official_schedule():
+    cfg = small_config(image_size=32, patch_size=8)  # low-res 16^3
+    calls = []
+
+    def step(points=None, boxes=None, masks=None):
+        calls.append((points, boxes, masks))
+        return torch.full((1, 1, 16, 16, 16), float(len(calls)))
+
+    loss, logits = train_interaction(step, _gt(32, 8, 20), np.random.default_rng(0), cfg, num_clicks=11)
+    mask_only = [t for t, (p, b, _) in enumerate(calls) if p is None and b is None]
+    assert len(calls) == 11 and mask_only[-1] == 10 and len(mask_only) == 2 and 2 <= mask_only[0] <= 8
+    assert not calls[0][2].any() and all(calls[t][2][0, 0, 0, 0, 0] == t for t in range(1, 11))  # previous logits
+    assert torch.all(logits == 11) and loss.item() > 0
+
+
+def test_evaluate_points_reports_dice_per_click():
+    cfg = small_config(image_size=32, patch_size=8)
+    low_res = torch.where(_gt(16, 4, 12) > 0, 10.0, -10.0)
+    up = torch.nn.functional.interpolate(low_res, size=32, mode="trilinear", align_corners=False)
+    gt = (up > 0).float()  # what the step's logits predict, so every click scores Dice 1
+    dice, _ = evaluate_points(lambda **_: low_res, gt, np.random.default_rng(0), cfg, num_clicks=3)
+    assert dice.shape == (1, 3) and np.allclose(dice, 1.0)
+    half = gt.clone()
+    half[..., 16:] = 0  # the prediction covers twice the target: Dice 2|A|/(|A| + 2|A|) = 2/3
+    dice, _ = evaluate_points(lambda **_: low_res, half, np.random.default_rng(0), cfg, num_clicks=2)
+    assert np.allclose(dice, 2 / 3)
+
+
+def _tiny_moe(num_experts=1):
+    torch.manual_seed(0)
+    sam = build_model(
+        small_config(
+            image_size=32,
+            patch_size=4,
+            encoder_dim=48,
+            encoder_depth=1,
+            global_attn_indexes=(0,),
+            prompt_dim=48,
+            decoder_mlp_dim=32,
+        )
+    )
+    experts = [expert_from(sam) for _ in range(num_experts)]
+    return SamMed3DMoE(
+        sam,
+        experts,
+        GateConfig(tasks=tuple(f"t{i}" for i in range(num_experts)), dim=48, heads=4, mlp_dim=32, hidden_dim=16),
+    )
+
+
+def test_moe_step_fuses_general_and_top_expert_by_the_gate_score():
+    moe = _tiny_moe()
+    with torch.no_grad():
+        for p in moe.experts[0].parameters():
+            p.add_(0.05 * torch.randn_like(p))
+        moe.gate.fc2.bias.copy_(torch.tensor([0.0, 3.0]))  # push the specific expert above tau
+    emb = torch.randn(2, 48, 8, 8, 8)
+    points = (torch.tensor([[[3, 4, 5]], [[20, 1, 9]]]), torch.tensor([[1], [1]]))
+    with torch.no_grad():
+        out = moe.step(emb, points=points, masks=torch.zeros(2, 1, 32, 32, 32))
+        general = moe.sam.decode(emb, points=points, masks=torch.zeros(2, 1, 32, 32, 32))
+        expert = moe.sam.decode(emb, points=points, masks=torch.zeros(2, 1, 32, 32, 32), decoder=moe.experts[0])
+    s = out["scores"][:, 1].reshape(2, 1, 1, 1, 1)
+    assert (s > 0.5).all() and torch.allclose(out["general"], general) and torch.allclose(out["top"], expert)
+    assert torch.allclose(out["fused"], (1 - s) * general + s * expert, atol=1e-6)
+
+
+def test_only_the_top_expert_gets_a_gradient():
+    moe = _tiny_moe(num_experts=2)
+    with torch.no_grad():
+        moe.gate.fc2.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # expert 2 ranks first
+    out = moe.step(torch.randn(1, 48, 8, 8, 8), points=(torch.tensor([[[3, 4, 5]]]), torch.tensor([[1]])))
+    assert out["top_index"].item() == 1
+    out["fused"].sum().backward()
+    assert moe.experts[0].iou_token.weight.grad is None or not moe.experts[0].mask_tokens.weight.grad.any()
+    assert moe.experts[1].mask_tokens.weight.grad.abs().sum() > 0
+
+
+def test_gate_learns_the_task_identity_with_cross_entropy():
+    torch.manual_seed(0)
+    gate = GatingNetwork(GateConfig(tasks=("lesion",), dim=48, heads=4, mlp_dim=32, hidden_dim=16))
+    # task 0 images are "dark", task 1 images "bright": the gate must read the image embedding
+    emb = torch.randn(8, 48, 2, 2, 2) * 0.1 + torch.tensor([-1.0] * 4 + [1.0] * 4).reshape(8, 1, 1, 1, 1)
+    pe, sparse, task = torch.zeros(1, 48, 2, 2, 2), torch.randn(8, 2, 48), torch.tensor([0] * 4 + [1] * 4)
+    opt = torch.optim.AdamW(gate.parameters(), lr=1e-2)
+    first = gate_loss(gate(emb, pe, sparse), task).item()
+    for _ in range(60):
+        loss = gate_loss(gate(emb, pe, sparse), task)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.1 * first
+    assert (gate(emb, pe, sparse).argmax(1) == task).all()
