@@ -2,13 +2,15 @@
 
     python -m mome.demo --data data/demo --runs runs/mome_demo
 
-Seen datasets: tumour (T1, T1ce, T2, FLAIR), WMH (T1, FLAIR), MS (T1, T2, FLAIR) and acute stroke (DWI), so
-each of the five experts has images of its modality; fold 0 of 4 is held out for testing. The chronic-stroke
-dataset (T1) is never trained on and is reported apart, as the unseen data of the paper's Table 2.
+Seen datasets: tumour (T1, T1ce, T2, FLAIR; labels binarised), chronic stroke (T1) and acute stroke (DWI), so
+each of the five experts has images of its modality; fold 0 of 4 is held out for testing. The MS dataset (T1,
+T2, FLAIR) is never trained on and is reported apart, as the unseen data of the paper's Table 2. The phantom
+WMH and MS lesions (100-600 voxels at 64^3) are not learned within this CPU budget (Dice below 0.1 after 600
+expert steps), so they are not among the seen datasets.
 
 Sizes picked for a 2-core CPU (each step of every phase is the paper's recipe at a smaller scale): 64^3
 phantoms, 4-stage UNets with widths 8-16-32-64 (the paper: 6 stages, 32-320), 32^3 training patches, batch 2;
-prediction runs on the whole 64^3 volume in one tile (the nets are fully convolutional).
+prediction uses the training patch in the sliding window (InstanceNorm statistics depend on the extent).
 Re-running the demo continues from the checkpoints it finds (every phase runs with --resume).
 """
 
@@ -21,8 +23,8 @@ from mome import evaluate, predict, train, train_expert
 from shared.errors import run_cli
 from shared.phantom import write_phantom_datasets
 
-SEEN = ("tumour", "wmh", "ms", "stroke_acute")
-UNSEEN = ("stroke_chronic",)
+SEEN = ("tumour", "stroke_chronic", "stroke_acute")
+UNSEEN = ("ms",)
 MODALITIES = ("T1", "T1ce", "T2", "FLAIR", "DWI")
 SMALL = ["--features", "8", "16", "32", "64", "--patch", "32", "32", "32", "--batch-size", "2",
          "--fold", "0", "--folds", "4", "--modalities", *MODALITIES]  # fmt: skip
@@ -32,8 +34,8 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/demo", help="folder of the phantom datasets (written if absent)")
     parser.add_argument("--runs", default="runs/mome_demo", help="folder for the runs, predictions and tables")
-    parser.add_argument("--expert-epochs", type=int, default=8, help="phase-1 epochs per expert")
-    parser.add_argument("--epochs", type=int, default=8, help="phase-2 epochs")
+    parser.add_argument("--expert-epochs", type=int, default=24, help="phase-1 epochs per expert")
+    parser.add_argument("--epochs", type=int, default=12, help="phase-2 epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=25, help="steps per epoch in both phases")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
@@ -53,7 +55,9 @@ def main(argv=None) -> None:
 
     print(f"\n== phase 2: MoME, experts + gate with the curriculum loss ({time.time() - start:.0f} s)")
     mome_run = runs / "mome"
-    train.main(["--data", *seen, "--experts", *experts, "--epochs", str(args.epochs), "--out", str(mome_run), *common])
+    # --transfer-heads: with a schedule this short, keep the phase-1 seg heads (the official code re-initialises them)
+    train.main(["--data", *seen, "--experts", *experts, "--transfer-heads", "--epochs", str(args.epochs),
+                "--out", str(mome_run), *common])  # fmt: skip
 
     print(f"\n== prediction of held-out cases ({time.time() - start:.0f} s)")
     model, split = str(mome_run / "checkpoint.pt"), mome_run / "split.json"
@@ -64,7 +68,7 @@ def main(argv=None) -> None:
         cases = held_out[name]["val"] if name in held_out else None
         only = ["--cases", *cases] if cases else []
         predict.main(["--model", model, "--input", f"{root}/imagesTr", "--output", str(pred / name),
-                      "--patch", "64", "64", "64", "--device", args.device, *only])  # fmt: skip
+                      "--device", args.device, *only])  # fmt: skip
 
     print(f"\n== evaluation ({time.time() - start:.0f} s)")
     unseen_names = [Path(u).name for u in unseen]
