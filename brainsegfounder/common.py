@@ -1,0 +1,161 @@
+"""What pretraining and fine-tuning share: model and run flags, the source-checkpoint reader, run checkpoints.
+
+The training loops themselves stay inline in `pretrain.py` and `finetune.py`.
+"""
+
+import argparse
+import dataclasses
+from pathlib import Path
+
+import torch
+
+from brainsegfounder.model import SIZES
+from brainsegfounder.transfer import describe_transfer, transfer_encoder
+from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.errors import InputError
+from shared.harness import set_rng_state
+
+SSL_KIND = "brainsegfounder_ssl"
+SEG_KIND = "brainsegfounder_seg"
+ARCH_FIELDS = (
+    "feature_size",
+    "depths",
+    "num_heads",
+    "window_size",
+    "legacy_merging",
+)  # what the encoder transfer must keep
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """Encoder layout flags (taken from the --init checkpoint when it is one of ours)."""
+    g = parser.add_argument_group("model")
+    g.add_argument("--size", choices=sorted(SIZES), default="tiny",
+                   help="paper Table 2: tiny 62M (2,2,2,2), small 64M (2,2,6,2), big 69M (2,2,18,2)")  # fmt: skip
+    g.add_argument("--feature-size", type=int, default=48, help="width of the first Swin stage (paper: 48)")
+    g.add_argument("--num-heads", type=int, nargs=4, default=(3, 6, 12, 24), help="attention heads per stage")
+    g.add_argument("--window-size", type=int, default=7,
+                   help="attention window side (paper: 7; smaller only for quick CPU runs)")  # fmt: skip
+    g.add_argument("--legacy-merging", action="store_true",
+                   help="MONAI < 1.5 patch-merging order (needed by the released BrainSegFounder weights)")  # fmt: skip
+    g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the Swin blocks")
+    g.add_argument("--init", help="checkpoint whose Swin encoder starts this stage (ours, MONAI/BrainSegFounder "
+                   "or Swin-UNETR weights; a 'module.' prefix is stripped)")  # fmt: skip
+    g.add_argument("--init-channels", nargs="+",
+                   help="modalities of the --init encoder's inputs (needed for foreign checkpoints)")  # fmt: skip
+    g.add_argument("--patch-embed-init", choices=("kaiming", "default"), default="kaiming",
+                   help="new channels Kaiming-init, others copied (paper), or all default-init (code)")  # fmt: skip
+
+
+def add_run_args(parser: argparse.ArgumentParser, *, lr: float, steps: int, warmup: int, weight_decay: float) -> None:
+    """Optimiser, schedule and run-harness flags."""
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--steps", type=int, default=steps, help="optimiser steps")
+    g.add_argument("--warmup", type=int, default=warmup, help="linear warm-up steps of the warm-up cosine schedule")
+    g.add_argument("--lr", type=float, default=lr, help="peak AdamW learning rate")
+    g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
+    g = parser.add_argument_group("run")
+    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv")
+    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
+    g.add_argument("--stop-after", type=int, help="stop after this many steps in this call (continue with --resume)")
+    g.add_argument("--log-every", type=int, default=50, help="steps between log rows and checkpoints")
+    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
+    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
+                   help="torch.compile the model (default: on for CUDA, off on CPU)")  # fmt: skip
+
+
+def check_run_args(args) -> None:
+    """Refuse bad numeric flags with one sentence each."""
+    for name in ("steps", "log_every", "batch_size"):
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
+    if not 0 <= args.warmup < args.steps:
+        raise InputError(f"--warmup must lie in [0, --steps), got {args.warmup} with --steps {args.steps}.")
+    if args.lr <= 0:
+        raise InputError(f"--lr must be positive, got {args.lr}.")
+    if args.stop_after is not None and args.stop_after < 1:
+        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
+    if any(p % 32 for p in args.patch):
+        raise InputError(f"--patch {args.patch}: every side must be a multiple of 32 (five 2x downsamplings).")
+    if max(args.patch) < 64:
+        raise InputError(f"--patch {args.patch}: one side must be at least 64 (the 1/32 bottleneck needs two voxels).")
+
+
+def read_init(path) -> tuple[dict, dict | None, list | None]:
+    """(state_dict, architecture or None, channel names or None) of an --init checkpoint.
+
+    Ours carry the architecture and channel names; foreign files (`{"state_dict": ...}` or a bare state dict)
+    carry neither.
+    """
+    ckpt = load_checkpoint(path)
+    if ckpt.get("kind") in (SSL_KIND, SEG_KIND):
+        arch = {
+            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ckpt["config"].items() if k in ARCH_FIELDS
+        }
+        return ckpt["model"], arch, list(ckpt["channels"])
+    if ckpt.get("kind") is not None:
+        raise InputError(f"--init {path} is a {ckpt['kind']} checkpoint, not a BrainSegFounder or SwinUNETR one.")
+    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise InputError(f"--init {path}: found no state dict of tensors (looked at 'state_dict', 'model', top level).")
+    return state, None, None
+
+
+def resolve_architecture(args) -> tuple[dict, dict | None]:
+    """Encoder layout and the --init weights.
+
+    Returns:
+        arch: {feature_size, depths, num_heads, legacy_merging}, from --init when it is one of ours (overriding
+            the flags, and said so), else from the flags.
+        init: None without --init, else {"state": state dict, "channels": its input modalities}.
+    """
+    arch = {"feature_size": args.feature_size, "depths": list(SIZES[args.size]), "num_heads": list(args.num_heads),
+            "window_size": args.window_size, "legacy_merging": args.legacy_merging}  # fmt: skip
+    if not args.init:
+        return arch, None
+    state, init_arch, init_channels = read_init(args.init)
+    if init_arch is not None:
+        if init_arch != arch:
+            print(f"using the encoder layout of --init {args.init}: {init_arch}")
+        arch = dict(init_arch)
+    channels = args.init_channels or init_channels
+    if not channels:
+        raise InputError(f"--init {args.init} does not record its input channels; name them with --init-channels.")
+    return arch, {"state": state, "channels": list(channels)}
+
+
+def init_encoder(encoder, init: dict, args, channels, is_main: bool) -> dict:
+    """Transfer the --init encoder into `encoder`, adapting the patch embedding; print and return the report."""
+    report = transfer_encoder(encoder, init["state"], init["channels"], channels, init=args.patch_embed_init,
+                              source=f"--init {args.init}")  # fmt: skip
+    if is_main:
+        print(describe_transfer(report))
+    return report
+
+
+def save_run(path, *, kind: str, model, cfg, channels, optimizer, scaler, step: int, args, rng, **extra) -> None:
+    """Atomically write everything needed to resume, transfer or predict (un-compiled, un-wrapped model)."""
+    plain_args = {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}
+    save_checkpoint(path, kind=kind, config=dataclasses.asdict(cfg), channels=list(channels),
+                    model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
+                    step=step, args=plain_args, rng=rng, **extra)  # fmt: skip
+
+
+def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> dict:
+    """Load a run's checkpoint into model/optimizer/scaler and the RNGs; returns the checkpoint."""
+    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], generator=generator)
+    return ckpt
+
+
+def check_fresh_out(out: Path, resume: bool) -> Path:
+    """The run's checkpoint path; refuse to overwrite an existing run unless resuming."""
+    path = out / "checkpoint.pt"
+    if path.exists() and not resume:
+        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    return path
