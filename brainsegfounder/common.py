@@ -11,6 +11,7 @@ import torch
 
 from brainsegfounder.model import SIZES
 from brainsegfounder.transfer import describe_transfer, transfer_encoder
+from shared import cli
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import InputError
 from shared.harness import set_rng_state
@@ -55,15 +56,8 @@ def add_run_args(parser: argparse.ArgumentParser, *, lr: float, steps: int, warm
     g.add_argument("--weight-decay", type=float, default=weight_decay, help="AdamW weight decay")
     g.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm (0: no clipping)")
     g = parser.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
-    g.add_argument("--stop-after", type=int, help="stop after this many steps in this call (continue with --resume)")
+    cli.add_run_args(g, out_holds="checkpoint.pt, log.csv", unit="steps", compiled="the model")
     g.add_argument("--log-every", type=int, default=50, help="steps between log rows and checkpoints")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off on CPU)")  # fmt: skip
 
 
 def check_run_args(args) -> None:

@@ -34,6 +34,7 @@ from moe_missing.losses import (
 )
 from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.cli import add_run_args
 from shared.dataset import canonical_modality
 from shared.errors import InputError, run_cli
 from shared.harness import (
@@ -88,16 +89,9 @@ def parse_args(argv=None):
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine decay to 0")
     g.add_argument("--clip", type=float, default=12.0, help="gradient-norm clipping threshold")
     g = parser.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, split.json, cache/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
-    g.add_argument("--stop-after", type=int, help="stop after this many steps in this call (resume later)")
+    add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json, cache/", unit="steps", compiled="the model")
     g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
     g.add_argument("--log-every", type=int, default=50, help="steps averaged into one log row")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off on CPU)")  # fmt: skip
     args = parser.parse_args(argv)
     check_args(args)
     return args

@@ -12,6 +12,7 @@ import torch
 from mome.config import MoMEConfig
 from mome.data import prepare_samples, save_split, split_cases
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.cli import add_run_args
 from shared.dataset import MODALITIES, canonical_modality
 from shared.errors import InputError
 from shared.harness import DistInfo, set_rng_state
@@ -38,15 +39,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int) 
     g.add_argument("--lr", type=float, default=lr, help="initial SGD learning rate (poly decay, exponent 0.9)")
     g.add_argument("--weight-decay", type=float, default=3e-5, help="SGD weight decay (nnU-Net: 3e-5)")
     g = parser.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, split.json, cache/")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
-    g.add_argument("--stop-after", type=int, help="stop after this many epochs in this call (time-limited jobs; "
-                   "continue with --resume)")  # fmt: skip
-    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
-    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None,
-                   help="torch.compile the model (default: on for CUDA, off on CPU)")  # fmt: skip
+    add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json, cache/", unit="epochs", compiled="the model")
 
 
 def check_common_args(args) -> None:

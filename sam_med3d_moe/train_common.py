@@ -14,6 +14,7 @@ from sam_med3d_moe.config import SamConfig, small_config
 from sam_med3d_moe.data import load_samples
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
 from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.cli import add_run_args
 from shared.dataset import kfold_splits, list_cases
 from shared.errors import InputError
 from shared.harness import set_rng_state
@@ -51,19 +52,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (official: 0.1)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     g = parser.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.csv, split.json")
-    g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt exactly where it stopped")
-    g.add_argument("--stop-after", type=int, help="stop after this many steps in this call (continue with --resume)")
+    add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json", unit="steps", compiled="the image encoder")
     g.add_argument("--save-every", type=int, default=100, help="write the checkpoint every this many steps")
-    g.add_argument("--seed", type=int, default=0, help="random seed (each torchrun rank adds its rank)")
-    g.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    g.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
-    g.add_argument(
-        "--compile",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="torch.compile the image encoder (default: on for CUDA, off on CPU)",
-    )
 
 
 def check_common_args(args) -> None:
