@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
-from shared.dataset import kfold_splits, list_cases, load_case, load_dataset_json
+from shared.dataset import list_cases, load_case, load_dataset_json
 from shared.errors import InputError
 from shared.geometry import resample_to_spacing
 from shared.transforms import augment, sample_patch
@@ -39,21 +39,6 @@ def dataset_modalities(root) -> tuple[str, ...]:
     if not cases:
         raise InputError(f"{root}: no case found in imagesTr.")
     return tuple(cases[0].images)
-
-
-def split_cases(root, fold: int, folds: int, seed: int = 12345) -> dict:
-    """{"train": ids, "val": ids} of one deterministic k-fold split of the labelled cases (fold -1: all train)."""
-    ids = [c.case_id for c in list_cases(root) if c.label is not None]
-    if not ids:
-        raise InputError(f"{root}: no labelled training case found in imagesTr/labelsTr.")
-    if fold < 0:
-        return {"train": ids, "val": []}
-    if fold >= folds:
-        raise InputError(f"--fold {fold} is out of range for --folds {folds}.")
-    if len(ids) < folds:
-        raise InputError(f"{root}: {len(ids)} labelled cases cannot be split into --folds {folds}.")
-    train, val = kfold_splits(ids, k=folds, seed=seed)[fold]
-    return {"train": list(train), "val": list(val)}
 
 
 def read_case(case, modalities) -> tuple[np.ndarray, np.ndarray | None, object, tuple]:

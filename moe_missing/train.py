@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from moe_missing.data import dataset_modalities, draw_batch, prepare_cases, split_cases
+from moe_missing.data import dataset_modalities, draw_batch, prepare_cases
 from moe_missing.losses import (
     all_codes,
     dice_ce_loss,
@@ -35,7 +35,7 @@ from moe_missing.losses import (
 from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.cli import add_run_args
-from shared.dataset import canonical_modality
+from shared.dataset import canonical_modality, split_dataset
 from shared.errors import InputError, run_cli
 from shared.harness import (
     MetricsLogger,
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     if ckpt_path.exists() and not args.resume:
         raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
-    split = split_cases(args.data, fold=args.fold, folds=args.folds)
+    split = split_dataset(args.data, fold=args.fold, folds=args.folds)
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "split.json").write_text(json.dumps({Path(args.data).name: split}, indent=1))

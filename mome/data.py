@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
-from shared.dataset import kfold_splits, list_cases, load_case, load_dataset_json
+from shared.dataset import list_cases, load_case, load_dataset_json, split_dataset
 from shared.errors import InputError
 from shared.transforms import augment, sample_patch, zscore
 
@@ -34,27 +34,8 @@ class Sample:
 
 
 def split_cases(dataset_dirs, fold: int, folds: int, seed: int = 12345) -> dict:
-    """Train/validation case ids per dataset from deterministic k-fold splits (`fold=-1`: all cases train).
-
-    Returns:
-        {dataset name: {"train": [ids], "val": [ids]}}, suitable for `split.json`.
-    """
-    split = {}
-    for root in dataset_dirs:
-        root = Path(root)
-        ids = [c.case_id for c in list_cases(root) if c.label is not None]
-        if not ids:
-            raise InputError(f"{root}: no labelled training case found in imagesTr/labelsTr.")
-        if fold < 0:
-            split[root.name] = {"train": ids, "val": []}
-            continue
-        if fold >= folds:
-            raise InputError(f"--fold {fold} is out of range for --folds {folds}.")
-        if len(ids) < folds:
-            raise InputError(f"{root}: {len(ids)} labelled cases cannot be split into --folds {folds}.")
-        train, val = kfold_splits(ids, k=folds, seed=seed)[fold]
-        split[root.name] = {"train": list(train), "val": list(val)}
-    return split
+    """{dataset name: {"train": ids, "val": ids}} from deterministic k-fold splits (`fold=-1`: all cases train)."""
+    return {Path(root).name: split_dataset(root, fold, folds, seed=seed) for root in dataset_dirs}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:

@@ -15,7 +15,7 @@ from sam_med3d_moe.data import load_samples
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.cli import add_run_args
-from shared.dataset import kfold_splits, list_cases
+from shared.dataset import split_dataset
 from shared.errors import InputError
 from shared.harness import set_rng_state
 
@@ -74,19 +74,7 @@ def check_common_args(args) -> None:
 
 def split_cases(data_dirs, fold: int, folds: int) -> dict:
     """Folder name -> {"train": ids, "val": ids} from `kfold_splits` (fold -1: all cases train, none held out)."""
-    split = {}
-    for root in data_dirs:
-        ids = [c.case_id for c in list_cases(root) if c.label is not None]
-        if fold == -1:
-            split[Path(root).name] = {"train": ids, "val": []}
-            continue
-        if not 0 <= fold < folds:
-            raise InputError(f"--fold must be -1 or in [0, {folds}), got {fold}.")
-        if len(ids) < folds:
-            raise InputError(f"--data {root}: {len(ids)} labelled cases are too few for --folds {folds}.")
-        train, val = kfold_splits(ids, k=folds)[fold]
-        split[Path(root).name] = {"train": train, "val": val}
-    return split
+    return {Path(root).name: split_dataset(root, fold, folds) for root in data_dirs}
 
 
 def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> list:

@@ -303,3 +303,22 @@ def kfold_splits(case_ids, k: int = 5, seed: int = 12345) -> list:
         val = [c for i, c in enumerate(ids) if i in val_idx]
         splits.append((train, val))
     return splits
+
+
+def split_dataset(root, fold: int, folds: int, seed: int = 12345) -> dict:
+    """{"train": ids, "val": ids} of the labelled cases of one dataset from `kfold_splits` (fold -1: all train).
+
+    Raises InputError naming the folder or flag when there is no labelled case, the fold is out of range, or
+    there are fewer cases than folds.
+    """
+    ids = [c.case_id for c in list_cases(root) if c.label is not None]
+    if not ids:
+        raise InputError(f"{root}: no labelled training case found in imagesTr/labelsTr.")
+    if fold == -1:
+        return {"train": ids, "val": []}
+    if not 0 <= fold < folds:
+        raise InputError(f"--fold must be -1 or in [0, {folds}), got {fold}.")
+    if len(ids) < folds:
+        raise InputError(f"{root}: {len(ids)} labelled cases cannot be split into --folds {folds}.")
+    train, val = kfold_splits(ids, k=folds, seed=seed)[fold]
+    return {"train": list(train), "val": list(val)}

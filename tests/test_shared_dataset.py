@@ -15,6 +15,7 @@ from shared.dataset import (
     list_cases,
     load_case,
     load_dataset_json,
+    split_dataset,
     write_dataset_json,
 )
 from shared.errors import InputError
@@ -302,3 +303,16 @@ def test_kfold_bad_arguments():
         kfold_splits(["a", "b", "c"], k=4)
     with pytest.raises(InputError, match=r"case_ids: duplicate case ids \['b'\]"):
         kfold_splits(["a", "b", "b"], k=2)
+
+
+def test_split_dataset_uses_labelled_cases_only(dataset):
+    save(dataset / "imagesTr" / "d_0000.nii.gz", image(9))  # an unlabelled case is never split
+    assert split_dataset(dataset, fold=-1, folds=3) == {"train": ["a", "b", "c"], "val": []}
+    vals = [split_dataset(dataset, fold=f, folds=3) for f in range(3)]
+    assert sorted(v for s in vals for v in s["val"]) == ["a", "b", "c"]
+    for s in vals:
+        assert len(s["val"]) == 1 and sorted(s["train"] + s["val"]) == ["a", "b", "c"]
+    with pytest.raises(InputError, match=r"--fold must be -1 or in \[0, 3\), got 3"):
+        split_dataset(dataset, fold=3, folds=3)
+    with pytest.raises(InputError, match="3 labelled cases cannot be split into --folds 4"):
+        split_dataset(dataset, fold=0, folds=4)
