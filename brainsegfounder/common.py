@@ -12,9 +12,8 @@ import torch
 from brainsegfounder.model import SIZES
 from brainsegfounder.transfer import describe_transfer, transfer_encoder
 from shared import cli
-from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
 from shared.errors import InputError
-from shared.harness import set_rng_state
 
 SSL_KIND = "brainsegfounder_ssl"
 SEG_KIND = "brainsegfounder_seg"
@@ -139,12 +138,8 @@ def save_run(path, *, kind: str, model, cfg, channels, optimizer, scaler, step: 
 
 def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> dict:
     """Load a run's checkpoint into model/optimizer/scaler and the RNGs; returns the checkpoint."""
-    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator=generator)
-    return ckpt
+    return restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
+                       device=device)  # fmt: skip
 
 
 def check_fresh_out(out: Path, resume: bool) -> Path:

@@ -11,11 +11,11 @@ import torch
 
 from mome.config import MoMEConfig
 from mome.data import prepare_samples, save_split, split_cases
-from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.checkpoint import restore_run, save_checkpoint
 from shared.cli import add_run_args
 from shared.dataset import MODALITIES, canonical_modality
 from shared.errors import InputError
-from shared.harness import DistInfo, set_rng_state
+from shared.harness import DistInfo
 
 
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int) -> None:
@@ -125,12 +125,8 @@ def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimi
 
 def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
     """Load a run's checkpoint into model/optimizer/scaler and the RNGs; returns the epoch to start from."""
-    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator=generator)
-    return int(ckpt["epoch"])
+    return int(restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
+                           device=device)["epoch"])  # fmt: skip
 
 
 def last_epoch(args, start_epoch: int) -> int:

@@ -13,11 +13,10 @@ import torch
 from sam_med3d_moe.config import SamConfig, small_config
 from sam_med3d_moe.data import load_samples
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
-from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
 from shared.cli import add_run_args
 from shared.dataset import split_dataset
 from shared.errors import InputError
-from shared.harness import set_rng_state
 
 KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
 
@@ -160,12 +159,8 @@ def save_run(
 
 def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
     """Load model/optimizer/scaler/RNG state of a run; returns the step to continue from."""
-    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
-    model.load_state_dict(ckpt["model"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    set_rng_state(ckpt["rng"], generator=generator)
-    return int(ckpt["step"])
+    return int(restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
+                           device=device)["step"])  # fmt: skip
 
 
 def sam_config_dict(cfg: SamConfig) -> dict:

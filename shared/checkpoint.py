@@ -18,6 +18,7 @@ import torch
 
 from shared.atomic import atomic_path
 from shared.errors import InputError
+from shared.harness import set_rng_state
 
 _PLAIN_TYPES = (torch.Tensor, bool, int, float, str, type(None))
 
@@ -99,3 +100,21 @@ def strip_prefix(state_dict: Mapping, prefix: str = "module.") -> dict:
     Keys without the prefix are kept as they are; the order of the keys is preserved.
     """
     return {(key[len(prefix) :] if key.startswith(prefix) else key): value for key, value in state_dict.items()}
+
+
+def restore_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> dict:
+    """Load a training run's checkpoint into model, optimizer, grad scaler and every RNG (`--resume`).
+
+    Args:
+        path: the run's checkpoint, written by `save_checkpoint` with `kind`, `model`, `optimizer`, `scaler`, `rng`.
+        kind: the expected checkpoint kind (another kind is refused with InputError).
+        generator: the data pipeline's numpy Generator, restored with the other RNGs.
+    Returns:
+        the checkpoint dict (its step or epoch tells where to continue).
+    """
+    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    set_rng_state(ckpt["rng"], generator=generator)
+    return ckpt
