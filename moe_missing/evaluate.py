@@ -30,7 +30,7 @@ from moe_missing.losses import all_codes
 from moe_missing.model import MoEConv3d
 from moe_missing.predict import collect_cases, load_model, predict_image
 from shared.errors import InputError, run_cli
-from shared.evaluate import write_csv_atomic
+from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
 from shared.metrics import case_metrics, cscore, volume_correlation
 from shared.nifti import write_nifti
@@ -113,15 +113,6 @@ def gate_table(model, modalities) -> list[dict]:
             row |= {f"expert_{n}": w for n, w in enumerate(weights)}
             table.append(row)
     return table
-
-
-def format_table(rows: list[dict], floats: str = "{:.4f}") -> str:
-    """A plain-text table of dict rows for the terminal."""
-    keys = list(rows[0])
-    cells = [[floats.format(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
-    return "\n".join(lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells])
 
 
 def paper_table(table: list[dict]) -> str:

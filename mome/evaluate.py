@@ -24,7 +24,7 @@ import torch
 from mome.predict import load_mome
 from shared.dataset import list_cases, load_case
 from shared.errors import InputError, run_cli
-from shared.evaluate import write_csv_atomic
+from shared.evaluate import format_table, write_csv_atomic
 from shared.geometry import crop_or_pad
 from shared.metrics import aggregate_levels, case_metrics
 from shared.nifti import read_nifti
@@ -123,16 +123,6 @@ def expert_usage(model, images, patch_size, device, expert_names, per_modality: 
         row |= {f"expert_{name}": float(share[i]) for i, name in enumerate(expert_names)}
         table.append(row)
     return table
-
-
-def format_table(rows: list[dict], floats: str = "{:.4f}") -> str:
-    """A plain-text table of dict rows for the terminal."""
-    keys = list(rows[0])
-    cells = [[floats.format(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
-    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
-    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
-    return "\n".join(lines)
 
 
 def main(argv=None) -> None:

@@ -187,6 +187,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def format_table(rows: list[dict], floats: str = "{:.4f}") -> str:
+    """A plain-text table of dict rows for the terminal."""
+    keys = list(rows[0])
+    cells = [[floats.format(r[k]) if isinstance(r[k], float) else str(r[k]) for k in keys] for r in rows]
+    widths = [max(len(k), *(len(c[i]) for c in cells)) for i, k in enumerate(keys)]
+    lines = ["  ".join(k.ljust(w) for k, w in zip(keys, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in cells]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     """Evaluate, then write the per-case CSV and the summary CSV (nothing is written if any input is refused)."""
     args = parse_args(argv)

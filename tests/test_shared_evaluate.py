@@ -156,3 +156,10 @@ def test_refuses_bad_folders_and_non_integer_labels(tmp_path):
         evaluate_folders(pred_dir, gt_dir)
     with pytest.raises(InputError, match="connectivity"):
         evaluate_folders(pred_dir, gt_dir, connectivity=4)
+
+
+def test_format_table_aligns_columns_and_formats_floats():
+    from shared.evaluate import format_table
+
+    text = format_table([{"name": "a", "dice": 0.5}, {"name": "long", "dice": 1.0 / 3}], floats="{:.2f}")
+    assert text.split("\n") == ["name  dice", "a     0.50", "long  0.33"]
