@@ -29,6 +29,9 @@ class MoMEConfig:
     # the official gate is a full nnU-Net with the experts' topology; None copies `features`
     gate_features: tuple[int, ...] | None = None
     gate_norm: str = "none"  # "none": raw per-class maps as in the official code; "softmax": over experts
+    # True: one map per expert and class (official code); False: one map per expert shared by all classes, so the
+    # fused margin o_1 - o_0 is a weighted sum of the experts' margins, independent of their logit offsets
+    gate_per_class: bool = True
     gate_mode: str = "hierarchical"  # "hierarchical": one map per level (Eq. 1); "basic": finest map pooled down
     deep_supervision: bool = True  # return fused logits at every decoder level (training); False: finest only
     checkpointing: bool = False  # recompute each UNet stage in backward to save activation memory

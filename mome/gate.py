@@ -3,6 +3,7 @@
 The gate is a full nnU-Net UNet (as in the official code) whose input is the image concatenated with the stage-0
 encoder features of every expert, and whose seg head at decoder level l emits N*K channels: one voxel-wise weight
 map g_i^l per expert i and class k. Channel n*K + k belongs to expert n, class k (official `g[:, 2k:2k+2]`).
+With `per_class=False` (an option) it emits N channels, one map per expert shared by all classes.
 """
 
 import torch
@@ -25,22 +26,41 @@ class HierarchicalGate(nn.Module):
             the finest head is used and area-averaged down to every coarser level.
         norm: "none" (official code: raw maps, the fused sum is treated as logits) or "softmax" over the N experts
             (per class and voxel; an option, the paper does not state a normalisation).
+        per_class: True (official code): one map per expert and class. False: one map per expert, shared by all
+            classes (an option): with softmax, the fused margin o_1 - o_0 is then a convex combination of the
+            experts' margins, and the experts' arbitrary common logit offsets no longer enter the fused decision.
     """
 
-    def __init__(self, *, unet: PlainUNet, num_experts: int, num_classes: int, mode="hierarchical", norm="none"):
+    def __init__(
+        self, *, unet: PlainUNet, num_experts: int, num_classes: int, mode="hierarchical", norm="none", per_class=True
+    ):
         super().__init__()
         if mode not in GATE_MODES or norm not in GATE_NORMS:
             raise ValueError(f"gate mode must be in {GATE_MODES} and norm in {GATE_NORMS}, got {mode!r}, {norm!r}")
-        if unet.arch["num_classes"] != num_experts * num_classes:
+        maps_per_expert = num_classes if per_class else 1
+        if unet.arch["num_classes"] != num_experts * maps_per_expert:
             raise ValueError(
-                f"gate UNet has {unet.arch['num_classes']} output channels, expected num_experts * num_classes = "
-                f"{num_experts} * {num_classes}"
+                f"gate UNet has {unet.arch['num_classes']} output channels, expected num_experts * maps per expert "
+                f"= {num_experts} * {maps_per_expert}"
             )
         self.unet = unet
         self.num_experts = num_experts
         self.num_classes = num_classes
+        self.maps_per_expert = maps_per_expert
         self.mode = mode
         self.norm = norm
+
+    def init_uniform(self) -> None:
+        """Start from equal expert weights 1/N at every voxel, level and class.
+
+        Zeroes the weight of every gate seg head and sets its bias to 1/N (raw maps) or 0 (softmax over experts,
+        which then gives 1/N), so the fused output o^l starts as the mean of the expert logits. Not in the paper
+        or the official code (which keeps nnU-Net's He init of these heads); an option for short schedules, where
+        a random initial weighting scrambles the phase-1 experts' outputs and the gate has no time to recover.
+        """
+        for head in self.unet.decoder.seg_layers:
+            nn.init.zeros_(head.weight)
+            nn.init.constant_(head.bias, 1.0 / self.num_experts if self.norm == "none" else 0.0)
 
     def forward(self, image: torch.Tensor, shallow: list[torch.Tensor], *, level_shapes: list) -> list[torch.Tensor]:
         """Compute the gate maps g^l for the requested levels.
@@ -53,7 +73,7 @@ class HierarchicalGate(nn.Module):
                 (all L levels, or just the finest one at inference).
 
         Returns:
-            list of (B, N, K, d_l, h_l, w_l), one per entry of `level_shapes`.
+            list of (B, N, K, d_l, h_l, w_l), one per entry of `level_shapes` (K = 1 when shared by all classes).
         """
         if len(shallow) != self.num_experts:
             raise ValueError(f"gate expects features of {self.num_experts} experts, got {len(shallow)}")
@@ -63,7 +83,7 @@ class HierarchicalGate(nn.Module):
         gates = []
         for g in maps:
             B, _, d, h, w = g.shape
-            g = g.view(B, self.num_experts, self.num_classes, d, h, w)  # (B, N*K, ...) -> (B, N, K, ...)
+            g = g.view(B, self.num_experts, self.maps_per_expert, d, h, w)  # (B, N*K, ...) -> (B, N, K, ...)
             gates.append(torch.softmax(g, dim=1) if self.norm == "softmax" else g)
         if self.mode == "basic":
             finest = gates[0]

@@ -36,7 +36,7 @@ class MoME(nn.Module):
             deep supervision on: list of L fused logits o^l (B, K, d_l, h_l, w_l), highest resolution first;
             off: the finest fused logits (B, K, D, H, W).
             With return_all: a dict with "fused" (that list, length 1 without deep supervision),
-            "experts" (N lists of per-level logits e_i^l) and "gates" (per-level maps (B, N, K, d_l, h_l, w_l)).
+            "experts" (N lists of per-level logits e_i^l) and "gates" (per-level maps (B, N, K, d_l, h_l, w_l); K is 1 for a gate shared by all classes).
         """
         shallow, expert_logits = [], []
         for expert in self.experts:
@@ -72,7 +72,7 @@ def build_gate(cfg: MoMEConfig) -> HierarchicalGate:
     """The gate: a PlainUNet from (image + N stage-0 expert features) to N*K maps, wrapped in HierarchicalGate."""
     unet = PlainUNet(
         in_channels=cfg.in_channels + cfg.num_experts * cfg.features[0],
-        num_classes=cfg.num_experts * cfg.num_classes,
+        num_classes=cfg.num_experts * (cfg.num_classes if cfg.gate_per_class else 1),
         features=cfg.gate_features or cfg.features,
         kernel_sizes=cfg.kernel_sizes,
         strides=cfg.strides,  # same strides as the experts, so gate level l matches expert level l
@@ -82,7 +82,12 @@ def build_gate(cfg: MoMEConfig) -> HierarchicalGate:
         checkpointing=cfg.checkpointing,
     )
     return HierarchicalGate(
-        unet=unet, num_experts=cfg.num_experts, num_classes=cfg.num_classes, mode=cfg.gate_mode, norm=cfg.gate_norm
+        unet=unet,
+        num_experts=cfg.num_experts,
+        num_classes=cfg.num_classes,
+        mode=cfg.gate_mode,
+        norm=cfg.gate_norm,
+        per_class=cfg.gate_per_class,
     )
 
 

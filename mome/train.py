@@ -61,10 +61,26 @@ def parse_args(argv=None):
     g.add_argument("--gate", choices=("hierarchical", "basic"), default="hierarchical", help="gating network type")
     g.add_argument("--gate-norm", choices=("none", "softmax"), default="none",
                    help="raw per-class gate maps (official code) or softmax over experts")  # fmt: skip
+    g.add_argument("--gate-init", choices=("he", "uniform"), default="he",
+                   help="gate seg heads: nnU-Net He init (official) or zero weights giving every expert 1/N")  # fmt: skip
+    g.add_argument(
+        "--gate-maps",
+        choices=("per-class", "shared"),
+        default="per-class",
+        help="one gate map per expert and class (official) or one per expert shared by the classes",
+    )
+    g.add_argument(
+        "--gate-lr",
+        type=float,
+        help="initial learning rate of the gate (default: --lr, as the paper); "
+        "the gate starts from scratch while the experts are pretrained",
+    )
     g.add_argument("--clip-experts", action="store_true", help="clip expert gradients too (official: gate only)")
     add_common_args(parser, lr=1e-3, epochs=800)
     args = parser.parse_args(argv)
     check_common_args(args)
+    if args.gate_lr is not None and args.gate_lr <= 0:
+        raise InputError(f"--gate-lr must be positive, got {args.gate_lr}.")
     if args.random_experts == bool(args.experts):
         raise InputError("give either --experts (one checkpoint per modality) or --random-experts, not both or none.")
     if args.experts and len(args.experts) != len(args.modalities):
@@ -108,16 +124,21 @@ def main(argv=None) -> None:
         raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
     samples = prepare_data(args, dist_info)
-    cfg = config_from_args(args, gate_mode=args.gate, gate_norm=args.gate_norm)
+    cfg = config_from_args(args, gate_mode=args.gate, gate_norm=args.gate_norm,
+                           gate_per_class=args.gate_maps == "per-class")  # fmt: skip
     model = build_mome(cfg).to(device)
     if args.experts:
         load_experts(model, args.experts, cfg.modalities, args.transfer_heads)
+    if args.gate_init == "uniform":
+        model.gate.init_uniform()
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
               f"on {len(samples)} images\n{describe(samples)}")  # fmt: skip
-    optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
-                                weight_decay=args.weight_decay)  # fmt: skip
+    # one SGD over experts and gate as the official code; the gate may get its own initial lr (--gate-lr)
+    groups = [{"params": model.experts.parameters(), "initial_lr": args.lr},
+              {"params": model.gate.parameters(), "initial_lr": args.gate_lr or args.lr}]  # fmt: skip
+    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.99, nesterov=True, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
@@ -135,7 +156,7 @@ def main(argv=None) -> None:
     for epoch in range(start_epoch, last_epoch(args, start_epoch)):
         lr = poly_lr(epoch, args.epochs, args.lr)  # stepped once per epoch, as nnU-Net's PolyLRScheduler
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
         forward_model.train()
         t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)

@@ -15,20 +15,7 @@ import time
 import torch
 
 from brainsegfounder.model import SwinUNETR
-
-
-def saved_activation_bytes(model, x) -> int:
-    """Bytes of the distinct storages autograd saves for backward during one forward."""
-    storages = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(x).float().square().mean()
-    return sum(storages.values())
+from shared.profiling import saved_tensor_bytes
 
 
 def step_seconds(model, x) -> float:
@@ -77,7 +64,9 @@ def main() -> None:
         model.load_state_dict(next(iter(models.values())).state_dict())
         model.train()
     x = torch.randn(1, 4, args.size, args.size, args.size)
-    memory = {name: saved_activation_bytes(model, x) for name, model in models.items()}  # doubles as warm-up
+    memory = {
+        name: saved_tensor_bytes(lambda m=model: m(x).float().square().mean()) for name, model in models.items()
+    }  # doubles as warm-up
     times = {name: [] for name in models}
     for _ in range(args.repeats):  # interleaved, so load changes hit every configuration alike
         for name, model in models.items():

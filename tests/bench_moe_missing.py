@@ -22,20 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # so `import moe_m
 import torch  # noqa: E402
 
 from moe_missing.model import MoEConv3d  # noqa: E402
-
-
-def saved_bytes(fn) -> int:
-    """Bytes of the distinct tensors autograd keeps for the backward of `fn()` (activation memory)."""
-    seen = {}
-
-    def pack(t):
-        seen[(t.untyped_storage().data_ptr(), t.dtype)] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    del out
-    return sum(seen.values())
+from shared.profiling import saved_tensor_bytes  # noqa: E402
 
 
 def main() -> None:
@@ -89,7 +76,7 @@ def main() -> None:
     print(header)
     for name, fn in variants.items():
         med = statistics.median(times[name])
-        line = f"{name:8s} {med:8.3f} {med / base:8.2f} {saved_bytes(fn) / 2**20:10.1f}"
+        line = f"{name:8s} {med:8.3f} {med / base:8.2f} {saved_tensor_bytes(fn) / 2**20:10.1f}"
         print(line + (f" {peaks[name]:8.1f}" if peaks else ""))
     ratio = statistics.median(times["fused"]) / base
     print(f"fused / plain = {ratio:.2f} (goal <= 1.15): {'met' if ratio <= 1.15 else 'NOT met'}")

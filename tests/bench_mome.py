@@ -1,17 +1,20 @@
 """Benchmark of one MoME training step (5 experts + gate) against five separate expert steps.
 
-Run: .venv/bin/python tests/bench_mome.py [--patch 64] [--features 16 32 64 128] [--steps 2]
+Run: .venv/bin/python tests/bench_mome.py [--patch 64] [--features 16 32 64 128] [--reps 2] [--threads 2]
 
-Each configuration runs in its own child process, so its peak memory is its own: on CPU the extra resident
-memory of the steps (`ru_maxrss` after minus VmRSS before), on CUDA `torch.cuda.max_memory_allocated()`.
-Rows: "experts x5" = five single-expert steps (phase 1 of the paper, one after another), "MoME" = one joint
-step of phase 2 with the curriculum loss, each with and without activation checkpointing (`--checkpointing`).
-Times are the mean of `--steps` steps after one warm-up step; ratios are against "experts x5, plain".
+Configurations: "experts x5" = five single-expert steps one after another (phase 1 of the paper), "MoME" = one
+joint step of phase 2 with the curriculum loss (Eq. 2), each without and with activation checkpointing.
+- Time: all four run in this process, interleaved, `--reps` times after one warm-up round; median seconds per
+  step and the ratio to "experts x5, plain".
+- Activation memory: bytes autograd keeps for backward during the step's forward (exact on any device).
+- Peak memory: each configuration once more in its own child process, so the peak is its own: on CPU the
+  resident memory the steps add (`ru_maxrss` after minus VmRSS before), on CUDA `max_memory_allocated()`.
 """
 
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -25,6 +28,7 @@ import torch  # noqa: E402
 from mome.config import MoMEConfig  # noqa: E402
 from mome.losses import curriculum_loss, deep_supervised_loss, deep_supervision_weights, downsample_target  # noqa: E402
 from mome.model import build_expert, build_mome  # noqa: E402
+from shared.profiling import saved_tensor_bytes  # noqa: E402
 
 CONFIGS = [("experts x5", False), ("experts x5", True), ("MoME", False), ("MoME", True)]
 
@@ -36,73 +40,99 @@ def _rss_kib() -> int:
     return 0
 
 
-def child(kind: str, checkpointing: bool, patch: int, features, steps: int) -> dict:
-    """Time `steps` training steps of one configuration in this process; returns seconds/step and peak MiB."""
-    torch.manual_seed(0)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    cfg = MoMEConfig(features=tuple(features), strides=(1,) + (2,) * (len(features) - 1), checkpointing=checkpointing)
-    x = torch.randn(2, 1, patch, patch, patch, device=device)  # (B, 1, D, H, W), batch 2 as nnU-Net's plans
-    y = (torch.rand(2, patch, patch, patch, device=device) > 0.95).long()
-    modality = torch.tensor([0, 3], device=device)
-    weights = deep_supervision_weights(cfg.num_levels).to(device)
-    if kind == "MoME":
-        nets = [build_mome(cfg).to(device)]
-    else:
-        nets = [build_expert(cfg).to(device) for _ in range(cfg.num_experts)]
-    opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.99, nesterov=True) for n in nets]
+class Step:
+    """One training step of a configuration: its networks, SGD optimisers and a fixed batch."""
 
-    def step():
-        for net, opt in zip(nets, opts):
-            if kind == "MoME":
-                out = net(x, return_all=True)
-                loss = curriculum_loss(out["fused"], out["experts"], y, modality, epoch=0, num_epochs=2)["loss"]
-            else:
-                outs = net(x)
-                loss = deep_supervised_loss(outs, downsample_target(y, [o.shape[2:] for o in outs]), weights)
-            loss.backward()
+    def __init__(self, kind: str, checkpointing: bool, patch: int, features, device):
+        torch.manual_seed(0)
+        cfg = MoMEConfig(features=tuple(features), strides=(1,) + (2,) * (len(features) - 1),
+                         checkpointing=checkpointing)  # fmt: skip
+        self.kind, self.device = kind, device
+        self.x = torch.randn(2, 1, patch, patch, patch, device=device)  # (B, 1, D, H, W), batch 2 (nnU-Net plans)
+        self.y = (torch.rand(2, patch, patch, patch, device=device) > 0.95).long()
+        self.modality = torch.tensor([0, 3], device=device)  # a T1 and a FLAIR sample
+        self.weights = deep_supervision_weights(cfg.num_levels).to(device)
+        if kind == "MoME":
+            self.nets = [build_mome(cfg).to(device)]
+        else:
+            self.nets = [build_expert(cfg).to(device) for _ in range(cfg.num_experts)]
+        self.opts = [torch.optim.SGD(n.parameters(), lr=1e-3, momentum=0.99, nesterov=True) for n in self.nets]
+
+    def loss(self, net) -> torch.Tensor:
+        if self.kind == "MoME":
+            out = net(self.x, return_all=True)
+            return curriculum_loss(out["fused"], out["experts"], self.y, self.modality, epoch=0, num_epochs=2)["loss"]
+        outs = net(self.x)
+        return deep_supervised_loss(outs, downsample_target(self.y, [o.shape[2:] for o in outs]), self.weights)
+
+    def __call__(self) -> float:
+        """Run the step; returns its wall time in seconds."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for net, opt in zip(self.nets, self.opts):
+            self.loss(net).backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
 
-    before = _rss_kib()  # model and optimizer are built; the peak below is what the steps add
-    step()  # warm-up (allocator, kernels), not timed
+    def saved_bytes(self) -> int:
+        """Activation memory of the step: for five experts, the largest of their (sequential) forwards."""
+        return max(saved_tensor_bytes(lambda n=net: self.loss(n)) for net in self.nets)
+
+
+def child_peak_mib(kind: str, checkpointing: bool, patch: int, features, device) -> float:
+    """Peak memory (MiB) that one step of this configuration adds, measured in this (fresh) process."""
+    step = Step(kind, checkpointing, patch, features, device)
+    before = _rss_kib()  # networks and optimisers exist; the peak below is what the step adds
+    step()
     if device.type == "cuda":
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    return {"seconds": (time.perf_counter() - start) / steps, "peak_mib": peak, "device": device.type}
+        return torch.cuda.max_memory_allocated() / 2**20
+    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--patch", type=int, default=64, help="cubic patch side (divisible by 2^(stages-1))")
     parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128], help="UNet stage widths")
-    parser.add_argument("--steps", type=int, default=2, help="timed steps per configuration")
+    parser.add_argument("--reps", type=int, default=2, help="timed rounds over the four configurations")
+    parser.add_argument("--threads", type=int, default=2, help="CPU threads")
     parser.add_argument("--child", nargs=2, metavar=("KIND", "CKPT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.child:
         kind, ckpt = args.child
-        print(json.dumps(child(kind, ckpt == "1", args.patch, args.features, args.steps)))
+        print(json.dumps(child_peak_mib(kind, ckpt == "1", args.patch, args.features, device)))
         return
-    results = []
+    steps = {(kind, ckpt): Step(kind, ckpt, args.patch, args.features, device) for kind, ckpt in CONFIGS}
+    saved = {key: step.saved_bytes() / 2**20 for key, step in steps.items()}
+    times = {key: [] for key in steps}
+    for rep in range(args.reps + 1):  # interleaved, so load changes hit every configuration alike
+        for key, step in steps.items():
+            seconds = step()
+            if rep > 0:  # round 0 is the warm-up
+                times[key].append(seconds)
+    peaks = {}
     for kind, ckpt in CONFIGS:
         cmd = [sys.executable, __file__, "--child", kind, str(int(ckpt)), "--patch", str(args.patch),
-               "--steps", str(args.steps), "--features", *map(str, args.features)]  # fmt: skip
+               "--threads", str(args.threads), "--features", *map(str, args.features)]  # fmt: skip
         out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
-        results.append((kind, ckpt, json.loads(out.strip().splitlines()[-1])))
-    base = results[0][2]
+        peaks[(kind, ckpt)] = json.loads(out.strip().splitlines()[-1])
+    base = CONFIGS[0]
+    base_time = statistics.median(times[base])
     print(f"MoME training step vs five expert steps: batch 2, patch {args.patch}^3, widths {args.features}, "
-          f"5 experts, device {base['device']}, mean of {args.steps} steps")  # fmt: skip
-    print(f"{'configuration':34s} {'s/step':>8s} {'x time':>7s} {'peak MiB':>9s} {'x memory':>9s}")
-    for kind, ckpt, r in results:
+          f"5 experts, device {device}, {torch.get_num_threads()} thread(s), median of {args.reps}")  # fmt: skip
+    print(f"{'configuration':36s} {'s/step':>7s} {'x time':>7s} {'saved MiB':>10s} {'x saved':>8s} "
+          f"{'peak MiB':>9s} {'x peak':>7s}")  # fmt: skip
+    for kind, ckpt in CONFIGS:
+        key = (kind, ckpt)
         name = f"{kind}, {'activation checkpointing' if ckpt else 'plain'}"
-        print(f"{name:34s} {r['seconds']:8.2f} {r['seconds'] / base['seconds']:7.2f} {r['peak_mib']:9.0f} "
-              f"{r['peak_mib'] / max(base['peak_mib'], 1e-9):9.2f}")  # fmt: skip
+        t = statistics.median(times[key])
+        print(f"{name:36s} {t:7.2f} {t / base_time:7.2f} {saved[key]:10.0f} {saved[key] / saved[base]:8.2f} "
+              f"{peaks[key]:9.0f} {peaks[key] / max(peaks[base], 1e-9):7.2f}")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -99,6 +99,44 @@ def test_softmax_gate_sums_to_one(mode):
         assert (out["fused"][level] <= e.max(dim=1).values + 1e-5).all()
 
 
+@pytest.mark.parametrize("norm", ["none", "softmax"])
+def test_uniform_gate_init_starts_from_mean_of_experts(norm):
+    model = make(gate_norm=norm)
+    model.gate.init_uniform()
+    x = torch.randn(B, 1, S, S, S)
+    out = model(x, return_all=True)
+    for level, fused in enumerate(out["fused"]):
+        naive = sum(logits[level] for logits in out["experts"]) / N  # plain mean over the five experts
+        assert_close(fused, naive)
+    # the heads still learn: their weights get a non-zero gradient from the first step
+    out["fused"][0][:, 1].mean().backward()
+    assert model.gate.unet.decoder.seg_layers[-1].weight.grad.abs().sum() > 0
+
+
+def test_shared_gate_maps_mix_expert_margins_and_ignore_logit_offsets():
+    model = make(gate_norm="softmax", gate_per_class=False)
+    assert model.gate.unet.decoder.seg_layers[-1].out_channels == N  # one map per expert, not N*K
+    x = torch.randn(B, 1, S, S, S)
+    out = model(x, return_all=True)
+    for level, g in enumerate(out["gates"]):
+        assert g.shape[1:3] == (N, 1)
+        margin = out["fused"][level][:, 1] - out["fused"][level][:, 0]
+        naive = sum(g[:, i, 0] * (out["experts"][i][level][:, 1] - out["experts"][i][level][:, 0]) for i in range(N))
+        assert_close(margin, naive)
+    # adding a constant to every logit of one expert changes neither its softmax nor the fused decision
+    with torch.no_grad():
+        model.experts[2].decoder.seg_layers[-1].bias += 7.0
+    shifted = model(x, return_all=True)["fused"][0]
+    assert_close(shifted[:, 1] - shifted[:, 0], out["fused"][0][:, 1] - out["fused"][0][:, 0], tol=1e-4)
+    # the per-class gate of the official code does not have this property
+    per_class = make(gate_norm="softmax")
+    before = per_class(x)[0]
+    with torch.no_grad():
+        per_class.experts[2].decoder.seg_layers[-1].bias += 7.0
+    after = per_class(x)[0]
+    assert ((after[:, 1] - after[:, 0]) - (before[:, 1] - before[:, 0])).abs().max() > 1e-2
+
+
 def test_gradients_reach_gate_and_experts():
     model = make()
     sum(o.square().mean() for o in model(torch.randn(B, 1, S, S, S))).backward()

@@ -109,6 +109,21 @@ def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, tmp_path
         assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(1.0, abs=1e-5)
 
 
+def test_phase2_demo_options_gate_lr_shared_maps_uniform_init(data, experts, tmp_path):
+    out = tmp_path / "demo_options"
+    train.main(["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "4",
+                "--stop-after", "1", "--lr", "1e-3", "--gate-lr", "2e-2", "--gate-init", "uniform", "--gate-maps",
+                "shared", "--gate-norm", "softmax", "--out", str(out), *TINY])  # fmt: skip
+    ckpt = load_checkpoint(out / "checkpoint.pt", expect_kind="mome")
+    experts_group, gate_group = ckpt["optimizer"]["param_groups"]
+    # poly decay of each group's own initial lr, epoch 0 of 4: lr * (1 - 0/4)^0.9
+    assert (experts_group["lr"], gate_group["lr"]) == (1e-3, 2e-2)
+    assert ckpt["config"]["gate_per_class"] is False
+    assert ckpt["model"]["gate.unet.decoder.seg_layers.1.weight"].shape[0] == 3  # one map per expert
+    model, _ = predict.load_mome(out / "checkpoint.pt", torch.device("cpu"))
+    assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
+
+
 def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
     with pytest.raises(InputError, match="--experts lists 2 files but --modalities has 3"):
         train.parse_args(["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts[:2],
@@ -117,6 +132,8 @@ def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
         train.expert_weights(experts[0], "FLAIR")
     with pytest.raises(InputError, match="must be divisible by 2"):
         train.parse_args(["--data", *data, "--random-experts", "--patch", "20", "20", "20", "--out", str(tmp_path)])
+    with pytest.raises(InputError, match="--gate-lr must be positive"):
+        train.parse_args(["--data", *data, "--random-experts", "--gate-lr", "0", "--out", str(tmp_path)])
     with pytest.raises(InputError, match="no dataset.json found"):
         train_expert.parse_args(["--modality", "T1", "--data", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
