@@ -138,7 +138,7 @@ def train_repeat(args, repeat: int, train_cases, val_samples, arch: dict, init, 
                                generator=rng, device=device)["step"])  # fmt: skip
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info), use_compile)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     loss_fn = LOSSES[args.loss]
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     total, t0, extra = 0.0, time.time(), {}

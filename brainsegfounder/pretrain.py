@@ -106,7 +106,7 @@ def main(argv=None) -> None:
             print(f"resumed {ckpt_path} at step {start}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info), use_compile)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     sums, t0 = {"loss": 0.0, "inpaint": 0.0, "contrast": 0.0, "rotation": 0.0}, time.time()
 

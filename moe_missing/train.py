@@ -193,7 +193,7 @@ def main(argv=None) -> None:
     if args.fixed_code is not None:
         fixed = torch.tensor([float(c) for c in args.fixed_code], device=device)
     reg_sign = 1.0 if args.reg_printed_sign else -1.0
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     last = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     sums, count, t0 = {}, 0, time.time()
 

@@ -36,7 +36,8 @@ class MoME(nn.Module):
             deep supervision on: list of L fused logits o^l (B, K, d_l, h_l, w_l), highest resolution first;
             off: the finest fused logits (B, K, D, H, W).
             With return_all: a dict with "fused" (that list, length 1 without deep supervision),
-            "experts" (N lists of per-level logits e_i^l) and "gates" (per-level maps (B, N, K, d_l, h_l, w_l); K is 1 for a gate shared by all classes).
+            "experts" (N lists of per-level logits e_i^l) and "gates" (per-level maps (B, N, K, d_l, h_l, w_l);
+            K is 1 for a gate shared by all classes).
         """
         shallow, expert_logits = [], []
         for expert in self.experts:

@@ -62,7 +62,7 @@ def parse_args(argv=None):
     g.add_argument("--gate-norm", choices=("none", "softmax"), default="none",
                    help="raw per-class gate maps (official code) or softmax over experts")  # fmt: skip
     g.add_argument("--gate-init", choices=("he", "uniform"), default="he",
-                   help="gate seg heads: nnU-Net He init (official) or zero weights giving every expert 1/N")  # fmt: skip
+                   help="gate seg heads: nnU-Net He init (official) or zero weights, every expert 1/N")  # fmt: skip
     g.add_argument(
         "--gate-maps",
         choices=("per-class", "shared"),
@@ -151,7 +151,7 @@ def main(argv=None) -> None:
     # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
     clipped = list(model.parameters() if args.clip_experts else model.gate.parameters())
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
 
     for epoch in range(start_epoch, last_epoch(args, start_epoch)):
         lr = poly_lr(epoch, args.epochs, args.lr)  # stepped once per epoch, as nnU-Net's PolyLRScheduler

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
     # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
     weights = deep_supervision_weights(cfg.num_levels).to(device)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
 
     for epoch in range(start_epoch, last_epoch(args, start_epoch)):
         lr = poly_lr(epoch, args.epochs, args.lr)  # nnU-Net steps the poly schedule once per epoch

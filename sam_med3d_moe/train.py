@@ -101,7 +101,7 @@ def main(argv=None) -> None:
     encode, _ = maybe_compile(model.image_encoder, use_compile)
     # box embeddings and the mask-only steps leave some parameters without gradient in some steps
     forward_model = wrap_ddp(InteractiveSam(model, encode=encode), dist_info, find_unused_parameters=True)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 

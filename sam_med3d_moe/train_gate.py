@@ -157,7 +157,7 @@ def main(argv=None) -> None:
             ckpt_path, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device
         )
     forward_model = wrap_ddp(InteractiveMoE(moe), dist_info, find_unused_parameters=True)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
     config = {"sam": sam_config_dict(moe.sam.cfg), "gate": dataclasses.asdict(moe.gate_cfg)}

@@ -57,13 +57,13 @@ def _short_list(names) -> str:
     return text + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
 
 
-def _read_labels(path) -> tuple[np.ndarray, tuple]:
-    """Integer label map and voxel spacing of one file; refuses non-integer voxel values."""
+def _read_labels(path) -> tuple[np.ndarray, tuple, np.ndarray]:
+    """Integer label map, voxel spacing and affine of one file; refuses non-integer voxel values."""
     volume = read_nifti(path, dtype=np.float64)
     labels = np.rint(volume.data)
     if not np.array_equal(labels, volume.data):
         raise InputError(f"{path}: label map holds non-integer values (a probability map instead of labels?).")
-    return labels.astype(np.int32), volume.spacing
+    return labels.astype(np.int32), volume.spacing, volume.affine
 
 
 def class_masks(labels: np.ndarray, classes, regions: str | None, brats_labels=(1, 2, 3)) -> dict:
@@ -109,10 +109,15 @@ def evaluate_folders(
 
     rows = []
     for case in tqdm(sorted(gt_cases), desc="evaluate", unit="case"):
-        gt, spacing = _read_labels(gt_cases[case])
-        pred, _ = _read_labels(pred_cases[case])
+        gt, spacing, gt_affine = _read_labels(gt_cases[case])
+        pred, _, pred_affine = _read_labels(pred_cases[case])
         if pred.shape != gt.shape:
             raise InputError(f"{pred_cases[case]}: shape {pred.shape} differs from the reference shape {gt.shape}.")
+        if not np.allclose(pred_affine, gt_affine, atol=1e-3):
+            raise InputError(
+                f"{pred_cases[case]}: affine differs from the reference's (not in the same grid; resample the "
+                "prediction to the reference first)."
+            )
         gt_masks = class_masks(gt, labels, regions, brats_labels)
         pred_masks = class_masks(pred, labels, regions, brats_labels)
         for name in gt_masks:

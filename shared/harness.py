@@ -314,10 +314,13 @@ class MetricsLogger:
     cells in the earlier rows, so every column stays plottable.
     """
 
-    def __init__(self, path, is_main: bool = True):
+    def __init__(self, path, is_main: bool = True, start_step: int | None = None):
         """Args:
         path: file ending in .csv or .jsonl; parent folders are created.
         is_main: False on ranks other than 0, which then write nothing.
+        start_step: the step the run (re)starts from (0, or the resumed checkpoint's step). Rows of an existing
+            file logged after it describe work the checkpoint does not hold (a run stopped between a log and
+            the next checkpoint) and are dropped, so a resumed run logs no step twice. None keeps every row.
         """
         self.path = Path(path)
         self.is_main = is_main
@@ -329,6 +332,28 @@ class MetricsLogger:
                 self.columns = next(csv.reader(f))
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+        if is_main and start_step is not None and self.path.is_file():
+            self._drop_after(int(start_step))
+
+    def _drop_after(self, step: int) -> None:
+        """Rewrite the file (atomically) without the rows whose step is larger than `step`."""
+        if self.path.suffix == ".jsonl":
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if json.loads(line)["step"] <= step]
+            if len(kept) < len(lines):
+                with atomic_path(self.path) as tmp:
+                    Path(tmp).write_text("".join(line + "\n" for line in kept))
+            return
+        if not self.columns:
+            return
+        with open(self.path, newline="") as f:
+            rows = list(csv.DictReader(f))
+        kept = [row for row in rows if int(row["step"]) <= step]
+        if len(kept) < len(rows):
+            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
+                writer.writeheader()
+                writer.writerows(kept)
 
     def log(self, step: int, **metrics) -> None:
         """Append `{"step": step, **metrics}`; tensors and numpy scalars are stored as Python numbers."""

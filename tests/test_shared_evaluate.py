@@ -144,6 +144,17 @@ def test_refuses_mismatched_shape_naming_the_file(tmp_path):
     assert not out.exists() and not (tmp_path / "metrics_summary.csv").exists()
 
 
+def test_refuses_prediction_in_another_grid_naming_the_file(tmp_path):
+    pred_dir, gt_dir = write_folders(tmp_path, binary_cases())
+    shifted = AFFINE.copy()
+    shifted[0, 3] += 2.0  # same shape, origin moved by 2 mm
+    nib.save(nib.Nifti1Image(binary_cases()["c3"][1], shifted), str(pred_dir / "c3.nii.gz"))
+    out = tmp_path / "metrics.csv"
+    with pytest.raises(InputError, match=r"c3\.nii\.gz: affine differs"):
+        main(["--pred", str(pred_dir), "--gt", str(gt_dir), "--out", str(out)])
+    assert not out.exists()
+
+
 def test_refuses_bad_folders_and_non_integer_labels(tmp_path):
     pred_dir, gt_dir = write_folders(tmp_path, binary_cases())
     with pytest.raises(InputError, match="--gt"):

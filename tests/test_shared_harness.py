@@ -183,6 +183,24 @@ def test_metrics_logger_csv_widens_header_and_appends_on_resume(tmp_path):
     assert sorted(p.name for p in path.parent.iterdir()) == ["metrics.csv"]
 
 
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])
+def test_metrics_logger_resume_drops_rows_after_the_checkpoint(tmp_path, suffix):
+    path = tmp_path / f"log{suffix}"
+    first = MetricsLogger(path, start_step=0)
+    for step in (25, 50, 75):  # checkpoint saved at 50, run killed after logging 75
+        first.log(step=step, loss=step / 100)
+    MetricsLogger(path, start_step=50).log(step=75, loss=0.7)  # the resumed run repeats step 75
+    if suffix == ".csv":
+        with open(path, newline="") as f:
+            steps = [(int(r["step"]), float(r["loss"])) for r in csv.DictReader(f)]
+    else:
+        steps = [(r["step"], r["loss"]) for r in map(json.loads, path.read_text().splitlines())]
+    assert steps == [(25, 0.25), (50, 0.5), (75, 0.7)]
+    MetricsLogger(path, start_step=0)  # a fresh run in the same folder starts an empty log
+    assert path.read_text().count("\n") == (1 if suffix == ".csv" else 0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
 def test_metrics_logger_jsonl_and_non_main_rank(tmp_path):
     path = tmp_path / "metrics.jsonl"
     MetricsLogger(path).log(step=0, loss=torch.tensor(0.5))
