@@ -8,12 +8,11 @@ joint step of phase 2 with the curriculum loss (Eq. 2), each without and with ac
   step and the ratio to "experts x5, plain".
 - Activation memory: bytes autograd keeps for backward during the step's forward (exact on any device).
 - Peak memory: each configuration once more in its own child process, so the peak is its own: on CPU the
-  resident memory the steps add (`ru_maxrss` after minus VmRSS before), on CUDA `max_memory_allocated()`.
+  resident memory the step adds (peak VmHWM after minus VmRSS before), on CUDA `max_memory_allocated()`.
 """
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,9 +32,11 @@ from shared.profiling import saved_tensor_bytes  # noqa: E402
 CONFIGS = [("experts x5", False), ("experts x5", True), ("MoME", False), ("MoME", True)]
 
 
-def _rss_kib() -> int:
+def _status_kib(field: str) -> int:
+    """A memory field of /proc/self/status in KiB: VmRSS (resident now) or VmHWM (peak resident of this process;
+    unlike `ru_maxrss`, which a child inherits from its parent at fork, it starts afresh at exec)."""
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(f"{field}:"):
             return int(line.split()[1])
     return 0
 
@@ -86,11 +87,11 @@ class Step:
 def child_peak_mib(kind: str, checkpointing: bool, patch: int, features, device) -> float:
     """Peak memory (MiB) that one step of this configuration adds, measured in this (fresh) process."""
     step = Step(kind, checkpointing, patch, features, device)
-    before = _rss_kib()  # networks and optimisers exist; the peak below is what the step adds
+    before = _status_kib("VmRSS")  # networks and optimisers exist; the peak below is what the step adds
     step()
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated() / 2**20
-    return (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def main() -> None:
