@@ -11,7 +11,7 @@ within this CPU budget (Dice below 0.1 after 600 expert steps), and the chronic 
 
 Sizes picked for a 2-core CPU (each step of every phase is the paper's recipe at a smaller scale): 32^3
 phantoms (written into DATA/shape32, the other demos use the 64^3 phantoms in DATA), 4-stage UNets with widths
-8-16-32-64 (the paper: 6 stages, 32-320), the whole 32^3 volume as the training patch, batch 2, 400 steps per
+8-16-32-64 (the paper: 6 stages, 32-320), the whole 32^3 volume as the training patch, batch 2, 300 steps per
 expert and 300 phase-2 steps. Whole-volume patches let every step see a whole brain, make prediction one tile
 per image and remove the train/test difference of the InstanceNorm statistics; on the same budget they gave a
 fused image-level Dice of 0.48 against 0.33 with 32^3 patches of 64^3 phantoms (`--shape 64`).
@@ -44,7 +44,7 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default="data/demo", help="folder of the phantom datasets (written if absent)")
     parser.add_argument("--runs", default="runs/mome_demo", help="folder for the runs, predictions and tables")
-    parser.add_argument("--expert-epochs", type=int, default=16, help="phase-1 epochs per expert")
+    parser.add_argument("--expert-epochs", type=int, default=12, help="phase-1 epochs per expert")
     parser.add_argument("--epochs", type=int, default=12, help="phase-2 epochs")
     parser.add_argument("--steps-per-epoch", type=int, default=25, help="steps per epoch in both phases")
     parser.add_argument("--shape", type=int, default=32, help="phantom cube side in voxels (a multiple of 8, >= 16); "
