@@ -154,9 +154,9 @@ def main(argv=None) -> None:
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
 
     for epoch in range(start_epoch, last_epoch(args, start_epoch)):
-        lr = poly_lr(epoch, args.epochs, args.lr)  # stepped once per epoch, as nnU-Net's PolyLRScheduler
-        for group in optimizer.param_groups:
+        for group in optimizer.param_groups:  # stepped once per epoch, as nnU-Net's PolyLRScheduler
             group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
+        lr = optimizer.param_groups[0]["lr"]  # the experts' lr, logged
         forward_model.train()
         t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)

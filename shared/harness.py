@@ -344,16 +344,8 @@ class MetricsLogger:
                 with atomic_path(self.path) as tmp:
                     Path(tmp).write_text("".join(line + "\n" for line in kept))
             return
-        if not self.columns:
-            return
-        with open(self.path, newline="") as f:
-            rows = list(csv.DictReader(f))
-        kept = [row for row in rows if int(row["step"]) <= step]
-        if len(kept) < len(rows):
-            with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=self.columns, restval="")
-                writer.writeheader()
-                writer.writerows(kept)
+        if self.columns:
+            self._rewrite_csv(self.columns, max_step=step)
 
     def log(self, step: int, **metrics) -> None:
         """Append `{"step": step, **metrics}`; tensors and numpy scalars are stored as Python numbers."""
@@ -368,7 +360,7 @@ class MetricsLogger:
             return
         new_keys = [k for k in row if k not in self.columns]
         if new_keys and self.columns:
-            self._widen(self.columns + new_keys)
+            self._rewrite_csv(self.columns + new_keys)
         elif new_keys:
             self.columns = list(row)
             with open(self.path, "w", newline="") as f:
@@ -376,14 +368,18 @@ class MetricsLogger:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, fieldnames=self.columns, restval="").writerow(row)
 
-    def _widen(self, columns: list[str]) -> None:
-        """Rewrite the CSV with the header `columns` (atomically, so a crash keeps the old file)."""
+    def _rewrite_csv(self, columns: list[str], max_step: int | None = None) -> None:
+        """Rewrite the CSV with the header `columns`, keeping the rows whose step is at most `max_step` (every row
+        when None); atomically, so a crash keeps the old file. Nothing is written when nothing would change."""
         with open(self.path, newline="") as f:
             rows = list(csv.DictReader(f))
+        kept = [row for row in rows if max_step is None or int(row["step"]) <= max_step]
+        if columns == self.columns and len(kept) == len(rows):
+            return
         with atomic_path(self.path) as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=columns, restval="")
             writer.writeheader()
-            writer.writerows(rows)
+            writer.writerows(kept)
         self.columns = columns
 
 
