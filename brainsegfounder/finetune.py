@@ -49,7 +49,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     gather_rng_state,
     init_distributed,
     make_grad_scaler,
@@ -209,7 +208,6 @@ def main(argv=None) -> None:
         Path(args.out, "summary.json").write_text(json.dumps(summary, indent=2))
         print(f"validation Dice over {args.repeats} repeat(s): mean {summary['mean']['mean']:.4f} "
               f"+- {summary['mean']['std']:.4f} (written to {Path(args.out, 'summary.json')})")  # fmt: skip
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

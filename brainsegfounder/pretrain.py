@@ -38,7 +38,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     gather_rng_state,
     init_distributed,
     make_grad_scaler,
@@ -147,7 +146,6 @@ def main(argv=None) -> None:
                          optimizer=optimizer, scaler=scaler, step=done, args=args, rng=rng_states)  # fmt: skip
     if dist_info.is_main:
         print(f"saved {ckpt_path} at step {stop}")
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -42,7 +42,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     cosine_lr,
     gather_rng_state,
     init_distributed,
@@ -245,7 +244,6 @@ def main(argv=None) -> None:
             if dist_info.is_main:
                 save_run(ckpt_path, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler, step=done,
                          args=args, rng=rng_states)  # fmt: skip
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

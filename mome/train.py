@@ -35,7 +35,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     gather_rng_state,
     init_distributed,
     make_grad_scaler,
@@ -196,7 +195,6 @@ def main(argv=None) -> None:
                   f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
                      epoch=epoch + 1, args=args, rng=rng_states)  # fmt: skip
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -33,7 +33,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     gather_rng_state,
     init_distributed,
     make_grad_scaler,
@@ -144,7 +143,6 @@ def main(argv=None) -> None:
                     trained_box=bool(train_box),
                 )
             running, count = 0.0, 0
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     cosine_lr,
     gather_rng_state,
     init_distributed,
@@ -146,7 +145,6 @@ def main(argv=None) -> None:
                     box_trained=True,
                 )
             running, count = 0.0, 0
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

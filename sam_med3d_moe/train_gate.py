@@ -41,7 +41,6 @@ from shared.harness import (
     all_reduce_mean,
     autocast_context,
     check_finite_loss,
-    cleanup_distributed,
     gather_rng_state,
     init_distributed,
     make_grad_scaler,
@@ -203,7 +202,6 @@ def main(argv=None) -> None:
                     rng=rng_states,
                 )
             sums, count = np.zeros(3), 0
-    cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -21,35 +21,39 @@ WORKER = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from shared.harness import all_reduce_mean, cleanup_distributed, init_distributed, seed_everything, wrap_ddp
+    from shared.errors import run_cli
+    from shared.harness import all_reduce_mean, init_distributed, seed_everything, wrap_ddp
 
-    info = init_distributed()
-    rng = seed_everything(0, rank=info.rank)
-    first_draw = float(rng.random())
-    model = torch.nn.Linear(4, 2)  # initialised differently per rank (different torch seeds)
-    own_init = [p.detach().clone().tolist() for p in model.parameters()]
-    ddp = wrap_ddp(model, info)
-    synced_init = [p.detach().clone().tolist() for p in model.parameters()]
-    opt = torch.optim.SGD(ddp.parameters(), lr={LR})
-    batches, losses = [], []
-    for step in range(2):
-        x = torch.from_numpy(rng.standard_normal((3, 4))).float()
-        loss = ddp(x).square().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        batches.append(x.tolist())
-        losses.append(loss.item())
-    mean_last_loss = all_reduce_mean(losses[-1])
-    mine = dict(rank=info.rank, world_size=info.world_size, is_main=info.is_main, first_draw=first_draw,
-                own_init=own_init, synced_init=synced_init, batches=batches, losses=losses,
-                final=[p.detach().tolist() for p in model.parameters()], mean_last_loss=mean_last_loss)
-    everyone = [None] * info.world_size
-    dist.all_gather_object(everyone, mine)
-    if info.is_main:
-        with open(sys.argv[1], "w") as f:
-            json.dump(everyone, f)
-    cleanup_distributed()
+    def main():
+        info = init_distributed()
+        rng = seed_everything(0, rank=info.rank)
+        first_draw = float(rng.random())
+        model = torch.nn.Linear(4, 2)  # initialised differently per rank (different torch seeds)
+        own_init = [p.detach().clone().tolist() for p in model.parameters()]
+        ddp = wrap_ddp(model, info)
+        synced_init = [p.detach().clone().tolist() for p in model.parameters()]
+        opt = torch.optim.SGD(ddp.parameters(), lr={LR})
+        batches, losses = [], []
+        for step in range(2):
+            x = torch.from_numpy(rng.standard_normal((3, 4))).float()
+            loss = ddp(x).square().mean()
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            batches.append(x.tolist())
+            losses.append(loss.item())
+        mean_last_loss = all_reduce_mean(losses[-1])
+        mine = dict(rank=info.rank, world_size=info.world_size, is_main=info.is_main, first_draw=first_draw,
+                    own_init=own_init, synced_init=synced_init, batches=batches, losses=losses,
+                    final=[p.detach().tolist() for p in model.parameters()], mean_last_loss=mean_last_loss)
+        everyone = [None] * info.world_size
+        dist.all_gather_object(everyone, mine)
+        if info.is_main:
+            with open(sys.argv[1], "w") as f:
+                json.dump(everyone, f)
+
+    run_cli(main)  # leaves the process group after main() returns, as the training scripts do
+    assert not dist.is_initialized()
     """
 )
 
