@@ -6,6 +6,9 @@
 Every channel of every case is one single-modality sample; its modality picks the expert that the
 specialisation term of Eq. 2 supervises. Table 3 ablations: `--random-experts` (no phase 1),
 `--no-curriculum` (Eq. 4 only), `--gate basic` (one weight map for all levels).
+
+Options for short schedules (not in the paper; the defaults are the official behaviour): `--transfer-heads`,
+`--gate-init uniform`, `--gate-maps shared`, `--gate-lr` and `--gate-optimizer adam`.
 """
 
 import argparse
@@ -25,10 +28,9 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     prepare_data,
-    resume_run,
     save_run,
 )
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, restore_run
 from shared.errors import InputError, run_cli
 from shared.harness import (
     MetricsLogger,
@@ -74,6 +76,13 @@ def parse_args(argv=None):
         help="initial learning rate of the gate (default: --lr, as the paper); "
         "the gate starts from scratch while the experts are pretrained",
     )
+    g.add_argument(
+        "--gate-optimizer",
+        choices=("sgd", "adam"),
+        default="sgd",
+        help="sgd: one SGD over experts and gate (official); adam: the gate gets its own Adam (at --gate-lr, "
+        "default --lr), the experts keep SGD; Adam's step does not shrink with the (1 - f_epoch) loss weight",
+    )
     g.add_argument("--clip-experts", action="store_true", help="clip expert gradients too (official: gate only)")
     add_common_args(parser, lr=1e-3, epochs=800)
     args = parser.parse_args(argv)
@@ -112,6 +121,24 @@ def load_experts(model, paths, modalities, transfer_heads: bool) -> None:
         load_checked(expert, weights, source=f"--experts {path}")
 
 
+def build_optimizers(model, args) -> list:
+    """The phase-2 optimizers, each param group carrying its `initial_lr` for the poly schedule.
+
+    sgd (official): one SGD (nnU-Net: momentum 0.99, Nesterov) over experts and gate, the gate in a second
+    group with its own initial lr (--gate-lr, default --lr). adam: that SGD over the experts only, and an Adam
+    over the gate; Adam's step size does not depend on the gradient's scale, so the gate learns at its own
+    pace while the curriculum still gives L_MoME a small weight (1 - f_epoch).
+    """
+    gate_lr = args.gate_lr or args.lr
+    sgd = dict(momentum=0.99, nesterov=True, weight_decay=args.weight_decay)
+    experts = {"params": model.experts.parameters(), "initial_lr": args.lr}
+    gate = {"params": model.gate.parameters(), "initial_lr": gate_lr}
+    if args.gate_optimizer == "sgd":
+        return [torch.optim.SGD([experts, gate], lr=args.lr, **sgd)]
+    return [torch.optim.SGD([experts], lr=args.lr, **sgd),
+            torch.optim.Adam([gate], lr=gate_lr, weight_decay=args.weight_decay)]  # fmt: skip
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     dist_info = init_distributed(args.device)
@@ -134,16 +161,22 @@ def main(argv=None) -> None:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
               f"on {len(samples)} images\n{describe(samples)}")  # fmt: skip
-    # one SGD over experts and gate as the official code; the gate may get its own initial lr (--gate-lr)
-    groups = [{"params": model.experts.parameters(), "initial_lr": args.lr},
-              {"params": model.gate.parameters(), "initial_lr": args.gate_lr or args.lr}]  # fmt: skip
-    optimizer = torch.optim.SGD(groups, lr=args.lr, momentum=0.99, nesterov=True, weight_decay=args.weight_decay)
+    optimizers = build_optimizers(model, args)  # [SGD over experts (+ gate)] or [SGD over experts, Adam over gate]
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
     if args.resume and ckpt_path.exists():
-        start_epoch = resume_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
-                                 generator=rng, device=device)  # fmt: skip
+        try:
+            ckpt = restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizers[0], scaler=scaler,
+                               generator=rng, device=device)  # fmt: skip
+            if len(optimizers) > 1:
+                optimizers[1].load_state_dict(ckpt["gate_optimizer"])
+        except (KeyError, ValueError) as err:
+            raise InputError(
+                f"--resume {ckpt_path}: its optimizer state does not fit --gate-optimizer {args.gate_optimizer}; "
+                "resume with the flags the run started with."
+            ) from err
+        start_epoch = int(ckpt["epoch"])
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -153,9 +186,10 @@ def main(argv=None) -> None:
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
 
     for epoch in range(start_epoch, last_epoch(args, start_epoch)):
-        for group in optimizer.param_groups:  # stepped once per epoch, as nnU-Net's PolyLRScheduler
-            group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
-        lr = optimizer.param_groups[0]["lr"]  # the experts' lr, logged
+        for optimizer in optimizers:  # stepped once per epoch, as nnU-Net's PolyLRScheduler
+            for group in optimizer.param_groups:
+                group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
+        lr = optimizers[0].param_groups[0]["lr"]  # the experts' lr, logged
         forward_model.train()
         t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
         bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
@@ -177,11 +211,13 @@ def main(argv=None) -> None:
             loss = losses["loss"]
             check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
             scaler.scale(loss).backward()
-            scaler.unscale_(optimizer)
+            for optimizer in optimizers:
+                scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(clipped, 12.0)
-            scaler.step(optimizer)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
+                optimizer.zero_grad(set_to_none=True)
             scaler.update()
-            optimizer.zero_grad(set_to_none=True)
             for key in sums:
                 sums[key] += float(losses[key].detach())
             bar.set_postfix(loss=f"{loss.item():.4f}")
@@ -193,8 +229,9 @@ def main(argv=None) -> None:
         if dist_info.is_main:
             print(f"epoch {epoch}: loss {means['loss']:.4f} (MoME {means['mome']:.4f}, experts {means['experts']:.4f},"
                   f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
-            save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states)  # fmt: skip
+            gate_state = optimizers[1].state_dict() if len(optimizers) > 1 else None
+            save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizers[0], scaler=scaler,
+                     epoch=epoch + 1, args=args, rng=rng_states, gate_optimizer=gate_state)  # fmt: skip
 
 
 if __name__ == "__main__":

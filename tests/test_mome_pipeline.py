@@ -149,3 +149,25 @@ def test_cli_exit_code_and_message_on_broken_input(data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(broken) in result.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, experts, tmp_path):
+    def args(optimizer, out, *extra):
+        return ["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2",
+                "--gate-optimizer", optimizer, "--gate-lr", "4e-3", "--gate-init", "uniform", *TINY,
+                "--out", str(tmp_path / out), *extra]  # fmt: skip
+
+    train.main(args("adam", "straight"))
+    train.main(args("adam", "resumed", "--stop-after", "1"))
+    first = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt", expect_kind="mome")
+    # the SGD holds the experts only, the Adam every gate parameter, at 4e-3 * (1 - 0/2)^0.9 in epoch 0
+    assert len(first["optimizer"]["param_groups"]) == 1
+    (adam_group,) = first["gate_optimizer"]["param_groups"]
+    assert adam_group["lr"] == 4e-3 and "betas" in adam_group
+    assert len(adam_group["params"]) == sum(1 for k in first["model"] if k.startswith("gate."))
+    train.main(args("adam", "resumed", "--resume"))
+    straight, resumed = (_weights(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+    with pytest.raises(InputError, match="does not fit --gate-optimizer sgd"):
+        train.main(args("sgd", "resumed", "--resume"))
