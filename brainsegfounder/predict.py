@@ -95,7 +95,6 @@ def main(argv=None) -> None:
     train_args = ckpt["args"]
     patch = tuple(args.patch or train_args["patch"])
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc="predict", disable=None):
         image, _, reference = load_channels(case, ckpt["channels"], "zscore")
         probs = predict_probabilities(model, image, patch_size=patch, overlap=args.overlap,

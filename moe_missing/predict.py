@@ -139,7 +139,6 @@ def main(argv=None) -> None:
     if any(p % model.cfg.divisor for p in patch):
         raise InputError(f"--patch {patch} must be divisible by {model.cfg.divisor}.")
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     for case in tqdm(cases, desc="predict", disable=None):
         label, ref, code = predict_case(model, case, modalities, patch_size=patch, overlap=args.overlap,
                                         tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip

@@ -96,7 +96,6 @@ def main(argv=None) -> None:
     model, ckpt = load_mome(args.model, device)
     patch = tuple(args.patch or ckpt["args"]["patch"])
     out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
     for path in tqdm(files, desc="predict", disable=None):
         vol = read_nifti(path)
         label = predict_volume(model, vol.data, patch_size=patch, overlap=args.overlap, mirror=args.mirror,

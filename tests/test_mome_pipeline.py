@@ -123,6 +123,13 @@ def test_phase2_demo_options_gate_lr_shared_maps_uniform_init(data, experts, tmp
     model, _ = predict.load_mome(out / "checkpoint.pt", torch.device("cpu"))
     assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
+    broken = tmp_path / "broken_0000.nii.gz"  # a valid model but an input that is not NIfTI: no output folder
+    broken.write_bytes(b"not a NIfTI file")
+    with pytest.raises(InputError, match="broken_0000.nii.gz: not a readable NIfTI file"):
+        predict.main(["--model", str(out / "checkpoint.pt"), "--input", str(broken), "--output",
+                      str(tmp_path / "pred"), "--device", "cpu"])  # fmt: skip
+    assert not (tmp_path / "pred").exists()
+
 
 def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
     with pytest.raises(InputError, match="--experts lists 2 files but --modalities has 3"):
