@@ -171,6 +171,8 @@ def main(argv=None) -> None:
                                generator=rng, device=device)  # fmt: skip
             if len(optimizers) > 1:
                 optimizers[1].load_state_dict(ckpt["gate_optimizer"])
+        except InputError:
+            raise  # an unreadable file or another kind of checkpoint says so itself
         except (KeyError, ValueError) as err:
             raise InputError(
                 f"--resume {ckpt_path}: its optimizer state does not fit --gate-optimizer {args.gate_optimizer}; "

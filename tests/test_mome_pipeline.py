@@ -5,6 +5,7 @@ Run: pytest tests/test_mome_pipeline.py
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -178,3 +179,8 @@ def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, expe
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
     with pytest.raises(InputError, match="does not fit --gate-optimizer sgd"):
         train.main(args("sgd", "resumed", "--resume"))
+    # a phase-1 checkpoint in --out is named as such, not blamed on the optimizer flag
+    (tmp_path / "wrong_kind").mkdir()
+    shutil.copy(experts[0], tmp_path / "wrong_kind" / "checkpoint.pt")
+    with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
+        train.main(args("adam", "wrong_kind", "--resume"))
