@@ -12,7 +12,7 @@ import torch
 from brainsegfounder.model import SIZES
 from brainsegfounder.transfer import describe_transfer, transfer_encoder
 from shared import cli
-from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
+from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import InputError
 
 SSL_KIND = "brainsegfounder_ssl"
@@ -134,12 +134,6 @@ def save_run(path, *, kind: str, model, cfg, channels, optimizer, scaler, step: 
     save_checkpoint(path, kind=kind, config=dataclasses.asdict(cfg), channels=list(channels),
                     model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     step=step, args=plain_args, rng=rng, **extra)  # fmt: skip
-
-
-def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> dict:
-    """Load a run's checkpoint into model/optimizer/scaler and the RNGs; returns the checkpoint."""
-    return restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
-                       device=device)  # fmt: skip
 
 
 def check_fresh_out(out: Path, resume: bool) -> Path:

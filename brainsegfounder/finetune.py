@@ -28,7 +28,6 @@ from brainsegfounder.common import (
     check_run_args,
     init_encoder,
     resolve_architecture,
-    resume_run,
     save_run,
 )
 from brainsegfounder.data import (
@@ -42,7 +41,7 @@ from brainsegfounder.data import (
 from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, restore_run
 from shared.errors import InputError, run_cli
 from shared.harness import (
     MetricsLogger,
@@ -133,8 +132,8 @@ def train_repeat(args, repeat: int, train_cases, val_samples, arch: dict, init, 
     scaler = make_grad_scaler(device, pick_amp_dtype(device, enabled=args.amp))
     start = 0
     if resuming:
-        start = int(resume_run(ckpt_path, kind=SEG_KIND, model=model, optimizer=optimizer, scaler=scaler,
-                               generator=rng, device=device)["step"])  # fmt: skip
+        start = int(restore_run(ckpt_path, kind=SEG_KIND, model=model, optimizer=optimizer, scaler=scaler,
+                                generator=rng, device=device)["step"])  # fmt: skip
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info), use_compile)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)

@@ -26,12 +26,12 @@ from brainsegfounder.common import (
     check_run_args,
     init_encoder,
     resolve_architecture,
-    resume_run,
     save_run,
 )
 from brainsegfounder.data import load_channels, parse_channels, ssl_batch, unlabeled_cases
 from brainsegfounder.losses import ssl_loss
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
+from shared.checkpoint import restore_run
 from shared.errors import InputError, run_cli
 from shared.harness import (
     MetricsLogger,
@@ -99,8 +99,8 @@ def main(argv=None) -> None:
     scaler = make_grad_scaler(device, amp_dtype)
     start = 0
     if resuming:
-        start = int(resume_run(ckpt_path, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler,
-                               generator=rng, device=device)["step"])  # fmt: skip
+        start = int(restore_run(ckpt_path, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler,
+                                generator=rng, device=device)["step"])  # fmt: skip
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at step {start}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile

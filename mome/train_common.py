@@ -11,7 +11,7 @@ import torch
 
 from mome.config import MoMEConfig
 from mome.data import prepare_samples, save_split, split_cases
-from shared.checkpoint import restore_run, save_checkpoint
+from shared.checkpoint import save_checkpoint
 from shared.cli import add_run_args
 from shared.dataset import MODALITIES, canonical_modality
 from shared.errors import InputError
@@ -121,12 +121,6 @@ def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimi
         rng=rng,
         **extra,
     )
-
-
-def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
-    """Load a run's checkpoint into model/optimizer/scaler and the RNGs; returns the epoch to start from."""
-    return int(restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
-                           device=device)["epoch"])  # fmt: skip
 
 
 def last_epoch(args, start_epoch: int) -> int:

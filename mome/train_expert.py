@@ -22,9 +22,9 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     prepare_data,
-    resume_run,
     save_run,
 )
+from shared.checkpoint import restore_run
 from shared.dataset import canonical_modality
 from shared.errors import InputError, run_cli
 from shared.harness import (
@@ -78,8 +78,8 @@ def main(argv=None) -> None:
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
     if args.resume and ckpt_path.exists():
-        start_epoch = resume_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
-                                 generator=rng, device=device)  # fmt: skip
+        start_epoch = int(restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
+                                      generator=rng, device=device)["epoch"])  # fmt: skip
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
