@@ -22,6 +22,16 @@ from torch.utils.data import DataLoader, Dataset
 from shared.errors import InputError
 
 
+def add_loader_args(group) -> None:
+    """Add --workers and --cache (every training CLI) to a parser or argument group."""
+    group.add_argument(
+        "--workers", type=int, default=None, help="loader processes (default: up to 8 on CUDA, 1 on CPU; 0: no workers)"
+    )
+    group.add_argument(
+        "--cache", default=None, help="root of the preprocessed caches (default: $BRAINSEG_CACHE, else data/cache)"
+    )
+
+
 def step_rng(seed: int, rank: int, step: int) -> np.random.Generator:
     """The Generator of one training step: seeded from (seed, rank, step) only."""
     if min(seed, rank, step) < 0:
