@@ -46,8 +46,9 @@ def _check_plain(value, where: str) -> None:
 def save_checkpoint(path, **payload) -> None:
     """Write `payload` to `path` atomically.
 
-    The data goes to a temp file in the same folder, is flushed to disk, then renamed over `path`; if
-    anything fails the temp file is removed and a previous checkpoint at `path` is left untouched.
+    The data goes to a temp file in the same folder, is flushed to disk, then renamed over `path`
+    (`shared.atomic.atomic_path`); if anything fails the temp file is removed and a previous checkpoint at `path`
+    is left untouched.
 
     Args:
         path: destination file (parent folders are created).
@@ -58,10 +59,8 @@ def save_checkpoint(path, **payload) -> None:
     """
     for key, value in payload.items():
         _check_plain(value, key)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # atomic_path fsyncs the data before the rename
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
 
 
 def load_checkpoint(path, map_location="cpu", expect_kind: str | None = None) -> dict:
