@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.metrics import brats_regions, case_metrics, cscore, volume_correlation
 from shared.nifti import read_nifti
 

@@ -185,7 +185,7 @@ def wrap_ddp(model: torch.nn.Module, dist_info: DistInfo, find_unused_parameters
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group, if one was created; `shared.errors.run_cli` calls it after `main()` returns.
+    """Leave the process group, if one was created; `shared.cli.run_cli` calls it after `main()` returns.
 
     Call it only once the DDP-wrapped models are unreferenced: a DDP reducer that outlives its gloo group
     can abort the process at exit ("terminate called without an active exception", about one run in
