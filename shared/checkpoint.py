@@ -200,6 +200,7 @@ def _shown(value) -> str:
 
 
 def _dest(flag: str) -> str:
+    """argparse's attribute name of a flag: "--stop-after" -> "stop_after"."""
     return flag.lstrip("-").replace("-", "_")
 
 

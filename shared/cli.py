@@ -73,6 +73,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     """
 
     def _get_help_string(self, action):
+        """The flag's help with " (default: X)" appended, unless a rule of the class docstring leaves it out."""
         help_text = action.help or ""
         default = action.default
         if (
@@ -147,6 +148,7 @@ def number_in(kind: type, what: str, low=None, high=None, low_open: bool = False
     """
 
     def parse(text: str):
+        """The number `text` holds, if it lies within the bounds."""
         value = _parse_number(text, kind)
         too_low = low is not None and (value <= low if low_open else value < low)
         too_high = high is not None and (value >= high if high_open else value > high)
@@ -155,7 +157,7 @@ def number_in(kind: type, what: str, low=None, high=None, low_open: bool = False
         return value
 
     parse.__name__ = what.replace(" ", "_")
-    parse.__doc__ = f"argparse type: {what}."
+    parse.__doc__ = f"argparse type: {what}."  # help(positive_int) says what it accepts
     return parse
 
 
@@ -204,6 +206,7 @@ def check_output_file(path, flag: str, suffixes: tuple[str, ...] | None = None) 
 
 
 def _ending_hint(suffixes) -> str:
+    """The ' ending in .csv' part of a message, or nothing when any ending is accepted."""
     return f" ending in {' or '.join(suffixes)}" if suffixes else ""
 
 

@@ -32,6 +32,7 @@ _LIST_LIMIT = 10  # ids named in a message before "and N more"
 
 
 def _short(names) -> str:
+    """Sorted names joined by commas, cut after _LIST_LIMIT so a message stays one readable sentence."""
     names = sorted(names)
     return ", ".join(names[:_LIST_LIMIT]) + (
         f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
@@ -191,6 +192,7 @@ def add_subset_args(parser) -> None:
 
 
 def _id_list(value, where: str) -> list[str]:
+    """`value` if it is a list of case ids (strings), else an InputError naming `where`."""
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
         raise InputError(f"{where} must be a list of case ids.")
     return value
