@@ -148,7 +148,9 @@ def require_run_checkpoint(
     kinds = (kind,) if isinstance(kind, str) else tuple(kind)
     wanted = " or ".join(kinds)
     hint = hint or "pass a checkpoint.pt written by its training CLI"
-    if ckpt.get("kind") not in kinds:
+    if ckpt.get("kind") is not None and ckpt["kind"] not in kinds:
+        raise InputError(f"{path} is a {ckpt['kind']} checkpoint, expected {wanted}.")  # as load_checkpoint says
+    if ckpt.get("kind") is None:
         raise InputError(f"{path} is {describe_checkpoint(ckpt)}, not a {wanted} run checkpoint; {hint}.")
     missing = [key for key in keys if key not in ckpt]
     if missing:
