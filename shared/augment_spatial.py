@@ -1,0 +1,278 @@
+"""Spatial steps of the batched training augmentation (see `shared.augment`): rotation and scaling as one
+resampling of the read region, mirroring, and simulated low resolution.
+
+Tensors: images (B, C, X, Y, Z) float32, labels (B, X, Y, Z) integer, on any device. The per-sample parameters
+come from `shared.augment.sample_params`; only small per-sample quantities (3 x 3 matrices, index maps) are
+computed on the CPU, every voxel-sized operation runs on the images' device.
+"""
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+LABEL_PADDING = -1  # label outside the read region, as nnU-Net's loader and SpatialTransform pad; cleaned to 0
+SCORE_SCALE = 1000.0  # interpolated label indicators are scaled by this, then rounded to float16 (see below)
+
+
+def rotation_scaling_matrices(angles: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Rz @ Ry @ Rx @ diag(s, s, s) per sample, as batchgeneratorsv2's `create_affine_matrix_3d`.
+
+    Args:
+        angles: (N, 3) float64 radians; angle k turns the plane of the two other axes (Rx acts on axes 1, 2).
+        scales: (N,) float64; a factor > 1 samples a larger region, so structures shrink.
+
+    Returns:
+        (N, 3, 3) float64 on the CPU, acting on column vectors of voxel offsets from the patch centre.
+    """
+    angles, scales = angles.cpu().double(), scales.cpu().double()
+    cos, sin = angles.cos(), angles.sin()
+    one, zero = torch.ones_like(cos[:, 0]), torch.zeros_like(cos[:, 0])
+
+    def matrix(rows):  # rows of (N,) entries -> (N, 3, 3)
+        return torch.stack([torch.stack(row, -1) for row in rows], -2)
+
+    rx = matrix([[one, zero, zero], [zero, cos[:, 0], -sin[:, 0]], [zero, sin[:, 0], cos[:, 0]]])
+    ry = matrix([[cos[:, 1], zero, sin[:, 1]], [zero, one, zero], [-sin[:, 1], zero, cos[:, 1]]])
+    rz = matrix([[cos[:, 2], -sin[:, 2], zero], [sin[:, 2], cos[:, 2], zero], [zero, zero, one]])
+    return rz @ ry @ rx @ torch.diag_embed(scales[:, None].expand(-1, 3))
+
+
+def sampling_grids(matrices: torch.Tensor, patch: tuple[int, ...], in_shape: tuple[int, ...], device) -> torch.Tensor:
+    """`grid_sample` grids that map each patch voxel through its sample's matrix into the read region.
+
+    The patch centre lands on the region's centre. Built with the same float32 operations, in the same order,
+    as batchgeneratorsv2's SpatialTransform, so the grid (and the nearest-neighbour ties that depend on it) is
+    bit-identical on the CPU.
+
+    Args:
+        matrices: (N, 3, 3) float64 from `rotation_scaling_matrices`.
+        patch: (x, y, z) output size.
+        in_shape: (X0, Y0, Z0) size of the read region.
+
+    Returns:
+        (N, x, y, z, 3) float32, last axis in grid_sample's (z, y, x) order, align_corners=False units.
+    """
+    axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=device) for s in patch]
+    base = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)  # (x, y, z, 3) voxel offsets from the centre
+    offsets = torch.matmul(base[None], matrices.float().to(device).transpose(1, 2)[:, None, None])
+    for d, s in enumerate(in_shape):
+        offsets[..., d] /= s / 2
+    return offsets.flip(-1)
+
+
+def centre_crop(volume: torch.Tensor, patch: tuple[int, ...], fill: float) -> torch.Tensor:
+    """The central `patch` of the last three axes (start = size // 2 - patch // 2), padded with `fill` where the
+    volume is smaller; what batchgeneratorsv2's SpatialTransform returns for a sample it does not rotate or
+    scale. Always a new tensor."""
+    starts = [s // 2 - p // 2 for s, p in zip(volume.shape[-3:], patch)]
+    before = [max(-st, 0) for st in starts]
+    after = [max(st + p - s, 0) for st, p, s in zip(starts, patch, volume.shape[-3:])]
+    window = tuple(slice(max(st, 0), min(st + p, s)) for st, p, s in zip(starts, patch, volume.shape[-3:]))
+    cropped = volume[(..., *window)]
+    if not any(before) and not any(after):
+        return cropped.clone()
+    pad = [w for b, a in zip(reversed(before), reversed(after)) for w in (b, a)]
+    return F.pad(cropped, pad, value=fill)
+
+
+def rotate_and_scale(
+    image: torch.Tensor, label: torch.Tensor | None, transform: torch.Tensor, matrices: torch.Tensor, patch: tuple
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """batchgeneratorsv2 SpatialTransform with nnU-Net's settings (no elastic deformation, centre of the read
+    region, zeros padding for images, label padding -1, align_corners=False), for the whole batch.
+
+    Samples with `transform` False are centre-cropped without interpolation, as in batchgeneratorsv2 (which
+    puts them half a voxel away from an identity resampling when size - patch is odd). The others are
+    resampled in one `grid_sample` call that carries the image channels and the label scores together:
+    trilinear for images (nnU-Net v2 leaves BGv2's `mode_image='bilinear'`; nnU-Net v1 used cubic splines).
+
+    Labels are resampled as BGv2's `mode_seg='bilinear'` with its default `seg_tiebreak='nearest'`: each
+    label's indicator (x 1000) is interpolated trilinearly, rounded to float16 so that near-ties become exact
+    ties, and the highest score wins; a tie goes to the nearest-neighbour label when that is one of the tied
+    labels (else the lowest tied label). As in BGv2, a sample with two labels compares the higher label's
+    score with 500, the label set is that of the sample's read region, and the padding label -1 joins it
+    only for samples whose interpolation footprint reaches outside the region (then it is interpolated as
+    1000 + sample((indicator - 1) x 1000), the padded indicator).
+
+    Args:
+        image: (B, C, X0, Y0, Z0) float32 read region.
+        label: (B, X0, Y0, Z0) integer, or None.
+        transform: (B,) bool, samples to rotate/scale.
+        matrices: (B, 3, 3) float64 from `rotation_scaling_matrices`.
+        patch: (x, y, z) output size.
+
+    Returns:
+        image (B, C, x, y, z) float32 and label (B, x, y, z) of the input dtype (or None).
+    """
+    B, C = image.shape[:2]
+    out_image = centre_crop(image, patch, 0.0)
+    out_label = centre_crop(label, patch, LABEL_PADDING) if label is not None else None
+    idx = transform.cpu().nonzero().flatten()
+    if len(idx) == 0:
+        return out_image, out_label
+    sub = idx.to(image.device)
+    grids = sampling_grids(matrices[idx], patch, tuple(image.shape[2:]), image.device)  # (N, x, y, z, 3)
+    if label is None:
+        out_image[sub] = F.grid_sample(image[sub], grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+        return out_image, out_label
+
+    lab = label[sub]  # (N, X0, Y0, Z0)
+    # BGv2's test: the kernel stays inside where every |grid coordinate| <= 1 - 1 / size (smallest axis).
+    bound = min(1 - 1 / s for s in image.shape[2:])
+    reach = (grids.flatten(1).abs().amax(1) > bound).cpu()  # (N,)
+    values, present = _labels_present(lab, reach)  # ascending label values, (N, K) bool
+    counts = present.sum(1)
+    # Two-label samples only need the higher label's score; samples with three or more need every score.
+    needed = torch.zeros(len(values), dtype=torch.bool)
+    for n in range(len(idx)):
+        if counts[n] == 2:
+            needed[present[n].nonzero()[-1]] = True
+        elif counts[n] > 2:
+            needed |= present[n]
+    scored = [int(v) for v in values[needed]]
+    pad_offset = torch.where(reach, SCORE_SCALE, 0.0).to(image.device)[:, None, None, None]  # (N, 1, 1, 1)
+
+    stack = torch.empty((len(idx), C + len(scored), *image.shape[2:]), device=image.device)
+    stack[:, :C] = image[sub]
+    for k, value in enumerate(scored):
+        stack[:, C + k] = (lab == value).float() * SCORE_SCALE
+        if value == LABEL_PADDING:
+            stack[:, C + k] -= pad_offset
+    resampled = F.grid_sample(stack, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+    out_image[sub] = resampled[:, :C]
+    scores = resampled[:, C:]  # (N, len(scored), x, y, z)
+    if LABEL_PADDING in scored:
+        scores[:, scored.index(LABEL_PADDING)] += pad_offset
+    scores = scores.half()
+
+    for n in range(len(idx)):
+        labels_n = [int(v) for v in values[present[n]]]
+        out_label[idx[n]] = _pick_labels(lab[n], grids[n], scores[n], scored, labels_n)
+    return out_image, out_label
+
+
+def _labels_present(lab: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Label values of the sub-batch (ascending, padding label included when any sample reaches outside) and
+    which sample holds which: (K,) int64 and (N, K) bool, on the CPU."""
+    low, high = (int(v) for v in torch.aminmax(lab))
+    # nnU-Net labels are consecutive integers, so one comparison per value beats sorting the whole volume;
+    # torch.unique only for sparse label sets.
+    candidates = range(low, high + 1) if high - low < 64 else torch.unique(lab).tolist()
+    rows = {v: (lab == v).flatten(1).any(1).cpu() for v in candidates}
+    rows = {v: hit for v, hit in rows.items() if hit.any()}
+    if reach.any():
+        rows[LABEL_PADDING] = rows.get(LABEL_PADDING, torch.zeros_like(reach)) | reach
+    values = sorted(rows)
+    return torch.tensor(values), torch.stack([rows[v] for v in values], 1)
+
+
+def _pick_labels(lab, grid, scores, scored, labels_n) -> torch.Tensor:
+    """One sample's resampled label map from its float16 scores (see `rotate_and_scale`).
+
+    Args:
+        lab: (X0, Y0, Z0) the sample's read region.
+        grid: (x, y, z, 3) its sampling grid.
+        scores: (len(scored), x, y, z) float16 scores of the labels in `scored`.
+        labels_n: ascending labels of this sample.
+    """
+    patch = scores.shape[1:]
+    if len(labels_n) == 1:
+        return torch.full(patch, labels_n[0], dtype=lab.dtype, device=lab.device)
+    if len(labels_n) == 2:
+        high = scores[scored.index(labels_n[1])]
+        out = torch.where(high > SCORE_SCALE / 2, labels_n[1], labels_n[0]).to(lab.dtype)
+        ties = high == SCORE_SCALE / 2
+        if ties.any():
+            out[ties] = _nearest_labels(lab, grid[ties])
+        return out
+    own = scores[[scored.index(v) for v in labels_n]]  # (K_n, x, y, z)
+    best, winner = own.max(0)  # first maximum: the lowest label among tied ones
+    values = torch.tensor(labels_n, device=lab.device)
+    out = values[winner].to(lab.dtype)
+    ties = (own == best).sum(0) > 1
+    if ties.any():
+        nearest = _nearest_labels(lab, grid[ties])
+        # the nearest label is always one of the sample's labels (outside the region it is the padding
+        # label, which is then present); it settles the tie only if it is among the tied labels
+        nearest_score = own[:, ties].gather(0, torch.searchsorted(values, nearest.long())[None])[0]
+        out[ties] = torch.where(nearest_score == best[ties], nearest, out[ties])
+    return out
+
+
+def _nearest_labels(lab: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
+    """Nearest-neighbour labels at grid points (T, 3), the padding label outside the region: (T,) of lab's dtype."""
+    shifted = (lab.float() - LABEL_PADDING)[None, None]  # grid_sample pads with 0, i.e. the padding label
+    sampled = F.grid_sample(shifted, points.view(1, 1, 1, -1, 3), mode="nearest", align_corners=False)
+    return (sampled.flatten() + LABEL_PADDING).to(lab.dtype)
+
+
+def mirror(
+    image: torch.Tensor, label: torch.Tensor | None, flips: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """batchgeneratorsv2 MirrorTransform (and MONAI RandFlipd / torchio RandomFlip): flip spatial axis k of
+    sample b where flips[b, k].
+
+    Args:
+        image: (B, C, X, Y, Z); label: (B, X, Y, Z) or None; flips: (B, 3) bool.
+    """
+    for b, row in enumerate(flips.cpu().tolist()):
+        axes = [k for k in range(3) if row[k]]
+        if axes:
+            image[b] = image[b].flip([k + 1 for k in axes])
+            if label is not None:
+                label[b] = label[b].flip(axes)
+    return image, label
+
+
+def simulate_low_resolution(image: torch.Tensor, channels: torch.Tensor, zooms: torch.Tensor) -> torch.Tensor:
+    """batchgeneratorsv2 SimulateLowResolutionTransform with nnU-Net's settings (one zoom for all axes of a
+    channel): downsample to round(size * zoom) with 'nearest-exact', then back with trilinear interpolation.
+
+    Both steps are separable, so each axis becomes one linear map whose output voxel i blends two input voxels,
+    applied to all selected (sample, channel) pairs at once as two gathers; the index arithmetic repeats
+    PyTorch's `interpolate` (float32 scales, 'nearest-exact' rounding), so the result matches it up to float
+    rounding of the blend.
+
+    Args:
+        image: (B, C, X, Y, Z) float32, modified in place.
+        channels: (B, C) bool, the channels to degrade.
+        zooms: (B, C) float64 in (0, 1].
+
+    Returns:
+        image.
+    """
+    pairs = channels.cpu().nonzero()
+    if len(pairs) == 0:
+        return image
+    b, c = pairs[:, 0].to(image.device), pairs[:, 1].to(image.device)
+    # BGv2 stores the zooms as float32 and rounds size * zoom with Python's round
+    zoom32 = zooms.cpu()[pairs[:, 0], pairs[:, 1]].float().tolist()
+    x = image[b, c]  # (N, X, Y, Z)
+    for axis, size in enumerate(image.shape[2:]):
+        maps = [_low_resolution_map(size, max(round(size * z), 1)) for z in zoom32]
+        first, second, weight = (torch.from_numpy(np.stack(m)).to(image.device) for m in zip(*maps))
+        view = [len(pairs), 1, 1, 1]
+        view[axis + 1] = size
+        shape = x.shape
+        x = torch.gather(x, axis + 1, first.view(view).expand(shape)) * (1 - weight).view(view) + torch.gather(
+            x, axis + 1, second.view(view).expand(shape)
+        ) * weight.view(view)
+    image[b, c] = x
+    return image
+
+
+def _low_resolution_map(size: int, low: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per output voxel of one axis: the two original voxels that 'nearest-exact' (size -> low) followed by
+    linear (low -> size, align_corners=False) blends, and the weight of the second. Float32 as in PyTorch."""
+    # nearest-exact: floorf((j + 0.5) * float32(size / low)), the product formed in double
+    down_scale = np.float64(np.float32(size) / np.float32(low))
+    j = np.arange(low, dtype=np.float64)
+    nearest = np.minimum(np.floor(((j + 0.5) * down_scale).astype(np.float32)).astype(np.int64), size - 1)
+    # linear: src = max(scale * (i + 0.5) - 0.5, 0) in float32, blending floor(src) and the next voxel
+    up_scale = np.float32(low) / np.float32(size)
+    i = np.arange(size, dtype=np.float32)
+    src = np.maximum(up_scale * (i + np.float32(0.5)) - np.float32(0.5), np.float32(0))
+    left = np.minimum(np.floor(src).astype(np.int64), low - 1)
+    weight = np.clip(src - left.astype(np.float32), 0, 1).astype(np.float32)
+    right = left + (left < low - 1)
+    return nearest[left], nearest[right], weight
