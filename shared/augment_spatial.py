@@ -6,7 +6,6 @@ come from `shared.augment.sample_params`; only small per-sample quantities (3 x 
 computed on the CPU, every voxel-sized operation runs on the images' device.
 """
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -40,9 +39,10 @@ def rotation_scaling_matrices(angles: torch.Tensor, scales: torch.Tensor) -> tor
 def sampling_grids(matrices: torch.Tensor, patch: tuple[int, ...], in_shape: tuple[int, ...], device) -> torch.Tensor:
     """`grid_sample` grids that map each patch voxel through its sample's matrix into the read region.
 
-    The patch centre lands on the region's centre. Built with the same float32 operations, in the same order,
-    as batchgeneratorsv2's SpatialTransform, so the grid (and the nearest-neighbour ties that depend on it) is
-    bit-identical on the CPU.
+    The patch centre lands on the region's centre. Each grid coordinate is the same float32 sum, in the same
+    order, as in batchgeneratorsv2's SpatialTransform (a centred coordinate mesh times the matrix, divided by
+    half the region size), so the grid, and with it every tie between labels, is bit-identical on the CPU;
+    the mesh is separable, so the product is formed from three 1D axes instead of a (x*y*z, 3) matmul.
 
     Args:
         matrices: (N, 3, 3) float64 from `rotation_scaling_matrices`.
@@ -52,12 +52,13 @@ def sampling_grids(matrices: torch.Tensor, patch: tuple[int, ...], in_shape: tup
     Returns:
         (N, x, y, z, 3) float32, last axis in grid_sample's (z, y, x) order, align_corners=False units.
     """
-    axes = [torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=device) for s in patch]
-    base = torch.stack(torch.meshgrid(axes, indexing="ij"), -1)  # (x, y, z, 3) voxel offsets from the centre
-    offsets = torch.matmul(base[None], matrices.float().to(device).transpose(1, 2)[:, None, None])
-    for d, s in enumerate(in_shape):
-        offsets[..., d] /= s / 2
-    return offsets.flip(-1)
+    ax, ay, az = (torch.linspace((1 - s) / 2, (s - 1) / 2, s, device=device) for s in patch)
+    ax, ay, az = ax.view(1, -1, 1, 1), ay.view(1, 1, -1, 1), az.view(1, 1, 1, -1)
+    rows = matrices.float().to(device)[..., None, None, None]  # (N, 3, 3, 1, 1, 1)
+    grids = torch.empty((len(matrices), *patch, 3), device=device)
+    for i, size in enumerate(in_shape):
+        grids[..., 2 - i] = (ax * rows[:, i, 0] + ay * rows[:, i, 1] + az * rows[:, i, 2]) / (size / 2)
+    return grids
 
 
 def centre_crop(volume: torch.Tensor, patch: tuple[int, ...], fill: float) -> torch.Tensor:
@@ -119,8 +120,10 @@ def rotate_and_scale(
     lab = label[sub]  # (N, X0, Y0, Z0)
     # BGv2's test: the kernel stays inside where every |grid coordinate| <= 1 - 1 / size (smallest axis).
     bound = min(1 - 1 / s for s in image.shape[2:])
-    reach = (grids.flatten(1).abs().amax(1) > bound).cpu()  # (N,)
-    values, present = _labels_present(lab, reach)  # ascending label values, (N, K) bool
+    flat = grids.flatten(1)
+    reach = (torch.maximum(-flat.amin(1), flat.amax(1)) > bound).cpu()  # (N,)
+    masks, present = _label_masks(lab, reach)  # {label: (N, X0, Y0, Z0) bool}, (N, K) bool
+    values = torch.tensor(list(masks))
     counts = present.sum(1)
     # Two-label samples only need the higher label's score; samples with three or more need every score.
     needed = torch.zeros(len(values), dtype=torch.bool)
@@ -133,9 +136,9 @@ def rotate_and_scale(
     pad_offset = torch.where(reach, SCORE_SCALE, 0.0).to(image.device)[:, None, None, None]  # (N, 1, 1, 1)
 
     stack = torch.empty((len(idx), C + len(scored), *image.shape[2:]), device=image.device)
-    stack[:, :C] = image[sub]
+    stack[:, :C] = image if len(idx) == B else image[sub]
     for k, value in enumerate(scored):
-        stack[:, C + k] = (lab == value).float() * SCORE_SCALE
+        stack[:, C + k].copy_(masks[value]).mul_(SCORE_SCALE)
         if value == LABEL_PADDING:
             stack[:, C + k] -= pad_offset
     resampled = F.grid_sample(stack, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
@@ -151,19 +154,21 @@ def rotate_and_scale(
     return out_image, out_label
 
 
-def _labels_present(lab: torch.Tensor, reach: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Label values of the sub-batch (ascending, padding label included when any sample reaches outside) and
-    which sample holds which: (K,) int64 and (N, K) bool, on the CPU."""
+def _label_masks(lab: torch.Tensor, reach: torch.Tensor) -> tuple[dict, torch.Tensor]:
+    """Where each label of the sub-batch is: {value: (N, X0, Y0, Z0) bool} in ascending order, and which sample
+    holds which, (N, K) bool on the CPU. The padding label counts for the samples that reach outside."""
     low, high = (int(v) for v in torch.aminmax(lab))
     # nnU-Net labels are consecutive integers, so one comparison per value beats sorting the whole volume;
     # torch.unique only for sparse label sets.
     candidates = range(low, high + 1) if high - low < 64 else torch.unique(lab).tolist()
-    rows = {v: (lab == v).flatten(1).any(1).cpu() for v in candidates}
-    rows = {v: hit for v, hit in rows.items() if hit.any()}
-    if reach.any():
-        rows[LABEL_PADDING] = rows.get(LABEL_PADDING, torch.zeros_like(reach)) | reach
-    values = sorted(rows)
-    return torch.tensor(values), torch.stack([rows[v] for v in values], 1)
+    masks, rows = {}, []
+    for value in sorted(set(candidates) | ({LABEL_PADDING} if reach.any() else set())):
+        mask = lab == value
+        row = mask.flatten(1).any(1).cpu() | (reach if value == LABEL_PADDING else False)
+        if row.any():
+            masks[value] = mask
+            rows.append(row)
+    return masks, torch.stack(rows, 1)
 
 
 def _pick_labels(lab, grid, scores, scored, labels_n) -> torch.Tensor:
@@ -200,10 +205,19 @@ def _pick_labels(lab, grid, scores, scored, labels_n) -> torch.Tensor:
 
 
 def _nearest_labels(lab: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-    """Nearest-neighbour labels at grid points (T, 3), the padding label outside the region: (T,) of lab's dtype."""
-    shifted = (lab.float() - LABEL_PADDING)[None, None]  # grid_sample pads with 0, i.e. the padding label
-    sampled = F.grid_sample(shifted, points.view(1, 1, 1, -1, 3), mode="nearest", align_corners=False)
-    return (sampled.flatten() + LABEL_PADDING).to(lab.dtype)
+    """Nearest-neighbour labels at grid points (T, 3), the padding label outside the region: (T,) of lab's dtype.
+
+    The voxel is picked as grid_sample(mode='nearest', align_corners=False) picks it, round half to even of
+    ((g + 1) * size - 1) / 2 in float32 (the ties this settles sit exactly at half-voxel positions), but only
+    the T points are looked up instead of resampling the whole label volume.
+    """
+    shape = torch.tensor(lab.shape, device=lab.device)
+    sizes = shape.flip(0).to(points.dtype)  # grid coordinates come in (z, y, x) order
+    voxel = torch.round(((points + 1) * sizes - 1) / 2).long().flip(-1)  # (T, 3) as (x, y, z)
+    inside = ((voxel >= 0) & (voxel < shape)).all(-1)
+    out = torch.full((len(points),), LABEL_PADDING, dtype=lab.dtype, device=lab.device)
+    out[inside] = lab[tuple(voxel[inside].T)]
+    return out
 
 
 def mirror(
@@ -228,10 +242,8 @@ def simulate_low_resolution(image: torch.Tensor, channels: torch.Tensor, zooms: 
     """batchgeneratorsv2 SimulateLowResolutionTransform with nnU-Net's settings (one zoom for all axes of a
     channel): downsample to round(size * zoom) with 'nearest-exact', then back with trilinear interpolation.
 
-    Both steps are separable, so each axis becomes one linear map whose output voxel i blends two input voxels,
-    applied to all selected (sample, channel) pairs at once as two gathers; the index arithmetic repeats
-    PyTorch's `interpolate` (float32 scales, 'nearest-exact' rounding), so the result matches it up to float
-    rounding of the blend.
+    One `interpolate` pair per selected (sample, channel): each has its own low-resolution size, so they cannot
+    share a call, and a batched gather formulation measured slower on the CPU.
 
     Args:
         image: (B, C, X, Y, Z) float32, modified in place.
@@ -241,38 +253,10 @@ def simulate_low_resolution(image: torch.Tensor, channels: torch.Tensor, zooms: 
     Returns:
         image.
     """
-    pairs = channels.cpu().nonzero()
-    if len(pairs) == 0:
-        return image
-    b, c = pairs[:, 0].to(image.device), pairs[:, 1].to(image.device)
-    # BGv2 stores the zooms as float32 and rounds size * zoom with Python's round
-    zoom32 = zooms.cpu()[pairs[:, 0], pairs[:, 1]].float().tolist()
-    x = image[b, c]  # (N, X, Y, Z)
-    for axis, size in enumerate(image.shape[2:]):
-        maps = [_low_resolution_map(size, max(round(size * z), 1)) for z in zoom32]
-        first, second, weight = (torch.from_numpy(np.stack(m)).to(image.device) for m in zip(*maps))
-        view = [len(pairs), 1, 1, 1]
-        view[axis + 1] = size
-        shape = x.shape
-        x = torch.gather(x, axis + 1, first.view(view).expand(shape)) * (1 - weight).view(view) + torch.gather(
-            x, axis + 1, second.view(view).expand(shape)
-        ) * weight.view(view)
-    image[b, c] = x
+    for b, c in channels.cpu().nonzero().tolist():
+        # BGv2 keeps the zooms in float32 and rounds size * zoom with Python's round; at least one voxel
+        zoom = float(zooms[b, c].float())
+        low = [max(round(size * zoom), 1) for size in image.shape[2:]]
+        coarse = F.interpolate(image[b, c][None, None], low, mode="nearest-exact")
+        image[b, c] = F.interpolate(coarse, image.shape[2:], mode="trilinear")[0, 0]
     return image
-
-
-def _low_resolution_map(size: int, low: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Per output voxel of one axis: the two original voxels that 'nearest-exact' (size -> low) followed by
-    linear (low -> size, align_corners=False) blends, and the weight of the second. Float32 as in PyTorch."""
-    # nearest-exact: floorf((j + 0.5) * float32(size / low)), the product formed in double
-    down_scale = np.float64(np.float32(size) / np.float32(low))
-    j = np.arange(low, dtype=np.float64)
-    nearest = np.minimum(np.floor(((j + 0.5) * down_scale).astype(np.float32)).astype(np.int64), size - 1)
-    # linear: src = max(scale * (i + 0.5) - 0.5, 0) in float32, blending floor(src) and the next voxel
-    up_scale = np.float32(low) / np.float32(size)
-    i = np.arange(size, dtype=np.float32)
-    src = np.maximum(up_scale * (i + np.float32(0.5)) - np.float32(0.5), np.float32(0))
-    left = np.minimum(np.floor(src).astype(np.int64), low - 1)
-    weight = np.clip(src - left.astype(np.float32), 0, 1).astype(np.float32)
-    right = left + (left < low - 1)
-    return nearest[left], nearest[right], weight
