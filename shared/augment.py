@@ -172,10 +172,10 @@ def sample_params(
 ) -> dict[str, torch.Tensor]:
     """Draw every random quantity of one batch's augmentation.
 
-    The draws do not depend on the probabilities (a value is drawn and then neutralised where its transform
-    is off), so the same generator state gives the same angles for any pipeline. Values of transforms that
-    are off are neutral (angle 0, factor 1, ...), which makes the dict readable; `apply_augmentation` goes by
-    the flags.
+    Which numbers are drawn does not depend on the probabilities (every value is drawn, then neutralised where
+    its step is off: angle 0, factor 1, ...), so a generator state gives the same angles whatever the
+    probabilities. `apply_augmentation` goes by the flags; the neutral values only make the dict readable.
+    The params of a batch, sliced along dim 0, are the params of its samples.
 
     Args:
         pipeline: what to draw.
@@ -183,14 +183,22 @@ def sample_params(
         rng: numpy generator, e.g. np.random.default_rng([seed, rank, step]).
 
     Returns:
-        CPU tensors, B first (bool flags; float64 values; (B, C) entries per channel):
-        rotation (B,), rotation_angles (B, 3) radians; scaling (B,), scaling_factors (B,);
-        noise (B,), noise_std (B,), noise_seed (B,) int64; blur (B,), blur_channels (B, C) (False where
-        blur is), blur_sigmas (B, C, 3); brightness (B,), brightness_factors (B, C); contrast (B,),
-        contrast_factors (B, C); low_resolution (B,), low_resolution_channels (B, C),
-        low_resolution_zooms (B, C); gamma_inverted (B,), gamma_inverted_exponents (B, C); gamma (B,),
-        gamma_exponents (B, C); scale_intensity (B,), scale_intensity_factors (B,); shift_intensity (B,),
-        shift_intensity_offsets (B,); mirror (B, 3).
+        CPU tensors, batch first: flags bool, values float64 (radians, factors, voxels), seeds int64.
+
+        | step | flag | values |
+        |---|---|---|
+        | rotation | rotation (B,) | rotation_angles (B, 3) |
+        | scaling | scaling (B,) | scaling_factors (B,) |
+        | noise | noise (B,) | noise_std (B,), noise_seed (B,) |
+        | blur | blur (B,) | blur_channels (B, C) bool (all False where blur is), blur_sigmas (B, C, 3) |
+        | brightness | brightness (B,) | brightness_factors (B, C) |
+        | contrast | contrast (B,) | contrast_factors (B, C) |
+        | low resolution | low_resolution (B,) | low_resolution_channels (B, C) bool, low_resolution_zooms (B, C) |
+        | inverted gamma | gamma_inverted (B,) | gamma_inverted_exponents (B, C) |
+        | gamma | gamma (B,) | gamma_exponents (B, C) |
+        | MONAI scale | scale_intensity (B,) | scale_intensity_factors (B,) |
+        | MONAI shift | shift_intensity (B,) | shift_intensity_offsets (B,) |
+        | mirroring | mirror (B, 3), per axis | |
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise InputError(f"batch_size must be a positive integer, got {batch_size!r}.")
@@ -289,7 +297,7 @@ def apply_augmentation(
         x = shift_intensity(x, params["shift_intensity"], params["shift_intensity_offsets"], channel_mask)
         x, label = mirror(x, label, params["mirror"])
         if label is not None:
-            label[label == LABEL_PADDING] = 0
+            label.masked_fill_(label == LABEL_PADDING, 0)
     return x.to(dtype), label
 
 

@@ -2,7 +2,7 @@
 resampling of the read region, mirroring, and simulated low resolution.
 
 Tensors: images (B, C, X, Y, Z) float32, labels (B, X, Y, Z) integer, on any device. The per-sample parameters
-come from `shared.augment.sample_params`; only small per-sample quantities (3 x 3 matrices, index maps) are
+come from `shared.augment.sample_params`; only small per-sample quantities (3 x 3 matrices, label sets) are
 computed on the CPU, every voxel-sized operation runs on the images' device.
 """
 
@@ -83,17 +83,10 @@ def rotate_and_scale(
     region, zeros padding for images, label padding -1, align_corners=False), for the whole batch.
 
     Samples with `transform` False are centre-cropped without interpolation, as in batchgeneratorsv2 (which
-    puts them half a voxel away from an identity resampling when size - patch is odd). The others are
-    resampled in one `grid_sample` call that carries the image channels and the label scores together:
-    trilinear for images (nnU-Net v2 leaves BGv2's `mode_image='bilinear'`; nnU-Net v1 used cubic splines).
-
-    Labels are resampled as BGv2's `mode_seg='bilinear'` with its default `seg_tiebreak='nearest'`: each
-    label's indicator (x 1000) is interpolated trilinearly, rounded to float16 so that near-ties become exact
-    ties, and the highest score wins; a tie goes to the nearest-neighbour label when that is one of the tied
-    labels (else the lowest tied label). As in BGv2, a sample with two labels compares the higher label's
-    score with 500, the label set is that of the sample's read region, and the padding label -1 joins it
-    only for samples whose interpolation footprint reaches outside the region (then it is interpolated as
-    1000 + sample((indicator - 1) x 1000), the padded indicator).
+    puts them half a voxel away from an identity resampling when size - patch is odd). The others get their
+    grids built together and their images resampled in one trilinear `grid_sample` call (nnU-Net v2 leaves
+    BGv2's `mode_image='bilinear'`; nnU-Net v1 used cubic splines); labels follow per sample, see
+    `resample_labels`.
 
     Args:
         image: (B, C, X0, Y0, Z0) float32 read region.
@@ -105,103 +98,99 @@ def rotate_and_scale(
     Returns:
         image (B, C, x, y, z) float32 and label (B, x, y, z) of the input dtype (or None).
     """
-    B, C = image.shape[:2]
-    out_image = centre_crop(image, patch, 0.0)
-    out_label = centre_crop(label, patch, LABEL_PADDING) if label is not None else None
-    idx = transform.cpu().nonzero().flatten()
+    B = len(image)
+    idx, keep = transform.cpu().nonzero().flatten(), (~transform.cpu()).nonzero().flatten()
+    out_image = image.new_empty((B, image.shape[1], *patch))
+    out_image[keep.to(image.device)] = centre_crop(image[keep.to(image.device)], patch, 0.0)
+    out_label = None
+    if label is not None:
+        out_label = label.new_empty((B, *patch))
+        out_label[keep.to(label.device)] = centre_crop(label[keep.to(label.device)], patch, LABEL_PADDING)
     if len(idx) == 0:
         return out_image, out_label
     sub = idx.to(image.device)
     grids = sampling_grids(matrices[idx], patch, tuple(image.shape[2:]), image.device)  # (N, x, y, z, 3)
-    if label is None:
-        out_image[sub] = F.grid_sample(image[sub], grids, mode="bilinear", padding_mode="zeros", align_corners=False)
-        return out_image, out_label
-
-    lab = label[sub]  # (N, X0, Y0, Z0)
-    # BGv2's test: the kernel stays inside where every |grid coordinate| <= 1 - 1 / size (smallest axis).
-    bound = min(1 - 1 / s for s in image.shape[2:])
-    flat = grids.flatten(1)
-    reach = (torch.maximum(-flat.amin(1), flat.amax(1)) > bound).cpu()  # (N,)
-    masks, present = _label_masks(lab, reach)  # {label: (N, X0, Y0, Z0) bool}, (N, K) bool
-    values = torch.tensor(list(masks))
-    counts = present.sum(1)
-    # Two-label samples only need the higher label's score; samples with three or more need every score.
-    needed = torch.zeros(len(values), dtype=torch.bool)
-    for n in range(len(idx)):
-        if counts[n] == 2:
-            needed[present[n].nonzero()[-1]] = True
-        elif counts[n] > 2:
-            needed |= present[n]
-    scored = [int(v) for v in values[needed]]
-    pad_offset = torch.where(reach, SCORE_SCALE, 0.0).to(image.device)[:, None, None, None]  # (N, 1, 1, 1)
-
-    stack = torch.empty((len(idx), C + len(scored), *image.shape[2:]), device=image.device)
-    stack[:, :C] = image if len(idx) == B else image[sub]
-    for k, value in enumerate(scored):
-        stack[:, C + k].copy_(masks[value]).mul_(SCORE_SCALE)
-        if value == LABEL_PADDING:
-            stack[:, C + k] -= pad_offset
-    resampled = F.grid_sample(stack, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
-    out_image[sub] = resampled[:, :C]
-    scores = resampled[:, C:]  # (N, len(scored), x, y, z)
-    if LABEL_PADDING in scored:
-        scores[:, scored.index(LABEL_PADDING)] += pad_offset
-    scores = scores.half()
-
-    for n in range(len(idx)):
-        labels_n = [int(v) for v in values[present[n]]]
-        out_label[idx[n]] = _pick_labels(lab[n], grids[n], scores[n], scored, labels_n)
+    resampled = image if len(idx) == B else image[sub]  # a copy of the read regions only if needed
+    out_image[sub] = F.grid_sample(resampled, grids, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if label is not None:
+        for n, b in enumerate(idx.tolist()):
+            out_label[b] = resample_labels(label[b], grids[n])
     return out_image, out_label
 
 
-def _label_masks(lab: torch.Tensor, reach: torch.Tensor) -> tuple[dict, torch.Tensor]:
-    """Where each label of the sub-batch is: {value: (N, X0, Y0, Z0) bool} in ascending order, and which sample
-    holds which, (N, K) bool on the CPU. The padding label counts for the samples that reach outside."""
-    low, high = (int(v) for v in torch.aminmax(lab))
-    # nnU-Net labels are consecutive integers, so one comparison per value beats sorting the whole volume;
-    # torch.unique only for sparse label sets.
-    candidates = range(low, high + 1) if high - low < 64 else torch.unique(lab).tolist()
-    masks, rows = {}, []
-    for value in sorted(set(candidates) | ({LABEL_PADDING} if reach.any() else set())):
-        mask = lab == value
-        row = mask.flatten(1).any(1).cpu() | (reach if value == LABEL_PADDING else False)
-        if row.any():
-            masks[value] = mask
-            rows.append(row)
-    return masks, torch.stack(rows, 1)
+def resample_labels(lab: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """One sample's labels through its grid, as BGv2's `mode_seg='bilinear'` with its default
+    `seg_tiebreak='nearest'`.
 
-
-def _pick_labels(lab, grid, scores, scored, labels_n) -> torch.Tensor:
-    """One sample's resampled label map from its float16 scores (see `rotate_and_scale`).
+    Each label's indicator (x 1000) is interpolated trilinearly and rounded to float16, so that near-ties
+    become exact ties, and the highest score wins; a tie goes to the nearest-neighbour label when that is one
+    of the tied labels, else to the lowest tied label. As in BGv2: the candidates are the labels of the read
+    region; the padding label -1 joins them only when the interpolation footprint reaches outside the region
+    (it is then interpolated as 1000 + sample((indicator - 1) x 1000), the indicator padded with ones); with
+    exactly two candidates, the higher one wins where its score passes 500.
 
     Args:
-        lab: (X0, Y0, Z0) the sample's read region.
-        grid: (x, y, z, 3) its sampling grid.
-        scores: (len(scored), x, y, z) float16 scores of the labels in `scored`.
-        labels_n: ascending labels of this sample.
+        lab: (X0, Y0, Z0) integer read region.
+        grid: (x, y, z, 3) from `sampling_grids`.
+
+    Returns:
+        (x, y, z) of lab's dtype.
     """
-    patch = scores.shape[1:]
-    if len(labels_n) == 1:
-        return torch.full(patch, labels_n[0], dtype=lab.dtype, device=lab.device)
-    if len(labels_n) == 2:
-        high = scores[scored.index(labels_n[1])]
-        out = torch.where(high > SCORE_SCALE / 2, labels_n[1], labels_n[0]).to(lab.dtype)
-        ties = high == SCORE_SCALE / 2
+    patch = grid.shape[:3]
+    # BGv2's test: the kernel stays inside where every |grid coordinate| <= 1 - 1 / size (smallest axis)
+    reach = max(-grid.min().item(), grid.max().item()) > min(1 - 1 / s for s in lab.shape)
+    masks = _label_masks(lab, reach)
+    values = list(masks)
+    if len(values) == 1:
+        return torch.full(patch, values[0], dtype=lab.dtype, device=lab.device)
+    scored = values[-1:] if len(values) == 2 else values
+    indicators = torch.empty((1, len(scored), *lab.shape), device=lab.device)
+    for k, value in enumerate(scored):
+        indicators[0, k].copy_(masks[value]).mul_(SCORE_SCALE)
+    # only the padding label's indicator is 1 outside the region
+    padded = scored.index(LABEL_PADDING) if reach and LABEL_PADDING in scored else None
+    if padded is not None:
+        indicators[0, padded] -= SCORE_SCALE
+    scores = F.grid_sample(indicators, grid[None], mode="bilinear", padding_mode="zeros", align_corners=False)[0]
+    if padded is not None:
+        scores[padded] += SCORE_SCALE
+    # BGv2 compares float16 scores; rounding them to float16 and back gives the same comparisons in float32,
+    # which CPUs compute much faster
+    scores = scores.half().float()  # (len(scored), x, y, z)
+
+    if len(values) == 2:
+        out = torch.full(patch, values[0], dtype=lab.dtype, device=lab.device)
+        out.masked_fill_(scores[0] > SCORE_SCALE / 2, values[1])
+        ties = scores[0] == SCORE_SCALE / 2
         if ties.any():
             out[ties] = _nearest_labels(lab, grid[ties])
         return out
-    own = scores[[scored.index(v) for v in labels_n]]  # (K_n, x, y, z)
-    best, winner = own.max(0)  # first maximum: the lowest label among tied ones
-    values = torch.tensor(labels_n, device=lab.device)
-    out = values[winner].to(lab.dtype)
-    ties = (own == best).sum(0) > 1
+    best, winner = scores.max(0)  # the first maximum: the lowest label among tied ones
+    candidates = torch.tensor(values, device=lab.device)
+    out = candidates[winner].to(lab.dtype)
+    ties = (scores == best).sum(0) > 1
     if ties.any():
         nearest = _nearest_labels(lab, grid[ties])
-        # the nearest label is always one of the sample's labels (outside the region it is the padding
-        # label, which is then present); it settles the tie only if it is among the tied labels
-        nearest_score = own[:, ties].gather(0, torch.searchsorted(values, nearest.long())[None])[0]
+        # the nearest label is always a candidate (outside the region it is the padding label, which then is
+        # one); it settles the tie only if it is among the tied labels
+        nearest_score = scores[:, ties].gather(0, torch.searchsorted(candidates, nearest.long())[None])[0]
         out[ties] = torch.where(nearest_score == best[ties], nearest, out[ties])
     return out
+
+
+def _label_masks(lab: torch.Tensor, reach: bool) -> dict[int, torch.Tensor]:
+    """{label: (X0, Y0, Z0) bool mask} for the labels of the read region, ascending, with the padding label
+    when the footprint reaches outside (its mask marks the -1 voxels inside, maybe none)."""
+    low, high = (int(v) for v in torch.aminmax(lab))
+    # nnU-Net labels are consecutive integers, so one comparison per value beats sorting the whole volume;
+    # torch.unique only for sparse label sets
+    candidates = set(range(low, high + 1) if high - low < 64 else torch.unique(lab).tolist())
+    masks = {}
+    for value in sorted(candidates | ({LABEL_PADDING} if reach else set())):
+        mask = lab == value
+        if mask.any() or value == LABEL_PADDING:  # the padding label is a candidate by reaching outside
+            masks[value] = mask
+    return masks
 
 
 def _nearest_labels(lab: torch.Tensor, points: torch.Tensor) -> torch.Tensor:

@@ -9,8 +9,9 @@ random draws), under nnU-Net's probabilities and with every probability 1 (MONAI
 mirroring stays at 0.5 per axis, ours at 1, a negligible difference in cost). With nnU-Net's probabilities the
 work per sample varies a lot (a rotated or scaled sample costs ~10x a cropped one), so BGv2 also runs with our
 parameters injected ("same params"), the like-for-like comparison. All methods run in one process, interleaved
-in each repeat (each repeat sees the same draws); the figure is the median over repeats. The max differences
-compare our output with BGv2's for the same parameters.
+in each repeat; ours and "same params" process the same drawn parameters on the same read regions, every
+repeat the same ones. The figure is the median over repeats (min-max beside it: the machine may be shared).
+The max differences compare our output with BGv2's for the same parameters.
 """
 
 import argparse
@@ -29,7 +30,13 @@ from functools import partial  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shared.augment import PIPELINES, AugmentationPipeline, apply_augmentation, initial_patch_size, sample_params  # noqa: E402
+from shared.augment import (  # noqa: E402
+    PIPELINES,
+    AugmentationPipeline,
+    apply_augmentation,
+    initial_patch_size,
+    sample_params,
+)
 from shared.errors import run_cli  # noqa: E402
 
 PATCH = (128, 128, 128)
@@ -52,20 +59,25 @@ def make_data(batch, region, seed=0):
     return image, (field > threshold[:, None, None, None]).to(torch.int16)
 
 
-def run_ours(pipeline, batch, n_samples, image, label):
-    """n_samples through ours in calls of `batch`; params drawn per call from a fixed seed sequence (so every
-    repeat does the same work). Ours does not modify its inputs: nothing to prepare."""
+def batch_params(params, start, stop):
+    return {key: value[start:stop] for key, value in params.items()}
+
+
+def run_ours(pipeline, params, batch, image, label):
+    """All samples of `params` through ours in calls of `batch`; sample j reads image[j % 8]. Ours does not
+    modify its inputs, so nothing needs preparing."""
     outputs = []
-    for call in range(n_samples // batch):
-        params = sample_params(pipeline, batch, 1, np.random.default_rng([1, call]))
-        outputs.append((params, apply_augmentation(image[:batch], label[:batch], params, pipeline, PATCH)))
+    for start in range(0, len(params["mirror"]), batch):
+        first = start % len(image)
+        region = image[first : first + batch], label[first : first + batch]
+        outputs.append(apply_augmentation(*region, batch_params(params, start, start + batch), pipeline, PATCH))
     return outputs
 
 
-def copies(image, label, samples):
-    """Fresh (C, X, Y, Z) / (1, X, Y, Z) copies of the given samples: BGv2 changes its inputs in place (its crop
-    is a view), so each run gets its own, made before the clock starts as nnU-Net's loader would hand them."""
-    return [(image[b].clone(), label[b][None].clone()) for b in samples]
+def copies(image, label, n_samples):
+    """Fresh (C, X, Y, Z) / (1, X, Y, Z) copies of samples j % 8, j < n_samples: BGv2 changes its inputs in place
+    (its crop is a view), so each run gets its own, made before the clock starts as nnU-Net's loader hands them."""
+    return [(image[j % len(image)].clone(), label[j % len(image)][None].clone()) for j in range(n_samples)]
 
 
 def run_bgv2_compose(compose, inputs):
@@ -75,26 +87,20 @@ def run_bgv2_compose(compose, inputs):
         compose(image=image, segmentation=label)
 
 
-def run_bgv2_same_params(bg, steps, pipeline, inputs):
-    """BGv2 per sample with the parameters that our batch-of-2 run drew (inputs alternate samples 0 and 1)."""
+def run_bgv2_same_params(bg, steps, params, inputs):
+    """BGv2 one sample at a time with our parameters injected."""
     from test_shared_augment_parity import bgv2_apply_sample
 
-    outputs = []
-    for call in range(len(inputs) // 2):
-        params = sample_params(pipeline, 2, 1, np.random.default_rng([1, call]))
-        pair = inputs[2 * call : 2 * call + 2]
-        outputs.append([bgv2_apply_sample(bg, steps, *pair[b], params, b) for b in (0, 1)])
-    return outputs
+    return [bgv2_apply_sample(bg, steps, *inputs[j], params, j) for j in range(len(inputs))]
 
 
 def max_differences(ours, theirs):
-    image_diff, mismatched, total = 0.0, 0, 0
-    for (_, (our_image, our_label)), pair in zip(ours, theirs):
-        for b, (ref_image, ref_label) in enumerate(pair):
-            image_diff = max(image_diff, (our_image[b] - ref_image).abs().max().item())
-            mismatched += int((our_label[b] != ref_label[0]).sum())
-            total += ref_label.numel()
-    return image_diff, mismatched, total
+    """Max |image difference| and number of differing labels between our batches and BGv2's samples."""
+    our_images = torch.cat([image for image, _ in ours])
+    our_labels = torch.cat([label for _, label in ours])
+    image_diff = max((our_images[j] - ref).abs().max().item() for j, (ref, _) in enumerate(theirs))
+    mismatched = sum(int((our_labels[j] != ref[0]).sum()) for j, (_, ref) in enumerate(theirs))
+    return image_diff, mismatched, our_labels.numel()
 
 
 def bench_setting(bg, name, pipeline, n_samples, repeats, image, label):
@@ -103,34 +109,32 @@ def bench_setting(bg, name, pipeline, n_samples, repeats, image, label):
 
     steps = nnunet_transforms(bg, PATCH)
     compose = nnunet_compose(bg, PATCH, every_p_one=pipeline is EVERY_P_ONE)
-    run_bgv2_compose(compose, copies(image, label, [0, 0]))  # BGv2's blur picks conv or FFT on first use
-    big = max(n_samples, 8)
-    # method: (samples, untimed preparation returning the run's arguments, timed run)
+    run_bgv2_compose(compose, copies(image, label, 2))  # BGv2's blur picks conv or FFT on first use
+    params = sample_params(pipeline, n_samples, 1, np.random.default_rng(1))
+
+    def fresh_copies():
+        return (copies(image, label, n_samples),)
+
+    # method: (untimed preparation returning the run's arguments, timed run)
     methods = {
-        "ours B=2": (n_samples, tuple, partial(run_ours, pipeline, 2, n_samples, image, label)),
-        "ours B=8": (big, tuple, partial(run_ours, pipeline, 8, big, image, label)),
-        "BGv2 per sample": (
-            n_samples,
-            lambda: (copies(image, label, [0] * n_samples),),
-            partial(run_bgv2_compose, compose),
-        ),
-        "BGv2 same params": (
-            n_samples,
-            lambda: (copies(image, label, [0, 1] * (n_samples // 2)),),
-            partial(run_bgv2_same_params, bg, steps, pipeline),
-        ),
+        "ours B=2": (tuple, partial(run_ours, pipeline, params, 2, image, label)),
+        "ours B=8": (tuple, partial(run_ours, pipeline, params, 8, image, label)),
+        "BGv2 per sample": (fresh_copies, partial(run_bgv2_compose, compose)),
+        "BGv2 same params": (fresh_copies, partial(run_bgv2_same_params, bg, steps, params)),
     }
     times = {method: [] for method in methods}
     results = {}
     for r in range(repeats):
         order = list(methods)[r % len(methods) :] + list(methods)[: r % len(methods)]
         for method in order:
-            samples, prepare, run = methods[method]
+            prepare, run = methods[method]
             arguments = prepare()
             start = time.perf_counter()
             results[method] = run(*arguments)
-            times[method].append((time.perf_counter() - start) * 1000 / samples)
+            times[method].append((time.perf_counter() - start) * 1000 / n_samples)
     ms = {method: statistics.median(t) for method, t in times.items()}
+    resampled = int((params["rotation"] | params["scaling"]).sum())
+    print(f"{name}: {n_samples} samples, {resampled} of them rotated or scaled")
     for method, value in ms.items():
         ratio = f"{value / ms['BGv2 same params']:.2f}" if method.startswith("ours") else ""
         spread = f"{min(times[method]):.0f}-{max(times[method]):.0f}"
@@ -157,7 +161,7 @@ def main():
     print(f"read region {region}, patch {PATCH}, 1 channel, binary label, {torch.get_num_threads()} torch thread,")
     print(f"{repeats} repeats; BGv2's label unique: {unique}. ours/BGv2 = ours over 'BGv2 same params'.")
     print(f"{'setting':<12} {'method':<18} {'ms/sample':>10} {'min-max':>12} {'ours/BGv2':>10}")
-    bench_setting(bg, "nnU-Net p", PIPELINES["nnunet"], 8 if args.quick else 16, repeats, image, label)
+    bench_setting(bg, "nnU-Net p", PIPELINES["nnunet"], 16 if args.quick else 32, repeats, image, label)
     bench_setting(bg, "every p = 1", EVERY_P_ONE, 8, repeats, image, label)
 
 

@@ -83,6 +83,16 @@ def test_scaling_samples_a_ramp_exactly_and_pads_outside_with_label_zero():
     assert out_label[0, 1:4, 1:4, 1:4].eq(1).all()
 
 
+def test_a_region_smaller_than_the_patch_is_padded_around_its_centre():
+    """A 4^3 region in a 6^3 patch starts at 4 // 2 - 6 // 2 = -1: one voxel of padding on each side, image 0
+    and label -1, which the cleanup turns into 0."""
+    image, label = torch.ones(1, 1, 4, 4, 4), torch.full((1, 4, 4, 4), 2, dtype=torch.int16)
+    out_image, out_label = apply_augmentation(image, label, params_for(PIPELINES["none"]), PIPELINES["none"], (6, 6, 6))
+    inside = torch.zeros(6, 6, 6, dtype=torch.bool)
+    inside[1:5, 1:5, 1:5] = True
+    assert torch.equal(out_image[0, 0], inside.float()) and torch.equal(out_label[0], 2 * inside.to(torch.int16))
+
+
 def test_low_resolution_at_zoom_one_and_mirroring_twice_are_identities():
     image = volume((2, 2, 6, 7, 8))
     pipeline = AugmentationPipeline(p_low_resolution=1.0, p_low_resolution_per_channel=1.0)

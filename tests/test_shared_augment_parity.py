@@ -192,7 +192,8 @@ PATCH = (20, 24, 16)  # anisotropic, so that a swapped axis cannot go unnoticed
 
 def test_rotation_and_scaling_match_bgv2(bg):
     """Rotation alone, scaling alone and both; 2-, 3- and 4-label samples; scaling up to 1.4 reaches outside
-    the read region (padding label -1, then 0), and one read region already holds -1 as the loader pads."""
+    the read region (padding label -1, then 0), one read region already holds -1 as the loader pads, and one
+    has gaps between its label values."""
     region = initial_patch_size(PATCH, PIPELINES["nnunet"])
     cases = [(2, 0.5, 0.5), (3, 1.0, 0.0), (4, 0.0, 1.0), (2, 1.0, 1.0), (3, 1.0, 1.0)]
     for i, (n_labels, p_rotation, p_scaling) in enumerate(cases):
@@ -200,6 +201,7 @@ def test_rotation_and_scaling_match_bgv2(bg):
         image = smooth_volume((3, 2, *region), seed=i)
         label = torch.stack([blob_labels(region, n_labels, seed=10 * i + b) for b in range(3)])
         label[1, :2] = -1
+        label[2] *= 2  # a gap in the label values (0, 2, 4, ...)
         params = compare(bg, pipeline, image, label, PATCH, seed=i, atol=1e-5)
     assert params["rotation"].any() and params["scaling"].any()
 
