@@ -258,11 +258,12 @@ def apply_augmentation(
     pipeline: AugmentationPipeline,
     patch_size,
     channel_mask: torch.Tensor | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Augment a batch with parameters from `sample_params`: a pure function of its inputs.
 
     Runs in float32 on the image's device with autocast off (a bf16 grid would misplace voxels). Sample b's
-    result does not depend on the other samples of the batch.
+    result does not depend on the other samples of the batch, nor on `chunk`.
 
     Args:
         image: (B, C, X0, Y0, Z0) floating read region, centred on the patch: `initial_patch_size` for a
@@ -272,13 +273,36 @@ def apply_augmentation(
         pipeline: the settings that are not random (contrast range clipping, gamma statistics).
         patch_size: (x, y, z) output size; the central patch is kept.
         channel_mask: optional (B, C) bool, False for missing (all-zero) channels, which then stay exactly 0.
+        chunk: samples processed together. Default: the whole batch, except on the CPU, where one sample at
+            a time is faster: each step passes over a batch-sized tensor, and at B x 205^3 those passes leave
+            the caches (about 2x the time per sample at B = 8 than at B = 1, measured).
 
     Returns:
         image (B, C, x, y, z) of the input dtype and label (B, x, y, z) of the input dtype (or None), with
         label -1 (outside the read region) set to 0 as nnU-Net's RemoveLabelTransform(-1, 0).
     """
     patch = _check_patch_size(patch_size)
-    params = _check_inputs(image, label, params, channel_mask)
+    params = _check_inputs(image, label, params, channel_mask, chunk)
+    B = len(image)
+    chunk = chunk or (1 if image.device.type == "cpu" else B)
+    images, labels = [], []
+    for start in range(0, B, chunk):
+        part = slice(start, start + chunk)
+        out_image, out_label = _augment(
+            image[part],
+            label[part] if label is not None else None,
+            {key: value[part] for key, value in params.items()},
+            pipeline,
+            patch,
+            channel_mask[part] if channel_mask is not None else None,
+        )
+        images.append(out_image)
+        labels.append(out_label)
+    return torch.cat(images), torch.cat(labels) if label is not None else None
+
+
+def _augment(image, label, params, pipeline, patch, channel_mask):
+    """The steps of `apply_augmentation` in nnU-Net's order, on one chunk of the batch."""
     dtype = image.dtype
     with torch.autocast(device_type=image.device.type, enabled=False):
         transform = params["rotation"] | params["scaling"]
@@ -289,10 +313,9 @@ def apply_augmentation(
         x = multiply_brightness(x, params["brightness"], params["brightness_factors"])
         x = adjust_contrast(x, params["contrast"], params["contrast_factors"], pipeline.contrast_preserve_range)
         x = simulate_low_resolution(x, params["low_resolution_channels"], params["low_resolution_zooms"])
-        x = adjust_gamma(
-            x, params["gamma_inverted"], params["gamma_inverted_exponents"], True, pipeline.gamma_retain_stats
-        )
-        x = adjust_gamma(x, params["gamma"], params["gamma_exponents"], False, pipeline.gamma_retain_stats)
+        retain = pipeline.gamma_retain_stats
+        x = adjust_gamma(x, params["gamma_inverted"], params["gamma_inverted_exponents"], True, retain)
+        x = adjust_gamma(x, params["gamma"], params["gamma_exponents"], False, retain)
         x = scale_intensity(x, params["scale_intensity"], params["scale_intensity_factors"])
         x = shift_intensity(x, params["shift_intensity"], params["shift_intensity_offsets"], channel_mask)
         x, label = mirror(x, label, params["mirror"])
@@ -301,7 +324,7 @@ def apply_augmentation(
     return x.to(dtype), label
 
 
-def _check_inputs(image, label, params, channel_mask) -> dict[str, torch.Tensor]:
+def _check_inputs(image, label, params, channel_mask, chunk) -> dict[str, torch.Tensor]:
     """Validate the arguments of `apply_augmentation`; returns the params on the CPU."""
     if image.ndim != 5 or not image.is_floating_point():
         raise InputError(f"image must be a floating (B, C, X, Y, Z) tensor, got {image.dtype} {tuple(image.shape)}.")
@@ -319,6 +342,8 @@ def _check_inputs(image, label, params, channel_mask) -> dict[str, torch.Tensor]
     if params["blur_channels"].shape != (B, C):
         shape = tuple(params["blur_channels"].shape)
         raise InputError(f"params are for (batch, channels) {shape}, but the image has {(B, C)}.")
+    if chunk is not None and (not isinstance(chunk, int) or chunk < 1):
+        raise InputError(f"chunk must be a positive integer, got {chunk!r}.")
     if channel_mask is not None and (channel_mask.shape != (B, C) or channel_mask.dtype != torch.bool):
         got = f"{channel_mask.dtype} {tuple(channel_mask.shape)}"
         raise InputError(f"channel_mask must be a bool tensor of shape {(B, C)}, got {got}.")

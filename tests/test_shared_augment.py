@@ -246,15 +246,22 @@ def test_channel_mask_keeps_missing_channels_zero():
     assert unmasked[0, 1].ne(0).any()  # noise and shift would fill a missing channel
 
 
-def test_a_sample_gives_the_same_result_alone_and_in_a_batch():
+@pytest.mark.parametrize("chunk", [1, 3])
+def test_a_sample_gives_the_same_result_alone_and_in_a_batch(chunk):
+    """chunk=3 runs every step vectorised over the batch (the default on GPUs), chunk=1 sample by sample (the
+    CPU default): a sample's result is the same bits either way, and the same as on its own."""
     region = initial_patch_size((8, 9, 10), EVERY_P_ONE)
     image, label = volume((3, 2, *region), seed=2), labels((3, *region), n=4, seed=2)
     params = params_for(EVERY_P_ONE, 3, 2, seed=2)
-    batch_image, batch_label = apply_augmentation(image, label, params, EVERY_P_ONE, (8, 9, 10))
+    params["rotation"][2] = params["scaling"][2] = False  # one cropped sample among resampled ones
+    batch_image, batch_label = apply_augmentation(image, label, params, EVERY_P_ONE, (8, 9, 10), chunk=chunk)
     one = {k: v[1:2] for k, v in params.items()}
     alone_image, alone_label = apply_augmentation(image[1:2], label[1:2], one, EVERY_P_ONE, (8, 9, 10))
     assert torch.equal(alone_image[0], batch_image[1]) and torch.equal(alone_label[0], batch_label[1])
     assert not torch.equal(batch_image[0], batch_image[1])
+    last = {k: v[2:] for k, v in params.items()}
+    last_image, last_label = apply_augmentation(image[2:], label[2:], last, EVERY_P_ONE, (8, 9, 10))
+    assert torch.equal(last_image[0], batch_image[2]) and torch.equal(last_label[0], batch_label[2])
 
 
 def test_inputs_are_not_modified_and_label_none_gives_the_same_image():
@@ -306,6 +313,7 @@ def test_cuda_matches_cpu_with_the_same_params():
         (lambda: _apply(params={}), "params"),
         (lambda: _apply(params=sample_params(PIPELINES["none"], 2, 1, np.random.default_rng(0))), "params"),
         (lambda: _apply(channel_mask=torch.ones(1, 2, dtype=torch.bool)), "channel_mask"),
+        (lambda: _apply(chunk=0), "chunk"),
     ],
 )
 def test_bad_arguments_raise_one_sentence(call, message):
@@ -313,8 +321,8 @@ def test_bad_arguments_raise_one_sentence(call, message):
         call()
 
 
-def _apply(image=None, label=None, params=None, patch=(4, 4, 4), channel_mask=None):
+def _apply(image=None, label=None, params=None, patch=(4, 4, 4), channel_mask=None, chunk=None):
     image = torch.zeros(1, 1, 4, 4, 4) if image is None else image
     label = torch.zeros(1, 4, 4, 4, dtype=torch.int16) if label is None else label
     params = sample_params(PIPELINES["none"], 1, 1, np.random.default_rng(0)) if params is None else params
-    return apply_augmentation(image, label, params, PIPELINES["none"], patch, channel_mask=channel_mask)
+    return apply_augmentation(image, label, params, PIPELINES["none"], patch, channel_mask=channel_mask, chunk=chunk)

@@ -174,9 +174,13 @@ def blob_labels(shape, n_labels, seed):
 
 
 def compare(bg, pipeline, image, label, patch, seed, atol):
-    """Sample params from `pipeline` for the batch, apply ours and BGv2 per sample; returns the params."""
+    """Sample params from `pipeline` for the batch, apply ours (sample by sample and as one batch) and BGv2 per
+    sample, compare; returns the params."""
     params = sample_params(pipeline, image.shape[0], image.shape[1], np.random.default_rng(seed))
     ours_image, ours_label = apply_augmentation(image, label, params, pipeline, patch)
+    # the whole batch at once (the GPU default) gives the same bits as sample by sample (the CPU default)
+    batched_image, batched_label = apply_augmentation(image, label, params, pipeline, patch, chunk=len(image))
+    assert torch.equal(batched_image, ours_image) and torch.equal(batched_label, ours_label)
     steps = nnunet_transforms(bg, patch)
     for b in range(image.shape[0]):
         ref_image, ref_label = bgv2_apply_sample(bg, steps, image[b].clone(), label[b][None].clone(), params, b)
