@@ -16,10 +16,23 @@ import torch.nn.functional as F
 EPS = 1e-7  # BGv2's floor on a channel's range and standard deviation in the gamma transform
 
 
-def _selected(flags: torch.Tensor, device) -> torch.Tensor | None:
-    """Indices (on `device`) where a (B,) flag is set, or None if none is."""
+def _rows(image: torch.Tensor, flags: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The samples where a (B,) flag is set: (their indices on the device, their rows). The rows are the image
+    itself when every sample is flagged (always so for the CPU's one-sample chunks), else a copy that
+    `_write_back` returns to the image. (None, None) when no sample is flagged."""
     idx = flags.cpu().nonzero().flatten()
-    return idx.to(device) if len(idx) else None
+    if len(idx) == 0:
+        return None, None
+    if len(idx) == len(image):
+        return idx, image
+    idx = idx.to(image.device)
+    return idx, image[idx]
+
+
+def _write_back(image: torch.Tensor, idx: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    if rows is not image:
+        image[idx] = rows
+    return image
 
 
 def _channel_stats(x: torch.Tensor) -> list[torch.Tensor]:
@@ -112,10 +125,11 @@ def multiply_brightness(image: torch.Tensor, flags: torch.Tensor, factors: torch
     Args:
         flags: (B,) bool; factors: (B, C) float64.
     """
-    idx = _selected(flags, image.device)
-    if idx is not None:
-        image[idx] *= _per_channel(factors[flags.cpu()], image)
-    return image
+    idx, x = _rows(image, flags)
+    if idx is None:
+        return image
+    x *= _per_channel(factors[flags.cpu()], x)
+    return _write_back(image, idx, x)
 
 
 def adjust_contrast(image: torch.Tensor, flags: torch.Tensor, factors: torch.Tensor, preserve_range: bool):
@@ -125,16 +139,14 @@ def adjust_contrast(image: torch.Tensor, flags: torch.Tensor, factors: torch.Ten
     Args:
         flags: (B,) bool; factors: (B, C) float64.
     """
-    idx = _selected(flags, image.device)
+    idx, x = _rows(image, flags)  # (N, C, X, Y, Z)
     if idx is None:
         return image
-    x = image[idx]  # (N, C, X, Y, Z), a copy
     mean, low, high, _ = _channel_stats(x)
     x.sub_(mean).mul_(_per_channel(factors[flags.cpu()], x)).add_(mean)
     if preserve_range:
-        x = torch.maximum(torch.minimum(x, high, out=x), low, out=x)
-    image[idx] = x
-    return image
+        torch.maximum(torch.minimum(x, high, out=x), low, out=x)
+    return _write_back(image, idx, x)
 
 
 def adjust_gamma(
@@ -147,10 +159,9 @@ def adjust_gamma(
     Args:
         flags: (B,) bool; gammas: (B, C) float64 > 0.
     """
-    idx = _selected(flags, image.device)
+    idx, x = _rows(image, flags)  # (N, C, X, Y, Z)
     if idx is None:
         return image
-    x = image[idx]  # (N, C, X, Y, Z), a copy
     if invert:
         x.neg_()
     mean, low, high, std = _channel_stats(x)
@@ -159,8 +170,7 @@ def adjust_gamma(
     if retain_stats:
         new_mean, _, _, new_std = _channel_stats(x)
         x.sub_(new_mean).mul_(std / new_std.clamp(min=EPS)).add_(mean)
-    image[idx] = x.neg_() if invert else x
-    return image
+    return _write_back(image, idx, x.neg_() if invert else x)
 
 
 def scale_intensity(image: torch.Tensor, flags: torch.Tensor, factors: torch.Tensor) -> torch.Tensor:
@@ -169,10 +179,11 @@ def scale_intensity(image: torch.Tensor, flags: torch.Tensor, factors: torch.Ten
     Args:
         flags: (B,) bool; factors: (B,) float64.
     """
-    idx = _selected(flags, image.device)
-    if idx is not None:
-        image[idx] *= (1 + factors[flags.cpu()]).to(image.device, torch.float32)[:, None, None, None, None]
-    return image
+    idx, x = _rows(image, flags)
+    if idx is None:
+        return image
+    x *= (1 + factors[flags.cpu()]).to(image.device, torch.float32)[:, None, None, None, None]
+    return _write_back(image, idx, x)
 
 
 def shift_intensity(image: torch.Tensor, flags: torch.Tensor, offsets: torch.Tensor, channel_mask=None):
@@ -182,11 +193,11 @@ def shift_intensity(image: torch.Tensor, flags: torch.Tensor, offsets: torch.Ten
         flags: (B,) bool; offsets: (B,) float64.
         channel_mask: optional (B, C) bool; channels where it is False are not shifted.
     """
-    idx = _selected(flags, image.device)
+    idx, x = _rows(image, flags)
     if idx is None:
         return image
     shift = offsets[flags.cpu()].to(image.device, torch.float32)[:, None].expand(-1, image.shape[1])  # (N, C)
     if channel_mask is not None:
-        shift = shift * channel_mask.to(image.device)[idx]
-    image[idx] += shift[:, :, None, None, None]
-    return image
+        shift = shift * channel_mask.cpu()[flags.cpu()].to(image.device)
+    x += shift[:, :, None, None, None]
+    return _write_back(image, idx, x)

@@ -168,7 +168,7 @@ def resample_labels(lab: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     best, winner = scores.max(0)  # the first maximum: the lowest label among tied ones
     candidates = torch.tensor(values, device=lab.device)
     out = candidates[winner].to(lab.dtype)
-    ties = (scores == best).sum(0) > 1
+    ties = (scores == best).sum(0, dtype=torch.uint8) > 1  # (uint8: an int64 count is 5x slower here)
     if ties.any():
         nearest = _nearest_labels(lab, grid[ties])
         # the nearest label is always a candidate (outside the region it is the padding label, which then is
