@@ -128,7 +128,7 @@ PIPELINES = {
 
 
 def _check_patch_size(patch_size) -> tuple[int, int, int]:
-    patch = tuple(patch_size)
+    patch = tuple(patch_size) if isinstance(patch_size, (tuple, list, torch.Size)) else ()
     if len(patch) != 3 or not all(isinstance(p, (int, np.integer)) and p > 0 for p in patch):
         raise InputError(f"patch_size must be three positive integers, got {patch_size!r}.")
     return tuple(int(p) for p in patch)

@@ -1,6 +1,6 @@
 """Benchmark of shared.augment (batched) against batchgeneratorsv2 0.3.6 (per sample), nnU-Net v2's pipeline.
 
-Run: .venv/bin/python tests/bench_augment.py [--quick]   (about 3 minutes on one CPU thread; --quick ~1)
+Run: .venv/bin/python tests/bench_augment.py [--quick]   (about 3.5 minutes on one CPU thread; --quick ~2)
 
 Setting: one channel and a binary label, read region 205^3 (`initial_patch_size` of a 128^3 patch), output
 128^3, one CPU thread (as in a DataLoader worker). Reported in ms per sample: ours at batch sizes 2 and 8, and

@@ -299,6 +299,7 @@ def test_cuda_matches_cpu_with_the_same_params():
     "call, message",
     [
         (lambda: initial_patch_size((16, 16), PIPELINES["nnunet"]), "patch_size"),
+        (lambda: initial_patch_size(128, PIPELINES["nnunet"]), "patch_size"),
         (lambda: AugmentationPipeline(p_rotation=1.5), "p_rotation"),
         (lambda: AugmentationPipeline(scaling_range=(1.4, 0.7)), "scaling_range"),
         (lambda: AugmentationPipeline(low_resolution_zoom_range=(0.5, 2.0)), "low_resolution_zoom_range"),
