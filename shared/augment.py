@@ -348,3 +348,24 @@ def _check_inputs(image, label, params, channel_mask, chunk) -> dict[str, torch.
         got = f"{channel_mask.dtype} {tuple(channel_mask.shape)}"
         raise InputError(f"channel_mask must be a bool tensor of shape {(B, C)}, got {got}.")
     return params
+
+
+class BatchAugmentation:
+    """The `augment` of `shared.loader.training_batches`: batch -> batch with `apply_augmentation`.
+
+    The batch (from a package's `draw`) holds "image" (B, C, *read) float32, optionally "label" (B, *read)
+    signed integers (-1 outside the volume), "aug" (the `sample_params` dict drawn with the step's generator)
+    and "channel_mask" (B, C) bool. The result holds the patch-sized image and label, without "aug".
+    """
+
+    def __init__(self, pipeline: AugmentationPipeline, patch_size):
+        self.pipeline, self.patch_size = pipeline, _check_patch_size(patch_size)
+
+    def __call__(self, batch: dict) -> dict:
+        image, label = apply_augmentation(batch["image"], batch.get("label"), batch["aug"], self.pipeline,
+                                          self.patch_size, channel_mask=batch.get("channel_mask"))  # fmt: skip
+        out = {key: value for key, value in batch.items() if key != "aug"}
+        out["image"] = image
+        if label is not None:
+            out["label"] = label
+        return out
