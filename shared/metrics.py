@@ -200,13 +200,15 @@ def aggregate_levels(rows, value: str = "dice") -> dict:
     }
 
 
-def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26) -> dict:
+def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26, min_lesion_volume_mm3: float = 0.0) -> dict:
     """All per-case numbers of one binary lesion mask, with the empty-mask conventions of each metric.
 
     Args:
         pred, gt: (X, Y, Z) binary masks (non-zero = lesion), same shape.
         spacing: voxel size in mm along each axis.
         connectivity: 6, 18 or 26 neighbours for the lesion-wise metrics.
+        min_lesion_volume_mm3: lesions of at most this volume are left out of the lesion-wise numbers (ltpr, lfpr,
+            lesion_f1, the lesion counts), not of the voxel-wise ones (`shared.lesion_metrics.lesion_counts`).
 
     Returns:
         dict of floats/ints: dice, hd95 (mm), ppv, sensitivity, ltpr, lfpr, lesion_f1, lesion_tp, lesion_fn,
@@ -216,7 +218,7 @@ def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26) -> d
     pred, gt = binary_pair(pred, gt)
     spacing = check_spacing(spacing, ndim=pred.ndim)
     voxel_mm3 = float(np.prod(spacing))
-    counts = lesion_counts(pred, gt, connectivity=connectivity)
+    counts = lesion_counts(pred, gt, connectivity=connectivity, min_volume_mm3=min_lesion_volume_mm3, spacing=spacing)
     volume_gt, volume_pred = int(np.count_nonzero(gt)), int(np.count_nonzero(pred))
     return {
         "dice": dice(pred, gt),
