@@ -132,14 +132,17 @@ def volume_correlation(pred_volumes, gt_volumes) -> float:
     return float(np.clip(np.dot(x, y) / norm, -1.0, 1.0))
 
 
-def cscore(dsc, ppv, ltpr, lfpr, corr):
+def cscore(dsc, ppv, ltpr, lfpr, corr, corr_weight: float = 1 / 4):
     """ISBI 2015 MS challenge score: DSC/8 + PPV/8 + LTPR/4 + (1 - LFPR)/4 + Corr/4 (Carass et al. 2017).
 
     Corr is the volume correlation across subjects (`volume_correlation`), the same for every case. The
     moe_missing paper prints Corr/8, but weights must sum to 1 for its tables to hold and public ports use /4,
-    so DESIGN.md fixes Corr/4. Accepts floats or numpy arrays (element-wise).
+    so DESIGN.md fixes Corr/4; `corr_weight=1/8` gives the printed formula. Accepts floats or numpy arrays
+    (element-wise).
     """
-    return dsc / 8 + ppv / 8 + ltpr / 4 + (1 - lfpr) / 4 + corr / 4
+    if corr_weight not in (1 / 4, 1 / 8):
+        raise InputError(f"corr_weight must be 1/4 (Carass et al.) or 1/8 (as printed), got {corr_weight!r}.")
+    return dsc / 8 + ppv / 8 + ltpr / 4 + (1 - lfpr) / 4 + corr * corr_weight
 
 
 def brats_regions(label, necrosis: int = 1, edema: int = 2, enhancing: int = 3) -> dict:
