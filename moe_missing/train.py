@@ -2,13 +2,18 @@
 
     python -m moe_missing.train --data DatasetXXX_MS --out runs/moe_missing            # MoE + L_reg + L_sd
     python -m moe_missing.train --data DatasetXXX_MS --out runs/md --no-moe --no-sd    # modality dropout only
-    python -m moe_missing.train --data DatasetXXX_MS --out runs/dm_101 --fixed-code 101  # dedicated model
+    python -m moe_missing.train --data DatasetXXX_MS --out runs/dm_101 --dedicated 101   # dedicated model
 
 Each step draws B full-modality crops x and one code m per crop (uniform over the non-empty codes), and runs
 the full view x and the dropped view x~ = x * m (Eq. 1) as one batch of 2B. The full view is supervised and
 is also the stop-gradient teacher of the dropped view (Eq. 5, 6); L_reg (Eq. 4) acts on the gates of all
 2^K - 1 codes; Eq. (7) adds them with the ramp-up w(t). Table 1 ablations: --stem, --no-moe-encoder,
 --no-reg, --no-sd, --stem dynamic (ModDrop++ stem).
+
+A dedicated model (Tables 2-3, "DM") is the plain UNet of --no-moe trained on one configuration only: every
+crop is x~(x, m) for the fixed code m, one view, L = DiceCE; no MoE layer, gate noise, L_reg or L_sd. Training
+cases that lack one of its channels are left out. The checkpoint records the code, and `evaluate` scores the
+model on that configuration only.
 """
 
 import argparse
@@ -82,7 +87,13 @@ def parse_args(argv=None):
     g.add_argument("--no-sd", action="store_true", help="drop L_sd (Eq. 6)")
     g.add_argument("--no-reg", action="store_true", help="drop L_reg (Eq. 4)")
     g.add_argument("--reg-printed-sign", action="store_true", help="Eq. 4 with the printed '+' (ablation)")
-    g.add_argument("--fixed-code", help="dedicated model for one configuration, e.g. 101 = T1 and FLAIR of T1/T2/FLAIR")
+    g.add_argument(
+        "--dedicated",
+        metavar="CODE",
+        help="a dedicated model: the plain UNet (as --no-moe) trained on "
+        "this configuration only, e.g. 101 = T1 and FLAIR of T1/T2/FLAIR; no L_reg, no L_sd",
+    )
+    g.add_argument("--fixed-code", help=argparse.SUPPRESS)  # removed: refused with a pointer to --dedicated
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=50000, help="training steps (paper: 50k MSSEG-2016, 150k OPERA)")
     g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine decay to 0")
@@ -97,7 +108,7 @@ def parse_args(argv=None):
 
 
 def check_args(args) -> None:
-    """Refuse bad flag values with one sentence each; fills in the modalities and the fixed code."""
+    """Refuse bad flag values with one sentence each; fills in the modalities and what --dedicated implies."""
     if not Path(args.data, "dataset.json").is_file():
         raise InputError(f"--data {args.data}: no dataset.json found; expected an nnU-Net raw dataset folder.")
     for name in ("batch_size", "steps", "save_every", "log_every", "experts"):
@@ -116,9 +127,19 @@ def check_args(args) -> None:
         raise InputError(f"--modalities {args.modalities} must name distinct channels of {args.data} {list(channels)}.")
     K = len(args.modalities)
     if args.fixed_code is not None:
-        if len(args.fixed_code) != K or set(args.fixed_code) - {"0", "1"} or "1" not in args.fixed_code:
-            raise InputError(f"--fixed-code {args.fixed_code} must be {K} digits 0/1 with at least one 1.")
-        args.no_sd = True  # a dedicated model sees one configuration only: there is no full view to distil from
+        raise InputError("--fixed-code was removed: it kept the MoE layers, the gate noise and L_reg on one code; "
+                         "use --dedicated CODE for a dedicated model.")  # fmt: skip
+    if args.dedicated is not None:
+        code = args.dedicated
+        if len(code) != K or set(code) - {"0", "1"} or "1" not in code:
+            raise InputError(f"--dedicated {code} must be {K} digits 0/1 (one per modality of {args.modalities}) "
+                             "with at least one 1.")  # fmt: skip
+        if args.stem == "dynamic":
+            raise InputError(
+                "--dedicated trains the plain UNet; --stem dynamic needs the multi-configuration training."
+            )
+        # the plain UNet on one configuration: no MoE layer, so no gate noise and no L_reg; one view, so no L_sd
+        args.no_moe = args.no_sd = args.no_reg = True
     if args.no_moe:
         args.stem, args.no_moe_encoder = ("plain" if args.stem == "moe" else args.stem), True
     depth = len(args.features) - 1
@@ -143,7 +164,7 @@ def config_from_checkpoint(ckpt: dict) -> MoEUNetConfig:
 def save_run(path, *, model, cfg, optimizer, scaler, step: int, args, rng) -> None:
     """Atomically write everything to predict with, or resume, the run (un-compiled, un-wrapped model)."""
     save_checkpoint(path, kind=KIND, config=dataclasses.asdict(cfg), model=model.state_dict(),
-                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step,
+                    optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, dedicated=args.dedicated,
                     args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
                     rng=rng)  # fmt: skip
 
@@ -167,6 +188,11 @@ def main(argv=None) -> None:
         torch.distributed.barrier()  # the cache is complete before the other ranks read it
     if not dist_info.is_main:
         cases = prepare_cases(args.data, split["train"], args.modalities, out / "cache")
+    if args.dedicated is not None:  # a dedicated model only trains on cases that have all of its channels
+        needed = [int(c) for c in args.dedicated]
+        cases = [c for c in cases if all(a >= n for a, n in zip(c.available, needed))]
+        if not cases:
+            raise InputError(f"--dedicated {args.dedicated}: no training case has all of its channels.")
 
     cfg = config_from_args(args)
     model = build_model(cfg).to(device)
@@ -189,8 +215,8 @@ def main(argv=None) -> None:
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info), use_compile)
     codes = all_codes(cfg.num_modalities).to(device)
     fixed = None
-    if args.fixed_code is not None:
-        fixed = torch.tensor([float(c) for c in args.fixed_code], device=device)
+    if args.dedicated is not None:
+        fixed = torch.tensor([float(c) for c in args.dedicated], device=device)
     reg_sign = 1.0 if args.reg_printed_sign else -1.0
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     last = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)

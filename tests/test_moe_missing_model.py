@@ -6,9 +6,9 @@ Run: .venv/bin/python -m pytest -q tests/test_moe_missing_model.py
 import pytest
 import torch
 
-from moe_missing.evaluate import gate_table
 from moe_missing.losses import all_codes
 from moe_missing.model import DynamicConv3d, MoEConv3d, MoEUNetConfig, ResidualBlock, build_model
+from moe_missing.tables import gate_table
 
 TINY = dict(features=(4, 8, 16))
 

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe_missing import evaluate, predict, train
+from moe_missing.model import build_model
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
@@ -82,14 +83,22 @@ def test_resume_is_exact_then_predict_and_evaluate(data, tmp_path):
     assert [r["config"] for r in table[:8]] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR", "T2+FLAIR",
                                                 "T1+T2+FLAIR", "all"]  # fmt: skip
     assert {r["model"] for r in table} == {"ours", "MD"} and int(table[7]["n"]) == 7 * val_cases
-    with open(tmp_path / "eval" / "wilcoxon.csv") as f:
-        assert [r["metric"] for r in csv.DictReader(f)] == ["dice", "cscore"]
-    assert (tmp_path / "eval" / "gates_ours.csv").exists() and not (tmp_path / "eval" / "gates_MD.csv").exists()
+    with open(tmp_path / "eval" / "tests.csv") as f:
+        tests = list(csv.DictReader(f))
+    assert [(r["other"], r["metric"]) for r in tests] == [("MD", "dice"), ("MD", "cscore")]
+    with open(tmp_path / "eval" / "gates.csv") as f:
+        assert {r["model"] for r in csv.DictReader(f)} == {"ours"}  # MD has no MoE layer
+    with open(tmp_path / "eval" / "per_case.csv") as f:
+        per_case = list(csv.DictReader(f))
+    assert list(per_case[0])[:3] == ["model", "config", "case"]
+    assert {"hd95", "lesion_f1", "n_gt_lesions", "n_pred_lesions", "cscore"} <= set(per_case[0])
 
 
 def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, tmp_path):
     model_dir = tmp_path / "dm"
-    train.main(["--data", data, "--steps", "1", *TINY, "--out", str(model_dir), "--fixed-code", "011"])
+    train.main(["--data", data, "--steps", "1", *TINY, "--out", str(model_dir), "--dedicated", "011"])
+    ckpt = load_checkpoint(model_dir / "checkpoint.pt")
+    assert ckpt["dedicated"] == "011" and not any("gate" in k for k in ckpt["model"])  # the plain UNet
     (aniso,) = write_phantom_datasets(tmp_path / "aniso", datasets=["ms"], cases=1, shape=(16, 16, 16), seed=2,
                                       spacing=(1.5, 1.5, 2.5))  # fmt: skip
     folder = tmp_path / "scans"
@@ -106,8 +115,10 @@ def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, t
 
 
 def test_bad_arguments_are_refused_with_one_sentence(data, tmp_path):
-    with pytest.raises(InputError, match="--fixed-code 12 must be 3 digits 0/1"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--fixed-code", "12"])
+    with pytest.raises(InputError, match="--dedicated 12 must be 3 digits 0/1"):
+        train.parse_args(["--data", data, "--out", str(tmp_path), "--dedicated", "12"])
+    with pytest.raises(InputError, match="--fixed-code was removed.*use --dedicated CODE"):
+        train.parse_args(["--data", data, "--out", str(tmp_path), "--fixed-code", "101"])
     with pytest.raises(InputError, match="must be divisible by 2"):
         train.parse_args(["--data", data, "--out", str(tmp_path), "--features", "4", "8", "--patch", "15", "16", "16"])
     with pytest.raises(InputError, match="must name distinct channels"):
@@ -124,3 +135,14 @@ def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(broken) in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
+    common = ["--data", data, "--out", str(tmp_path), "--features", "4", "8"]
+    dedicated = train.parse_args([*common, "--dedicated", "101"])
+    plain = train.parse_args([*common, "--no-moe"])
+    assert train.config_from_args(dedicated) == train.config_from_args(plain)
+    assert dedicated.no_sd and dedicated.no_reg  # one view, no MoE layer: neither L_sd nor L_reg
+    shapes = {k: v.shape for k, v in build_model(train.config_from_args(dedicated)).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in build_model(train.config_from_args(plain)).state_dict().items()}
+    assert build_model(train.config_from_args(dedicated)).moe_layers() == []
