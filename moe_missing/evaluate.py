@@ -38,7 +38,8 @@ from tqdm import tqdm
 
 from moe_missing.data import read_case
 from moe_missing.losses import all_codes
-from moe_missing.predict import load_model, predict_image
+from moe_missing.predict import predict_image
+from moe_missing.runs import load_model, load_run_checkpoint
 from moe_missing.tables import (
     add_cscore,
     code_string,
@@ -50,7 +51,6 @@ from moe_missing.tables import (
     paper_table,
     summary_table,
 )
-from shared.checkpoint import load_checkpoint
 from shared.dataset import list_cases
 from shared.errors import InputError, run_cli
 from shared.evaluate import format_table, write_csv_atomic
@@ -58,7 +58,6 @@ from shared.harness import pick_device
 from shared.metrics import case_metrics
 from shared.nifti import write_nifti
 
-KIND = "moe_missing"
 CASE_COLUMNS = ("dice", "ppv", "ltpr", "lfpr", "lesion_f1", "hd95", "n_gt_lesions", "n_pred_lesions", "lesion_tp",
                 "lesion_fp", "lesion_fn")  # fmt: skip
 
@@ -80,9 +79,7 @@ def resolve_run(entry: str, name: str, which: str) -> Run:
     path = Path(entry)
     if path.is_dir():
         path = path / ("best.pt" if which == "best" else "checkpoint.pt")
-    ckpt = load_checkpoint(path, expect_kind=KIND)
-    if "config" not in ckpt or "args" not in ckpt:
-        raise InputError(f"--models {entry}: {path} is not a moe_missing.train run checkpoint (no config/args).")
+    ckpt = load_run_checkpoint(path)
     if ckpt["args"].get("fixed_code"):
         raise InputError(f"--models {entry} was trained with the removed --fixed-code (MoE layers on one code); "
                          "retrain it with --dedicated CODE.")  # fmt: skip

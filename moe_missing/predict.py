@@ -20,9 +20,8 @@ import torch
 from tqdm import tqdm
 
 from moe_missing.data import TARGET_SPACING, read_case, zscore_patches
-from moe_missing.model import MoEUNet, build_model
-from moe_missing.train import KIND, config_from_checkpoint
-from shared.checkpoint import load_checkpoint
+from moe_missing.model import MoEUNet
+from moe_missing.runs import load_model
 from shared.dataset import Case, canonical_modality, list_cases
 from shared.errors import InputError, run_cli
 from shared.geometry import resample_to_shape, resample_to_spacing
@@ -31,14 +30,6 @@ from shared.nifti import write_nifti
 from shared.sliding_window import sliding_window_inference
 
 _CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
-
-
-def load_model(path, device) -> tuple[MoEUNet, dict]:
-    """Rebuild the model of a `moe_missing.train` checkpoint, in eval mode on `device`."""
-    ckpt = load_checkpoint(path, map_location=device, expect_kind=KIND)
-    model = build_model(config_from_checkpoint(ckpt))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), ckpt
 
 
 def collect_cases(input_dir, modalities, split: str = "Tr", cases=None, use=None) -> list[Case]:
@@ -78,6 +69,21 @@ def collect_cases(input_dir, modalities, split: str = "Tr", cases=None, use=None
 
 
 @torch.no_grad()
+def window_logits(model: MoEUNet, x: torch.Tensor, code: torch.Tensor, *, patch_size, overlap: float = 0.5,
+                  tiles_per_batch: int = 2, amp: bool = True) -> torch.Tensor:  # fmt: skip
+    """Sliding-window logits (1, C, D, H, W) of a 1 mm volume x (1, K, D, H, W) with its code (1, K).
+
+    Each tile is z-scored per channel, as every training crop (a zero channel stays zero); the tiles are
+    blended with a Gaussian window. Put the model in eval mode first.
+    """
+
+    def forward(tiles):
+        with autocast_context(x.device, enabled=amp):
+            return model(zscore_patches(tiles), code.expand(tiles.shape[0], -1)).float()
+
+    return sliding_window_inference(forward, x, patch_size, overlap=overlap, tiles_per_batch=tiles_per_batch)
+
+
 def predict_image(model: MoEUNet, image: np.ndarray, code, spacing, *, patch_size, overlap: float = 0.5,
                   tiles_per_batch: int = 2, device="cpu", amp: bool = True) -> np.ndarray:  # fmt: skip
     """Lesion label map (X, Y, Z) uint8 of one K-channel image (K, X, Y, Z) in its native grid.
@@ -92,13 +98,8 @@ def predict_image(model: MoEUNet, image: np.ndarray, code, spacing, *, patch_siz
     resampled = resample_to_spacing(image, spacing, TARGET_SPACING, order=1)
     x = torch.from_numpy(np.ascontiguousarray(resampled, dtype=np.float32))[None].to(device)  # (1, K, D, H, W)
     code = torch.as_tensor(np.asarray(code, dtype=np.float32), device=device)[None]  # (1, K)
-
-    def forward(tiles):
-        # z-score per tile and channel, as every training crop (a zero channel stays zero)
-        with autocast_context(device, enabled=amp):
-            return model(zscore_patches(tiles), code.expand(tiles.shape[0], -1)).float()
-
-    logits = sliding_window_inference(forward, x, patch_size, overlap=overlap, tiles_per_batch=tiles_per_batch)
+    logits = window_logits(model, x, code, patch_size=patch_size, overlap=overlap, tiles_per_batch=tiles_per_batch,
+                           amp=amp)  # fmt: skip
     probs = torch.softmax(logits[0], dim=0).cpu().numpy()  # (C, D, H, W)
     probs = resample_to_shape(probs, native_shape, order=1)  # back to the native grid (paper 3.2)
     return probs.argmax(0).astype(np.uint8)

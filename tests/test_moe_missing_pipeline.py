@@ -1,9 +1,11 @@
-"""moe_missing end to end on tiny MS phantoms: train, exact resume, predict with a missing file, evaluate.
+"""moe_missing end to end on tiny MS phantoms: train from the shared cache, exact resume with loader workers,
+validation and best.pt, dedicated models, predict with a missing file, evaluate with pooled folds.
 
 Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py
 """
 
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +23,7 @@ from shared.phantom import write_phantom_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--features", "4", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--folds", "2", "--device", "cpu",
-        "--no-compile", "--log-every", "1", "--save-every", "100"]  # fmt: skip
+        "--no-compile", "--log-every", "1", "--save-every", "100", "--val-every", "0", "--workers", "0"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -42,28 +44,56 @@ def data(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return ["--cache", str(tmp_path_factory.mktemp("cache"))]
+
+
 def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_resume_is_exact_then_predict_and_evaluate(data, tmp_path):
-    common = ["--data", data, "--steps", "4", *TINY]
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_with_workers_is_exact_and_validation_keeps_the_best(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "4", *TINY, *cache, "--val-every", "2"]
     train.main([*common, "--out", str(tmp_path / "straight")])
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "2"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "2", "--workers", "2"])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight, resumed = (
-        _weights(tmp_path / "straight" / "checkpoint.pt"),
-        _weights(tmp_path / "resumed" / "checkpoint.pt"),
-    )
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "resumed" /
+                                                                                   "checkpoint.pt")  # fmt: skip
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-    with open(tmp_path / "straight" / "log.csv") as f:
-        log = list(csv.DictReader(f))
+    log = _rows(tmp_path / "straight" / "log.csv")
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
     assert float(log[0]["reg"]) < 0 and float(log[0]["sd"]) > 0  # both terms of Eq. 7 are active
+    val, val_resumed = _rows(tmp_path / "straight" / "val.csv"), _rows(tmp_path / "resumed" / "val.csv")
+    assert [int(r["step"]) for r in val] == [2, 4] and val == val_resumed
+    # every held-out case under each of its configurations: 7, or 3 for case 001 without T1
+    held_out = json.loads((tmp_path / "straight" / "split.json").read_text())[Path(data).name]["val"]
+    pairs = sum(3 if case == "PhantomMS_001" else 7 for case in held_out)
+    assert all(int(r["pairs"]) == pairs and 0 < float(r["objective"]) for r in val)
+    best = load_checkpoint(tmp_path / "straight" / "best.pt")
+    objectives = {int(r["step"]): float(r["objective"]) for r in val}
+    assert best["best"]["step"] == min(objectives, key=objectives.get) == best["step"]
+    assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["best"] == best["best"]
 
-    model = str(tmp_path / "straight" / "checkpoint.pt")
+
+def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "1", *TINY, *cache]
+    runs = {}
+    for name, flags in (("ours", []), ("md", ["--no-moe", "--no-sd"]), ("dm", ["--dedicated", "011"])):
+        for fold in (0, 1):
+            runs[name, fold] = tmp_path / f"{name}_{fold}"
+            train.main([*common, "--fold", str(fold), "--out", str(runs[name, fold]), *flags])
+    ckpt = load_checkpoint(runs["dm", 0] / "checkpoint.pt")
+    assert ckpt["dedicated"] == "011" and not any("gate" in k for k in ckpt["model"])  # the plain UNet
+
+    model = str(runs["ours", 0] / "checkpoint.pt")
     predict.main(["--model", model, "--input", data, "--output", str(tmp_path / "pred"), "--device", "cpu",
                   "--cases", "PhantomMS_000", "PhantomMS_001"])  # fmt: skip
     for case in ("PhantomMS_000", "PhantomMS_001"):  # 001 is predicted from T2 and FLAIR only
@@ -72,33 +102,32 @@ def test_resume_is_exact_then_predict_and_evaluate(data, tmp_path):
         assert out.shape == image.shape and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
         np.testing.assert_allclose(out.affine, image.affine)
 
-    md = tmp_path / "md"
-    train.main(["--data", data, "--steps", "2", *TINY, "--out", str(md), "--no-moe", "--no-sd"])
-    assert _weights(md / "checkpoint.pt").keys().isdisjoint({"stem.gate.weight"})
-    evaluate.main(["--data", data, "--models", model, str(md / "checkpoint.pt"), "--names", "ours", "MD",
-                   "--split", str(tmp_path / "straight" / "split.json"), "--out", str(tmp_path / "eval")])  # fmt: skip
-    with open(tmp_path / "eval" / "table.csv") as f:
-        table = list(csv.DictReader(f))
-    val_cases = 2
-    assert [r["config"] for r in table[:8]] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR", "T2+FLAIR",
-                                                "T1+T2+FLAIR", "all"]  # fmt: skip
-    assert {r["model"] for r in table} == {"ours", "MD"} and int(table[7]["n"]) == 7 * val_cases
-    with open(tmp_path / "eval" / "tests.csv") as f:
-        tests = list(csv.DictReader(f))
-    assert [(r["other"], r["metric"]) for r in tests] == [("MD", "dice"), ("MD", "cscore")]
-    with open(tmp_path / "eval" / "gates.csv") as f:
-        assert {r["model"] for r in csv.DictReader(f)} == {"ours"}  # MD has no MoE layer
-    with open(tmp_path / "eval" / "per_case.csv") as f:
-        per_case = list(csv.DictReader(f))
+    names = ["ours", "ours", "MD", "MD", "DM", "DM"]
+    folders = [str(runs[n, f]) for n in ("ours", "md", "dm") for f in (0, 1)]
+    evaluate.main(["--data", data, "--models", *folders, "--names", *names, "--held-out", "--device", "cpu",
+                   "--min-lesion-volume", "3", "--out", str(tmp_path / "eval")])  # fmt: skip
+    per_case = _rows(tmp_path / "eval" / "per_case.csv")
     assert list(per_case[0])[:3] == ["model", "config", "case"]
     assert {"hd95", "lesion_f1", "n_gt_lesions", "n_pred_lesions", "cscore"} <= set(per_case[0])
+    ours = [r for r in per_case if r["model"] == "ours"]
+    assert len(ours) == 3 * 7 + 3  # both folds pooled: every case once, 001 (no T1) under its 3 configurations
+    assert len({r["run"] for r in ours}) == 2
+    for config in {r["config"] for r in ours}:  # Corr over the pooled folds: one value per configuration
+        assert len({r["corr"] for r in ours if r["config"] == config}) == 1
+    dm = [r for r in per_case if r["model"] == "DM"]
+    assert {r["config"] for r in dm} == {"T2+FLAIR"} and len(dm) == 4  # its code on every case that has it
+    table = _rows(tmp_path / "eval" / "table.csv")
+    assert [r["config"] for r in table if r["model"] == "ours"][:8] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR",
+                                                                        "T2+FLAIR", "T1+T2+FLAIR", "all"]  # fmt: skip
+    tests = _rows(tmp_path / "eval" / "tests.csv")
+    assert [(r["other"], r["metric"], r["pairs"]) for r in tests] == [
+        ("DM", "dice", "4"), ("DM", "cscore", "4"), ("MD", "dice", "24"), ("MD", "cscore", "24")]  # fmt: skip
+    assert {r["model"] for r in _rows(tmp_path / "eval" / "gate_stats.csv")} == {"ours"}  # MD and DM have no gate
 
 
-def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, tmp_path):
+def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, cache, tmp_path):
     model_dir = tmp_path / "dm"
-    train.main(["--data", data, "--steps", "1", *TINY, "--out", str(model_dir), "--dedicated", "011"])
-    ckpt = load_checkpoint(model_dir / "checkpoint.pt")
-    assert ckpt["dedicated"] == "011" and not any("gate" in k for k in ckpt["model"])  # the plain UNet
+    train.main(["--data", data, "--steps", "1", *TINY, *cache, "--out", str(model_dir), "--dedicated", "011"])
     (aniso,) = write_phantom_datasets(tmp_path / "aniso", datasets=["ms"], cases=1, shape=(16, 16, 16), seed=2,
                                       spacing=(1.5, 1.5, 2.5))  # fmt: skip
     folder = tmp_path / "scans"
@@ -121,20 +150,10 @@ def test_bad_arguments_are_refused_with_one_sentence(data, tmp_path):
         train.parse_args(["--data", data, "--out", str(tmp_path), "--fixed-code", "101"])
     with pytest.raises(InputError, match="must be divisible by 2"):
         train.parse_args(["--data", data, "--out", str(tmp_path), "--features", "4", "8", "--patch", "15", "16", "16"])
-    with pytest.raises(InputError, match="must name distinct channels"):
+    with pytest.raises(InputError, match="has no channel"):
         train.parse_args(["--data", data, "--out", str(tmp_path), "--modalities", "T1", "DWI"])
     with pytest.raises(InputError, match="no dataset.json found"):
         train.parse_args(["--data", str(tmp_path), "--out", str(tmp_path)])
-
-
-def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
-    broken = tmp_path / "broken.pt"
-    broken.write_bytes(b"not a checkpoint")
-    result = subprocess.run([sys.executable, "-m", "moe_missing.predict", "--model", str(broken), "--input", data,
-                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
-    assert result.returncode == 2
-    assert result.stderr.startswith("error: ") and str(broken) in result.stderr
-    assert not (tmp_path / "out").exists()
 
 
 def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
@@ -146,3 +165,13 @@ def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
     shapes = {k: v.shape for k, v in build_model(train.config_from_args(dedicated)).state_dict().items()}
     assert shapes == {k: v.shape for k, v in build_model(train.config_from_args(plain)).state_dict().items()}
     assert build_model(train.config_from_args(dedicated)).moe_layers() == []
+
+
+def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"not a checkpoint")
+    result = subprocess.run([sys.executable, "-m", "moe_missing.predict", "--model", str(broken), "--input", data,
+                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ") and str(broken) in result.stderr
+    assert not (tmp_path / "out").exists()
