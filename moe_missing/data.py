@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from moe_missing.losses import sample_codes
+from moe_missing.losses import all_codes, sample_codes
 from shared.cache import CachedCase, Preprocessing
 from shared.dataset import list_cases, load_case
 from shared.errors import InputError
@@ -74,6 +74,20 @@ def zscore_patches(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
 def has_channels(case: CachedCase, code) -> bool:
     """Whether `case` has every channel the code asks for (a dedicated model trains only on such cases)."""
     return all(a >= int(c) for a, c in zip(case.available, code))
+
+
+def case_codes(available, dedicated: str | None) -> list[tuple]:
+    """The distinct configurations a case is scored under: the codes a model serves (a dedicated model its own,
+    any other all 2^K - 1) without the channels the case lacks, each once; a dedicated model's code only when
+    the case has all of its channels (else it is not that model's input)."""
+    K = len(available)
+    served = [tuple(int(c) for c in dedicated)] if dedicated else [tuple(map(int, c)) for c in all_codes(K).tolist()]
+    out = []
+    for code in served:
+        used = tuple(c * int(a) for c, a in zip(code, available))
+        if any(used) and used not in out and (not dedicated or used == code):
+            out.append(used)
+    return out
 
 
 @dataclass

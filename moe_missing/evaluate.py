@@ -36,8 +36,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from moe_missing.data import read_case
-from moe_missing.losses import all_codes
+from moe_missing.data import case_codes, read_case
 from moe_missing.predict import predict_image
 from moe_missing.runs import load_model, load_run_checkpoint
 from moe_missing.tables import (
@@ -105,46 +104,39 @@ def plan_jobs(runs, datasets, *, split=None, subset="val", held_out=False) -> li
     """
     jobs, owner = [], {}
     for run in runs:
-        K = len(run.modalities)
-        served = [tuple(int(c) for c in run.dedicated)] if run.dedicated else [tuple(map(int, c)) for c in
-                                                                               all_codes(K).tolist()]  # fmt: skip
         for data in datasets:
             name = Path(data).name
             cases = [c for c in list_cases(data) if c.label is not None]
             if held_out:
                 wanted = set(split_cases(run.folder / "split.json", name, "val", f"--held-out: {run.folder}:"))
+                if not wanted:
+                    raise InputError(f"--held-out: {run.folder} holds out no case of {name} (trained with --fold -1?).")
                 cases = [c for c in cases if c.case_id in wanted]
             elif split is not None:
-                wanted = set(split_cases(split, name, subset, "--split"))
-                cases = [c for c in cases if c.case_id in wanted]
+                cases = [c for c in cases if c.case_id in set(split_cases(split, name, subset, "--split"))]
             for case in cases:
                 unknown = [m for m in run.modalities if m not in case.images]
                 if unknown:
                     raise InputError(f"--data {data} has no channel {unknown} of the model {run.checkpoint}.")
                 available = tuple(int(case.images[m] is not None) for m in run.modalities)
-                done = set()
-                for code in served:
-                    used = tuple(c * a for c, a in zip(code, available))
-                    if not any(used) or used in done or (run.dedicated and used != code):
-                        continue  # nothing to predict from, already scored, or not the dedicated model's input
-                    done.add(used)
-                    key = (run.name, name, case.case_id, used)
+                for code in case_codes(available, run.dedicated):
+                    key = (run.name, name, case.case_id, code)
                     if key in owner:
                         raise InputError(
                             f"--models: {run.name} would score case {case.case_id} under "
-                            f"{config_name(used, run.modalities)} twice ({owner[key]} and {run.checkpoint}); runs "
+                            f"{config_name(code, run.modalities)} twice ({owner[key]} and {run.checkpoint}); runs "
                             "pooled under one name must score different cases (use --held-out for CV folds)."
                         )
                     owner[key] = run.checkpoint
-                    jobs.append((run, data, case, used))
+                    jobs.append((run, data, case, code))
     return jobs
 
 
 def score_jobs(jobs, *, device, overlap=0.5, connectivity=26, min_lesion_volume=0.0, pred_dir=None) -> list[dict]:
     """Predict and score every job; one model and one case in memory at a time. Returns per-case rows."""
-    rows, model, loaded, image = [], None, None, None
+    rows, model, loaded, image_of = [], None, None, None
     for run, data, case, code in tqdm(jobs, desc="evaluate", disable=None):
-        if loaded is not run.checkpoint:
+        if loaded != run.checkpoint:
             model, _ = load_model(run.checkpoint, device)
             loaded, image_of = run.checkpoint, None
         if image_of != (data, case.case_id):

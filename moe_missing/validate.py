@@ -11,23 +11,12 @@ world-th case and the sums are added up.
 import numpy as np
 import torch
 
-from moe_missing.losses import all_codes, dice_ce_loss, drop_modalities
+from moe_missing.data import case_codes
+from moe_missing.losses import dice_ce_loss, drop_modalities
 from moe_missing.predict import window_logits
 from shared.metrics import dice
 
 METRICS = {"objective": "min", "dice": "max"}  # what --val-metric may choose, and which way is better
-
-
-def case_codes(available, dedicated: str | None) -> list[tuple]:
-    """The distinct configurations a case is scored under: the served codes without its missing channels."""
-    K = len(available)
-    served = [tuple(int(c) for c in dedicated)] if dedicated else [tuple(map(int, c)) for c in all_codes(K).tolist()]
-    out = []
-    for code in served:
-        used = tuple(c * int(a) for c, a in zip(code, available))
-        if any(used) and used not in out and (not dedicated or used == code):
-            out.append(used)
-    return out
 
 
 @torch.no_grad()

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from moe_missing.data import MissingModalityBatches, preprocessing
+from moe_missing.data import MissingModalityBatches, case_codes, preprocessing
 from moe_missing.losses import modality_dropout_objective
 from moe_missing.model import MoEUNetConfig, build_model
 from moe_missing.predict import window_logits
-from moe_missing.validate import case_codes, improved, validation_score
+from moe_missing.validate import improved, validation_score
 from shared.cache import build_cache
 from shared.metrics import dice
 from shared.phantom import write_phantom_datasets

@@ -160,6 +160,10 @@ def test_pooled_runs_must_score_different_cases(dataset, tmp_path):
     jobs = plan_jobs(runs, [dataset], held_out=True)
     assert {(run.folder.name, case.case_id) for run, _, case, _ in jobs} == {
         ("f0", "PhantomMS_000"), ("f1", "PhantomMS_001"), ("f1", "PhantomMS_002")}  # fmt: skip
+    (tmp_path / "all").mkdir()  # a run trained on every case (--fold -1) has no held-out fold to score
+    (tmp_path / "all" / "split.json").write_text(f'{{"{Path(dataset).name}": {{"train": [], "val": []}}}}')
+    with pytest.raises(InputError, match="holds out no case"):
+        plan_jobs([fake_run("ours", folder=tmp_path / "all")], [dataset], held_out=True)
 
 
 def test_columns_follow_the_paper_dedicated_then_baselines_then_ours():
