@@ -253,6 +253,10 @@ def main(argv=None) -> None:
     print(f"\nDSC and CScore (x100, mean +- SE over cases; {n_cases} cases, runs of one name pooled; "
           f"CScore with Corr/{args.corr_weight}) per configuration")  # fmt: skip
     print(paper_table(table, models, configs))
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        if all(r["n_pred_lesions"] == 0 for r in mine):  # a collapsed run, worth a word beside its numbers
+            print(f"note: {name} predicted no lesion in any of its {len(mine)} (configuration, case) pairs")
     if tests:
         print(f"\nWilcoxon signed-rank tests of {args.ours} vs each model over the paired (configuration, case) rows, "
               "Holm-adjusted over all rows below")  # fmt: skip
