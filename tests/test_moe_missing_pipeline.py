@@ -125,6 +125,19 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     assert {r["model"] for r in _rows(tmp_path / "eval" / "gate_stats.csv")} == {"ours"}  # MD and DM have no gate
 
 
+def test_several_datasets_with_the_model_modalities_train_together(data, cache, tmp_path):
+    (wmh,) = write_phantom_datasets(tmp_path / "wmh", datasets=["wmh"], cases=2, shape=(16, 16, 16), seed=3)
+    out = tmp_path / "both"
+    # MS has T1, T2, FLAIR and WMH T1, FLAIR: a T1+FLAIR model trains on both (channels matched by name)
+    train.main(["--data", data, str(wmh), "--modalities", "T1", "FLAIR", "--steps", "1", *TINY, *cache, "--out",
+                str(out)])  # fmt: skip
+    split = json.loads((out / "split.json").read_text())
+    assert set(split) == {Path(data).name, wmh.name} and all(split[d]["train"] for d in split)
+    assert tuple(load_checkpoint(out / "checkpoint.pt")["config"]["modalities"]) == ("T1", "FLAIR")
+    with pytest.raises(InputError, match="has no channel \\['T2'\\]"):
+        train.parse_args(["--data", data, str(wmh), "--out", str(tmp_path / "x")])  # T2 is not in WMH
+
+
 def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, cache, tmp_path):
     model_dir = tmp_path / "dm"
     train.main(["--data", data, "--steps", "1", *TINY, *cache, "--out", str(model_dir), "--dedicated", "011"])
