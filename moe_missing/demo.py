@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 
 from moe_missing import evaluate, train
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
 SMALL = ["--features", "8", "16", "32", "64", "--patch", "32", "32", "32", "--batch-size", "2", "--fold", "0",

@@ -50,8 +50,9 @@ from moe_missing.tables import (
     paper_table,
     summary_table,
 )
+from shared.cli import run_cli
 from shared.dataset import list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
 from shared.metrics import case_metrics

@@ -46,9 +46,9 @@ from moe_missing.validate import METRICS, improved, validation_score
 from shared.atomic import atomic_path
 from shared.cache import build_cache
 from shared.checkpoint import restore_run
-from shared.cli import add_run_args
+from shared.cli import add_run_args, run_cli
 from shared.dataset import canonical_modality, split_dataset
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,
