@@ -7,8 +7,9 @@ nnU-Net's). The resampling happens once, in the preprocessed cache (`shared.cach
 modality dropout only draws codes without it and a zero channel is never brought back to life.
 
 `MissingModalityBatches` builds the whole batch of one training step from that step's Generator: the cases,
-the crop positions, the modality-dropout code of every crop (Eq. 2's uniform draw) and the gate noise of
-paper 3.2, so the batch of step t, noise included, is a pure function of (seed, rank, t) (`shared.loader`).
+the crop positions, the modality-dropout code of every crop (Eq. 2's uniform draw), the gate noise of
+paper 3.2 and, with `--augment`, the augmentation parameters, so the batch of step t is a pure function of
+(seed, rank, t) (`shared.loader`).
 `read_case` reads a raw case for prediction and evaluation, which work on the native files.
 """
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from moe_missing.losses import all_codes, sample_codes
+from shared.augment import PIPELINES, AugmentationPipeline, initial_patch_size, sample_params
 from shared.cache import CachedCase, Preprocessing
 from shared.dataset import list_cases, load_case
 from shared.errors import InputError
@@ -100,15 +102,20 @@ class MissingModalityBatches:
         patch: crop size (D, H, W) at 1 mm.
         fg_prob: probability that a crop is centred on a lesion voxel (paper: 0.8), drawn per crop.
         dedicated: the fixed code of a dedicated model ("101"), or None for modality dropout.
-        read_size: region read per crop, larger than `patch` when the augmentation rotates or scales (its
-            initial patch size); None reads `patch`.
+        pipeline: the augmentation (`shared.augment.PIPELINES`); "none" (the paper) reads the crop itself,
+            another reads its larger initial patch around it and draws its parameters, which
+            `shared.augment.BatchAugmentation` then applies (in a loader worker on CPU, on the GPU on CUDA).
 
     Returns (per call), a dict of:
         image: (B, K, *read) float32 full-modality crops, z-scored per crop and channel (missing channels 0);
-        label: (B, *read) int64; channel_mask / available: (B, K) float, 1 where the case has the channel;
+            read = patch, or the pipeline's initial patch size;
+        label: (B, *read) int64 (-1 outside the volume when augmenting: nnU-Net's padding, cleaned to 0 there);
+        available: (B, K) float, 1 where the case has the channel; channel_mask: the same as bool, so that the
+            augmentation keeps a missing channel exactly zero;
         code: (B, K) float, the dropped view's code (uniform over the non-empty subsets of `available`, Eq. 2),
             or the dedicated code;
-        eps: (2B, K) float standard-normal draws for the gate noise of the full and the dropped view.
+        eps: (2B, K) float standard-normal draws for the gate noise of the full and the dropped view;
+        aug: the augmentation parameters (only with a pipeline other than "none").
     """
 
     cases: list
@@ -116,24 +123,33 @@ class MissingModalityBatches:
     patch: tuple
     fg_prob: float = 0.8
     dedicated: str | None = None
-    read_size: tuple | None = None
+    pipeline: AugmentationPipeline = PIPELINES["none"]
+
+    @property
+    def augments(self) -> bool:
+        return self.pipeline != PIPELINES["none"]
 
     def __call__(self, rng: np.random.Generator) -> dict:
-        read = tuple(self.read_size or self.patch)
+        read = initial_patch_size(self.patch, self.pipeline) if self.augments else tuple(self.patch)
+        fill = -1 if self.augments else 0  # nnU-Net pads the labels of a read region with -1
         images, labels, available = [], [], []
         for _ in range(self.batch_size):
             case = self.cases[int(rng.integers(len(self.cases)))]
             foreground = bool(rng.random() < self.fg_prob)  # paper: 80 % of crops centred on a lesion voxel
             start = patch_start(case, read, self.patch, rng, foreground=foreground)
             images.append(read_region(case.open_image(), start, read))
-            labels.append(read_region(case.open_label(), start, read))
+            labels.append(read_region(case.open_label(), start, read, fill=fill, dtype=np.int16))
             available.append(case.available)
         image = zscore_patches(torch.from_numpy(np.stack(images).astype(np.float32)))
         available = torch.tensor(available, dtype=torch.float32)  # (B, K)
+        B, K = available.shape
         if self.dedicated is None:
             code = sample_codes(available, rng)
         else:
-            code = torch.tensor([float(c) for c in self.dedicated]).expand(self.batch_size, -1).clone()
-        eps = torch.from_numpy(rng.standard_normal((2 * self.batch_size, available.shape[1])).astype(np.float32))
-        return {"image": image, "label": torch.from_numpy(np.stack(labels).astype(np.int64)), "available": available,
-                "channel_mask": available.clone(), "code": code, "eps": eps}  # fmt: skip
+            code = torch.tensor([float(c) for c in self.dedicated]).expand(B, -1).clone()
+        eps = torch.from_numpy(rng.standard_normal((2 * B, K)).astype(np.float32))
+        batch = {"image": image, "label": torch.from_numpy(np.stack(labels)).long(), "available": available,
+                 "channel_mask": available > 0, "code": code, "eps": eps}  # fmt: skip
+        if self.augments:
+            batch["aug"] = sample_params(self.pipeline, B, K, rng)
+        return batch

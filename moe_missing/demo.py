@@ -19,15 +19,13 @@ are large and the tests weak: the numbers show the pipeline, not the paper's eff
 continues from the checkpoints it finds.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 
 from moe_missing import evaluate, train
-from shared.cli import run_cli
-from shared.errors import InputError
+from shared.cli import check_output_dir, make_parser, positive_int, run_cli
 from shared.phantom import write_phantom_datasets
 
 SMALL = ["--features", "8", "16", "32", "64", "--patch", "32", "32", "32", "--batch-size", "2", "--fold", "0",
@@ -36,18 +34,17 @@ MODELS = {"ours": [], "MD": ["--no-moe", "--no-sd"]}  # table name -> extra flag
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--data", default="data/demo", help="folder of the phantom datasets (written if absent)")
     parser.add_argument("--runs", default="runs/moe_missing", help="folder for the runs and tables")
-    parser.add_argument("--steps", type=int, default=300, help="training steps of every model")
+    parser.add_argument("--steps", type=positive_int, default=300, help="training steps of every model")
     parser.add_argument("--dedicated", nargs="+", default=["111", "001", "100"], help="codes of the dedicated "
                         "models (T1 T2 FLAIR bits)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (1: tiny convs gain little from more, "
-                        "and OpenMP threads spin badly on a shared CPU)")  # fmt: skip
+    parser.add_argument("--threads", type=positive_int, default=1, help="CPU threads (1: tiny convs gain little "
+                        "from more, and OpenMP threads spin badly on a shared CPU)")  # fmt: skip
     args = parser.parse_args(argv)
-    if args.steps < 1 or args.threads < 1:
-        raise InputError(f"--steps and --threads must be at least 1, got {args.steps} and {args.threads}.")
+    check_output_dir(args.runs, "--runs")
     torch.set_num_threads(args.threads)
     start = time.time()
     (data,) = write_phantom_datasets(args.data, datasets=["ms"], seed=0)

@@ -12,8 +12,9 @@ bits 0). A case lacking a channel on disk is scored under the configuration it r
 absent), once; a dedicated model skips the cases that lack one of its channels.
 
 Which cases: --held-out scores each run on the held-out fold of its own split.json (pooling the folds scores
-every case once); --split FILE scores the --subset cases of one split.json for every run; with neither, every
-labelled case is scored, training cases included.
+every case once); --split FILE scores the --subset cases of one split file for every run (a run's split.json,
+or nnU-Net's splits_final.json with --fold); --cases names them; with none of these, every labelled case is
+scored, training cases included.
 
 Writes to --out:
 - per_case.csv: per (model, configuration, case): DSC, PPV, LTPR, LFPR, lesion F1, HD95, lesion counts, volumes,
@@ -27,8 +28,7 @@ Writes to --out:
 Per-case rows of all runs of a model are pooled before Corr, CScore, the standard errors and the tests.
 """
 
-import argparse
-import json
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +38,7 @@ from tqdm import tqdm
 
 from moe_missing.data import case_codes, read_case
 from moe_missing.predict import predict_image
-from moe_missing.runs import load_model, load_run_checkpoint
+from moe_missing.runs import HINT, KIND, RUN_KEYS, load_model
 from moe_missing.tables import (
     add_cscore,
     code_string,
@@ -50,11 +50,13 @@ from moe_missing.tables import (
     paper_table,
     summary_table,
 )
-from shared.cli import run_cli
+from shared.checkpoint import load_run_checkpoint
+from shared.cli import check_output_dir, make_parser, non_negative_float, overlap_fraction, positive_int, run_cli
 from shared.dataset import list_cases
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
+from shared.inputs import add_subset_args, read_split, selected_cases
 from shared.metrics import case_metrics
 from shared.nifti import write_nifti
 
@@ -79,7 +81,7 @@ def resolve_run(entry: str, name: str, which: str) -> Run:
     path = Path(entry)
     if path.is_dir():
         path = path / ("best.pt" if which == "best" else "checkpoint.pt")
-    ckpt = load_run_checkpoint(path)
+    ckpt = load_run_checkpoint(path, kind=KIND, keys=RUN_KEYS, hint=HINT)
     if ckpt["args"].get("fixed_code"):
         raise InputError(f"--models {entry} was trained with the removed --fixed-code (MoE layers on one code); "
                          "retrain it with --dedicated CODE.")  # fmt: skip
@@ -87,34 +89,37 @@ def resolve_run(entry: str, name: str, which: str) -> Run:
                dedicated=ckpt.get("dedicated"), patch=tuple(ckpt["args"]["patch"]))  # fmt: skip
 
 
-def split_cases(path: Path, dataset: str, subset: str, flag: str) -> list[str]:
-    """The `subset` case ids of `dataset` in a split.json written by `moe_missing.train`."""
-    try:
-        split = json.loads(Path(path).read_text())[dataset]
-        return list(split[subset])
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as err:
-        raise InputError(f"{flag} {path} is not a split.json of {dataset} with a {subset!r} list ({err!r}).") from err
+def held_out_cases(run: Run, dataset: str) -> list[str]:
+    """The held-out fold of `dataset` in the run's own split.json (written by `moe_missing.train`)."""
+    parts = read_split(run.folder / "split.json", flag=f"--held-out: {run.name}'s")
+    if dataset not in parts:
+        raise InputError(f"--held-out: {run.folder / 'split.json'} holds no split of {dataset}.")
+    if not parts[dataset]["val"]:
+        raise InputError(f"--held-out: {run.folder} holds out no case of {dataset} (trained with --fold -1?).")
+    return parts[dataset]["val"]
 
 
-def plan_jobs(runs, datasets, *, split=None, subset="val", held_out=False) -> list[tuple]:
+def plan_jobs(runs, datasets, *, case_ids=None, held_out=False) -> list[tuple]:
     """Every (run, dataset, case, code) to predict, checked before any prediction.
 
-    The code is the configuration the case really has under the run's served code (missing files removed);
-    duplicates of one case under one configuration are dropped within a run and refused across the runs of
-    one name (pooled runs must score different cases, e.g. the held-out folds of one cross-validation).
+    Args:
+        runs: the `Run`s to score.
+        datasets: dataset folders.
+        case_ids: {dataset name: ids or None (every labelled case)}; None scores every labelled case.
+        held_out: score each run on its own held-out fold instead (`held_out_cases`).
+
+    The code is the configuration the case really has under the run's served code (missing files removed,
+    `data.case_codes`); one case under one configuration is refused twice across the runs of one name
+    (pooled runs must score different cases, e.g. the held-out folds of one cross-validation).
     """
     jobs, owner = [], {}
     for run in runs:
         for data in datasets:
             name = Path(data).name
             cases = [c for c in list_cases(data) if c.label is not None]
-            if held_out:
-                wanted = set(split_cases(run.folder / "split.json", name, "val", f"--held-out: {run.folder}:"))
-                if not wanted:
-                    raise InputError(f"--held-out: {run.folder} holds out no case of {name} (trained with --fold -1?).")
-                cases = [c for c in cases if c.case_id in wanted]
-            elif split is not None:
-                cases = [c for c in cases if c.case_id in set(split_cases(split, name, subset, "--split"))]
+            wanted = held_out_cases(run, name) if held_out else (case_ids or {}).get(name)
+            if wanted is not None:
+                cases = [c for c in cases if c.case_id in set(wanted)]
             for case in cases:
                 unknown = [m for m in run.modalities if m not in case.images]
                 if unknown:
@@ -166,8 +171,61 @@ def column_order(runs, ours: str) -> list[str]:
     return [n for n in dedicated if n != ours] + rest + [ours]
 
 
+def check_runs(runs) -> None:
+    """Runs compared in one table take the same channels in the same order; one name pools one kind of run."""
+    for run in runs:
+        if run.modalities != runs[0].modalities:
+            raise InputError(
+                f"--models: {run.checkpoint} takes {list(run.modalities)}, {runs[0].checkpoint} "
+                f"{list(runs[0].modalities)}; every model must take the same channels in the same order."
+            )
+    for name in dict.fromkeys(r.name for r in runs):
+        if len({bool(r.dedicated) for r in runs if r.name == name}) > 1:
+            raise InputError(f"--names {name} pools dedicated and multi-configuration runs; give them two names.")
+
+
+def score_runs(runs, datasets, *, case_ids=None, held_out=False, device, overlap=0.5, connectivity=26,
+               min_lesion_volume=0.0, corr_weight=1 / 4, pred_dir=None) -> list[dict]:  # fmt: skip
+    """Plan (refusing bad selections before any work), predict and score: per-case rows with Corr and CScore."""
+    check_runs(runs)
+    jobs = plan_jobs(runs, datasets, case_ids=case_ids, held_out=held_out)
+    if case_ids and not held_out:
+        wanted = {c for ids in case_ids.values() if ids for c in ids}
+        unknown = wanted - {case.case_id for _, _, case, _ in jobs}
+        if unknown:
+            shown = " ".join(sorted(unknown)[:10])
+            raise InputError(f"case id(s) {shown} of the selection are not labelled cases of --data that these models "
+                             "can score.")  # fmt: skip
+    if not jobs:
+        raise InputError(f"--data {' '.join(map(str, datasets))}: no labelled case to score with these models.")
+    rows = score_jobs(jobs, device=device, overlap=overlap, connectivity=connectivity,
+                      min_lesion_volume=min_lesion_volume, pred_dir=pred_dir)  # fmt: skip
+    return add_cscore(rows, corr_weight=corr_weight)
+
+
+def evaluate_models(data, model_paths, names, case_ids=None, *, patch=None, overlap: float = 0.5, device="cpu",
+                    connectivity: int = 26, min_lesion_volume: float = 0.0, corr_weight: float = 1 / 4,
+                    held_out: bool = False, which: str = "last", pred_dir=None) -> list[dict]:  # fmt: skip
+    """Per (model, configuration, case) rows with Corr and CScore, runs of one name pooled (the library entry).
+
+    Args:
+        data: a dataset folder or a list of them.
+        model_paths: run folders or checkpoint files; names: one per path (repeated names pool runs).
+        case_ids: the ids to score, in every dataset (None: every labelled case); not with `held_out`.
+        patch: sliding-window tile (default: each run's training crop).
+    """
+    datasets = [data] if isinstance(data, str | Path) else list(data)
+    runs = [resolve_run(str(path), name, which) for path, name in zip(model_paths, names)]
+    if patch is not None:
+        runs = [dataclasses.replace(run, patch=tuple(patch)) for run in runs]
+    selection = None if case_ids is None else {Path(d).name: list(case_ids) for d in datasets}
+    return score_runs(runs, datasets, case_ids=selection, held_out=held_out, device=torch.device(device),
+                      overlap=overlap, connectivity=connectivity, min_lesion_volume=min_lesion_volume,
+                      corr_weight=corr_weight, pred_dir=pred_dir)  # fmt: skip
+
+
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--data", nargs="+", required=True, help="nnU-Net dataset folder(s) with labelsTr")
     parser.add_argument("--models", nargs="+", required=True, help="run folders (or checkpoints) of moe_missing.train")
     parser.add_argument("--names", nargs="+", help="a name per --models entry; repeated names pool runs "
@@ -176,14 +234,14 @@ def parse_args(argv=None):
     parser.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint of a run "
                         "folder: last (checkpoint.pt) or best (best.pt, chosen on the held-out fold, so optimistic "
                         "when scored on that fold)")  # fmt: skip
-    which = parser.add_mutually_exclusive_group()
-    which.add_argument("--held-out", action="store_true", help="score each run on the held-out fold of its split.json")
-    which.add_argument("--split", help="a split.json whose --subset cases are scored for every run")
-    parser.add_argument("--subset", choices=("val", "train"), default="val", help="which cases of --split")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+    parser.add_argument("--held-out", action="store_true", help="score each run on the held-out fold of its own "
+                        "split.json (not with --cases or --split)")  # fmt: skip
+    add_subset_args(parser)
+    parser.add_argument("--patch", type=positive_int, nargs=3, help="sliding-window tile (default: each model's crop)")
+    parser.add_argument("--overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26, help="lesion connectivity")
-    parser.add_argument("--min-lesion-volume", type=float, default=0.0, help="lesions of at most this many mm^3 "
-                        "are left out of LTPR, LFPR, lesion F1 and the lesion counts (MSSEG: 3; default 0 counts "
+    parser.add_argument("--min-lesion-volume", type=non_negative_float, default=0.0, help="lesions of at most this "
+                        "many mm^3 are left out of LTPR, LFPR, lesion F1 and the lesion counts (MSSEG: 3; 0 counts "
                         "every lesion)")  # fmt: skip
     parser.add_argument("--corr-weight", choices=("4", "8"), default="4", help="CScore weight of Corr: 1/4 "
                         "(Carass et al., weights sum to 1) or 1/8 (as printed in the paper)")  # fmt: skip
@@ -197,40 +255,35 @@ def parse_args(argv=None):
     args.ours = args.ours or args.names[0]
     if args.ours not in args.names:
         raise InputError(f"--ours {args.ours} is not one of --names {sorted(set(args.names))}.")
-    if not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap must lie in [0, 1), got {args.overlap}.")
-    if not np.isfinite(args.min_lesion_volume) or args.min_lesion_volume < 0:
-        raise InputError(f"--min-lesion-volume must be a volume in mm^3 >= 0, got {args.min_lesion_volume}.")
-    if Path(args.out).exists() and not Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is an existing file; give a folder.")
+    if args.held_out and (args.cases or args.split):
+        raise InputError("--held-out scores each run's own held-out fold; give it without --cases and --split.")
+    check_output_dir(args.out, "--out")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     runs = [resolve_run(entry, name, args.checkpoint) for entry, name in zip(args.models, args.names)]
-    modalities = runs[0].modalities
-    for run in runs:
-        if run.modalities != modalities:
-            raise InputError(
-                f"--models: {run.checkpoint} takes {list(run.modalities)}, {runs[0].checkpoint} {list(modalities)}; "
-                "every model must take the same channels in the same order."
-            )
-    for name in dict.fromkeys(args.names):
-        kinds = {bool(r.dedicated) for r in runs if r.name == name}
-        if len(kinds) > 1:
-            raise InputError(f"--names {name} pools dedicated and multi-configuration runs; give them two names.")
-    if not args.held_out and args.split is None:
-        print("no --split or --held-out: every labelled case is scored, training cases included")
-    jobs = plan_jobs(runs, args.data, split=args.split, subset=args.subset, held_out=args.held_out)
-    if not jobs:
-        raise InputError(f"--data {' '.join(args.data)}: no labelled case to score with these models and cases.")
+    if args.patch:
+        runs = [dataclasses.replace(run, patch=tuple(args.patch)) for run in runs]
+    selection = None
+    if not args.held_out:
+        selection = {}
+        for data in args.data:
+            name = Path(data).name
+            selection[name] = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=name)
+        if args.cases is None and args.split is None:
+            print("no --held-out, --split or --cases: every labelled case is scored, training cases included")
     out = Path(args.out)
-    device = pick_device(args.device)
-    rows = score_jobs(jobs, device=device, overlap=args.overlap, connectivity=args.connectivity,
-                      min_lesion_volume=args.min_lesion_volume,
+    rows = score_runs(runs, args.data, case_ids=selection, held_out=args.held_out, device=pick_device(args.device),
+                      overlap=args.overlap, connectivity=args.connectivity, min_lesion_volume=args.min_lesion_volume,
+                      corr_weight=1 / int(args.corr_weight),
                       pred_dir=out / "pred" if args.save_predictions else None)  # fmt: skip
-    add_cscore(rows, corr_weight=1 / int(args.corr_weight))
+    report(rows, runs, args, runs[0].modalities, out)
+
+
+def report(rows, runs, args, modalities, out: Path) -> None:
+    """Write the CSV tables and print the paper's layout, the tests and the gate statistics."""
     configs = [c for c in config_order(modalities) if any(r["config"] == c for r in rows)]
     models = column_order(runs, args.ours)
     table = summary_table(rows, configs)
@@ -259,8 +312,8 @@ def main(argv=None) -> None:
         if all(r["n_pred_lesions"] == 0 for r in mine):  # a collapsed run, worth a word beside its numbers
             print(f"note: {name} predicted no lesion in any of its {len(mine)} (configuration, case) pairs")
     if tests:
-        print(f"\nWilcoxon signed-rank tests of {args.ours} vs each model over the paired (configuration, case) rows, "
-              "Holm-adjusted over all rows below")  # fmt: skip
+        print(f"\nWilcoxon signed-rank tests of {args.ours} vs each model over the paired (configuration, case) "
+              "rows, Holm-adjusted over all rows below")  # fmt: skip
         print(format_table(tests, "{:.4g}"))
     if gate_stats:
         print("\ngate specialisation per MoE layer: mean cv(phi(m)) over the codes (0 uniform .. max one-hot), "

@@ -10,10 +10,11 @@ validation so far, or None).
 import dataclasses
 
 from moe_missing.model import MoEUNet, MoEUNetConfig, build_model
-from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.errors import InputError
+from shared.checkpoint import load_run_checkpoint, plain_args, save_checkpoint
 
 KIND = "moe_missing"
+RUN_KEYS = ("model", "config", "args")  # what predict and evaluate read from a run checkpoint
+HINT = "pass the checkpoint.pt or best.pt of a moe_missing.train run folder"
 
 
 def config_from_checkpoint(ckpt: dict) -> MoEUNetConfig:
@@ -25,22 +26,12 @@ def save_run(path, *, model, cfg, optimizer, scaler, step: int, args, rng, best)
     """Atomically write everything to predict with, or resume, the run (un-compiled, un-wrapped model)."""
     save_checkpoint(path, kind=KIND, config=dataclasses.asdict(cfg), model=model.state_dict(),
                     optimizer=optimizer.state_dict(), scaler=scaler.state_dict(), step=step, dedicated=args.dedicated,
-                    args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
-                    rng=rng, best=best)  # fmt: skip
-
-
-def load_run_checkpoint(path, map_location="cpu") -> dict:
-    """A `moe_missing.train` checkpoint; refuses other kinds and bare state_dicts with one sentence."""
-    ckpt = load_checkpoint(path, map_location=map_location, expect_kind=KIND)
-    if "config" not in ckpt or "model" not in ckpt or "args" not in ckpt:
-        raise InputError(f"{path} is not a checkpoint of moe_missing.train (no config, model and args entries); "
-                         "pass the checkpoint.pt or best.pt of a training run folder.")  # fmt: skip
-    return ckpt
+                    args=plain_args(args), rng=rng, best=best)  # fmt: skip
 
 
 def load_model(path, device) -> tuple[MoEUNet, dict]:
     """Rebuild the model of a `moe_missing.train` checkpoint, in eval mode on `device`."""
-    ckpt = load_run_checkpoint(path, map_location=device)
+    ckpt = load_run_checkpoint(path, kind=KIND, map_location=device, keys=RUN_KEYS, hint=HINT)
     model = build_model(config_from_checkpoint(ckpt))
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), ckpt

@@ -44,9 +44,21 @@ from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from moe_missing.runs import KIND, save_run
 from moe_missing.validate import METRICS, improved, validation_score
 from shared.atomic import atomic_path
+from shared.augment import PIPELINES, BatchAugmentation
 from shared.cache import build_cache
-from shared.checkpoint import restore_run
-from shared.cli import add_run_args, run_cli
+from shared.checkpoint import prepare_run_dir, restore_run
+from shared.cli import (
+    add_run_args,
+    make_parser,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    overlap_fraction,
+    positive_float,
+    positive_int,
+    probability,
+    run_cli,
+)
 from shared.dataset import canonical_modality, split_dataset
 from shared.errors import InputError
 from shared.harness import (
@@ -67,49 +79,56 @@ from shared.loader import add_loader_args, default_workers, training_batches
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folder(s) (DatasetXXX_Name) with "
                    "labelsTr; several datasets must all have the --modalities")  # fmt: skip
     g.add_argument("--modalities", nargs="+", help="input channels in order (default: the first dataset's channels)")
-    g.add_argument("--fold", type=int, default=0, help="cross-validation fold held out; -1 trains on all cases")
-    g.add_argument("--folds", type=int, default=3, help="number of deterministic folds (paper: 3)")
-    g.add_argument("--patch", type=int, nargs=3, default=(96, 96, 96), help="training crop size at 1 mm")
-    g.add_argument("--batch-size", type=int, default=4, help="crops per step and process (paper: 4)")
-    g.add_argument("--fg-prob", type=float, default=0.8, help="probability of a crop centred on a lesion voxel")
+    g.add_argument("--fold", type=number_in(int, "-1 or a fold index", low=-1), default=0, help="cross-validation "
+                   "fold held out; -1 trains on all cases")  # fmt: skip
+    g.add_argument("--folds", type=number_in(int, "at least 2", low=2), default=3, help="number of deterministic "
+                   "folds (paper: 3)")  # fmt: skip
+    g.add_argument("--patch", type=positive_int, nargs=3, default=(96, 96, 96), help="training crop size at 1 mm")
+    g.add_argument("--batch-size", type=positive_int, default=4, help="crops per step and process (paper: 4)")
+    g.add_argument("--fg-prob", type=probability, default=0.8, help="probability of a crop centred on a lesion voxel")
+    g.add_argument("--augment", action="store_true", help="nnU-Net v2's default augmentation (the paper names none); "
+                   "a missing channel stays zero")  # fmt: skip
     add_loader_args(g)
     g = parser.add_argument_group("model")
-    g.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256], help="UNet widths per level")
-    g.add_argument("--experts", type=int, default=4, help="experts N per MoE layer (paper: 4)")
+    g.add_argument("--features", type=positive_int, nargs="+", default=[16, 32, 64, 128, 256], help="UNet widths per "
+                   "level")  # fmt: skip
+    g.add_argument("--experts", type=positive_int, default=4, help="experts N per MoE layer (paper: 4)")
     g.add_argument("--stem", choices=STEMS, default="moe", help="stem conv: MoE, plain, or ModDrop++ dynamic")
     g.add_argument("--no-moe-encoder", action="store_true", help="plain second conv in the encoder blocks")
     g.add_argument("--no-moe", action="store_true", help="no MoE layer at all (plain stem and encoder)")
-    g.add_argument("--gate-noise", type=float, default=0.2, help="std of the training noise on the code")
+    g.add_argument("--gate-noise", type=non_negative_float, default=0.2, help="std of the training noise on the code")
     g.add_argument("--dedicated", metavar="CODE", help="a dedicated model: the plain UNet (as --no-moe) trained on "
                    "this configuration only, e.g. 101 = T1 and FLAIR of T1/T2/FLAIR; no L_reg, no L_sd")  # fmt: skip
     g.add_argument("--fixed-code", help=argparse.SUPPRESS)  # removed: refused with a pointer to --dedicated
     g = parser.add_argument_group("losses")
-    g.add_argument("--alpha", type=float, default=0.1, help="weight of L_reg in Eq. 7")
-    g.add_argument("--beta", type=float, default=1.0, help="weight of L_sd in Eq. 7")
-    g.add_argument("--tau", type=float, default=2.0, help="self-distillation temperature")
+    g.add_argument("--alpha", type=non_negative_float, default=0.1, help="weight of L_reg in Eq. 7")
+    g.add_argument("--beta", type=non_negative_float, default=1.0, help="weight of L_sd in Eq. 7")
+    g.add_argument("--tau", type=positive_float, default=2.0, help="self-distillation temperature")
     g.add_argument("--sd-form", choices=("dicece", "kl"), default="dicece", help="L_tau: DiceCE (paper) or KL*tau^2")
     g.add_argument("--no-sd", action="store_true", help="drop L_sd (Eq. 6)")
     g.add_argument("--no-reg", action="store_true", help="drop L_reg (Eq. 4)")
     g.add_argument("--reg-printed-sign", action="store_true", help="Eq. 4 with the printed '+' (ablation)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=50000, help="training steps (paper: 50k MSSEG-2016, 150k OPERA)")
-    g.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate, cosine decay to 0")
-    g.add_argument("--clip", type=float, default=12.0, help="gradient-norm clipping threshold")
+    g.add_argument("--steps", type=positive_int, default=50000, help="training steps (paper: 50k MSSEG-2016, 150k "
+                   "OPERA I)")  # fmt: skip
+    g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate, cosine decay to 0")
+    g.add_argument("--clip", type=positive_float, default=12.0, help="gradient-norm clipping threshold")
     g = parser.add_argument_group("validation on the held-out fold")
-    g.add_argument("--val-every", type=int, default=1000, help="steps between validations (0: none)")
+    g.add_argument("--val-every", type=non_negative_int, default=1000, help="steps between validations (0: none)")
     g.add_argument("--val-metric", choices=tuple(METRICS), default="objective", help="what picks best.pt: the "
                    "exact Eq. 2 objective (lower is better) or the lesion Dice (higher)")  # fmt: skip
-    g.add_argument("--val-overlap", type=float, default=0.5, help="sliding-window overlap of the validation")
+    g.add_argument("--val-overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap of the "
+                   "validation")  # fmt: skip
     g = parser.add_argument_group("run")
     add_run_args(g, out_holds="checkpoint.pt, best.pt, log.csv, val.csv, split.json", unit="steps",
                  compiled="the model")  # fmt: skip
-    g.add_argument("--save-every", type=int, default=1000, help="steps between checkpoints")
-    g.add_argument("--log-every", type=int, default=50, help="steps averaged into one log row")
+    g.add_argument("--save-every", type=positive_int, default=1000, help="steps between checkpoints")
+    g.add_argument("--log-every", type=positive_int, default=50, help="steps averaged into one log row")
     args = parser.parse_args(argv)
     check_args(args)
     return args
@@ -122,19 +141,10 @@ def check_args(args) -> None:
             raise InputError(f"--data {data}: no dataset.json found; expected an nnU-Net raw dataset folder.")
     if len({Path(d).name for d in args.data}) != len(args.data):
         raise InputError(f"--data {' '.join(args.data)}: two datasets have the same folder name.")
-    for name in ("batch_size", "steps", "save_every", "log_every", "experts"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
-    if args.val_every < 0 or (args.workers is not None and args.workers < 0):
-        raise InputError(f"--val-every and --workers must be >= 0, got {args.val_every} and {args.workers}.")
-    if args.lr <= 0 or args.tau <= 0:
-        raise InputError(f"--lr and --tau must be positive, got {args.lr} and {args.tau}.")
-    if not 0.0 <= args.fg_prob <= 1.0:
-        raise InputError(f"--fg-prob must lie in [0, 1], got {args.fg_prob}.")
-    if not 0.0 <= args.val_overlap < 1.0:
-        raise InputError(f"--val-overlap must lie in [0, 1), got {args.val_overlap}.")
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers must be at least 0, got {args.workers}.")
+    if len(args.features) < 2:
+        raise InputError(f"--features must give at least 2 widths (one per UNet level), got {args.features}.")
     channels = dataset_modalities(args.data[0])
     args.modalities = [canonical_modality(m) for m in (args.modalities or channels)]
     if len(set(args.modalities)) != len(args.modalities):
@@ -202,8 +212,7 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
     splits = {Path(d).name: split_dataset(d, fold=args.fold, folds=args.folds) for d in args.data}
     train_cases = cached_cases(args, splits, "train", dist_info)
@@ -221,10 +230,9 @@ def main(argv=None) -> None:
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     scaler = make_grad_scaler(device, pick_amp_dtype(device, enabled=args.amp))
     start, best = 0, None
-    if args.resume and ckpt_path.exists():
-        ckpt = restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
-                           device=device)  # fmt: skip
-        start, best = int(ckpt["step"]), ckpt.get("best")
+    if resumed is not None:
+        restore_run(resumed, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device)
+        start, best = int(resumed["step"]), resumed.get("best")
     workers = default_workers(device) if args.workers is None else args.workers
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
@@ -240,10 +248,12 @@ def main(argv=None) -> None:
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     val_logger = MetricsLogger(out / "val.csv", is_main=dist_info.is_main, start_step=start)
     last = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
+    pipeline = PIPELINES["nnunet" if args.augment else "none"]
     draw = MissingModalityBatches(train_cases, batch_size=args.batch_size, patch=tuple(args.patch),
-                                  fg_prob=args.fg_prob, dedicated=args.dedicated)  # fmt: skip
+                                  fg_prob=args.fg_prob, dedicated=args.dedicated, pipeline=pipeline)  # fmt: skip
+    augment = BatchAugmentation(pipeline, tuple(args.patch)) if draw.augments else None
     batches = training_batches(draw, seed=args.seed, rank=dist_info.rank, start=start, stop=last, workers=workers,
-                               device=device)  # fmt: skip
+                               device=device, augment=augment)  # fmt: skip
     sums, count, t0 = {}, 0, time.time()
 
     forward_model.train()

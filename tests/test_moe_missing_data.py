@@ -3,6 +3,8 @@
 Run: .venv/bin/python -m pytest -q tests/test_moe_missing_data.py
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -12,6 +14,7 @@ from moe_missing.losses import modality_dropout_objective
 from moe_missing.model import MoEUNetConfig, build_model
 from moe_missing.predict import window_logits
 from moe_missing.validate import improved, validation_score
+from shared.augment import PIPELINES, BatchAugmentation, initial_patch_size
 from shared.cache import build_cache
 from shared.metrics import dice
 from shared.phantom import write_phantom_datasets
@@ -75,6 +78,21 @@ def test_modality_dropout_codes_are_uniform_and_a_dedicated_code_is_fixed(cases)
     assert len(counts) == 7 and all(abs(n - 100) < 40 for n in counts)  # 1/7 each, ~4 sigma
     dedicated = MissingModalityBatches(cases, batch_size=3, patch=(4, 4, 4), dedicated="101")
     assert dedicated(np.random.default_rng(0))["code"].tolist() == [[1.0, 0.0, 1.0]] * 3
+
+
+def test_augmented_batches_keep_a_missing_channel_zero(cases):
+    # nnU-Net's pipeline with every intensity step always on: noise alone would fill a zero channel
+    pipeline = dataclasses.replace(PIPELINES["nnunet"], p_noise=1.0, p_brightness=1.0, p_contrast=1.0, p_gamma=1.0,
+                                   p_rotation=1.0)  # fmt: skip
+    no_t1 = [c for c in cases if c.case_id == "PhantomMS_001"]
+    draw = MissingModalityBatches(no_t1, batch_size=2, patch=(8, 8, 8), fg_prob=0.5, pipeline=pipeline)
+    batch = draw(np.random.default_rng(3))
+    assert batch["image"].shape[2:] == initial_patch_size((8, 8, 8), pipeline) and "aug" in batch
+    out = BatchAugmentation(pipeline, (8, 8, 8))(batch)
+    assert out["image"].shape == (2, 3, 8, 8, 8) and out["label"].shape == (2, 8, 8, 8)
+    assert not out["image"][:, 0].any() and out["image"][:, 1:].abs().sum() > 0  # T1 (missing) stays exactly 0
+    assert set(out["label"].unique().tolist()) <= {0, 1}  # nnU-Net's -1 padding is cleaned up
+    assert "aug" not in MissingModalityBatches(no_t1, batch_size=2, patch=(8, 8, 8))(np.random.default_rng(3))
 
 
 def test_case_codes_follow_the_channels_the_case_has():

@@ -83,6 +83,17 @@ def test_resume_with_workers_is_exact_and_validation_keeps_the_best(data, cache,
     assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["best"] == best["best"]
 
 
+def test_augmented_training_resumes_exactly_with_workers(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "2", *TINY, *cache, "--augment", "--patch", "8", "8", "8"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1", "--workers", "2"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "resumed" /
+                                                                                   "checkpoint.pt")  # fmt: skip
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
 def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     common = ["--data", data, "--steps", "1", *TINY, *cache]
     runs = {}
@@ -94,8 +105,8 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     assert ckpt["dedicated"] == "011" and not any("gate" in k for k in ckpt["model"])  # the plain UNet
 
     model = str(runs["ours", 0] / "checkpoint.pt")
-    predict.main(["--model", model, "--input", data, "--output", str(tmp_path / "pred"), "--device", "cpu",
-                  "--cases", "PhantomMS_000", "PhantomMS_001"])  # fmt: skip
+    predict.main(["--model", model, "--input", data, "--split", "Tr", "--output", str(tmp_path / "pred"), "--device",
+                  "cpu", "--cases", "PhantomMS_000", "PhantomMS_001"])  # fmt: skip
     for case in ("PhantomMS_000", "PhantomMS_001"):  # 001 is predicted from T2 and FLAIR only
         image = nib.load(f"{data}/imagesTr/{case}_0001.nii.gz")
         out = nib.load(str(tmp_path / "pred" / f"{case}.nii.gz"))
@@ -184,7 +195,8 @@ def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     result = subprocess.run([sys.executable, "-m", "moe_missing.predict", "--model", str(broken), "--input", data,
-                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                             "--split", "Tr", "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(broken) in result.stderr
     assert not (tmp_path / "out").exists()
