@@ -167,19 +167,6 @@ def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, c
     np.testing.assert_allclose(out.affine, image.affine)
 
 
-def test_bad_arguments_are_refused_with_one_sentence(data, tmp_path):
-    with pytest.raises(InputError, match="--dedicated 12 must be 3 digits 0/1"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--dedicated", "12"])
-    with pytest.raises(InputError, match="--fixed-code was removed.*use --dedicated CODE"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--fixed-code", "101"])
-    with pytest.raises(InputError, match="must be divisible by 2"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--features", "4", "8", "--patch", "15", "16", "16"])
-    with pytest.raises(InputError, match="has no channel"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--modalities", "T1", "DWI"])
-    with pytest.raises(InputError, match="no dataset.json found"):
-        train.parse_args(["--data", str(tmp_path), "--out", str(tmp_path)])
-
-
 def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
     common = ["--data", data, "--out", str(tmp_path), "--features", "4", "8"]
     dedicated = train.parse_args([*common, "--dedicated", "101"])
