@@ -4,6 +4,7 @@ Run: .venv/bin/python -m pytest -q tests/test_moe_missing_data.py
 """
 
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,12 +24,17 @@ PATCH = (16, 16, 16)
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory):
-    """4 cached MS phantoms of 20^3 voxels at 1 mm; case 001 has no T1 file."""
+def raw(tmp_path_factory):
+    """4 MS phantoms of 20^3 voxels at 1 mm; case 001 has no T1 file."""
     root = tmp_path_factory.mktemp("phantoms")
     (folder,) = write_phantom_datasets(root, datasets=["ms"], cases=4, shape=(20, 20, 20), seed=1)
     (folder / "imagesTr" / "PhantomMS_001_0000.nii.gz").unlink()
-    return build_cache(folder, preprocessing(("T1", "T2", "FLAIR")), cache_root=root / "cache", progress=False)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def cases(raw):
+    return build_cache(raw, preprocessing(("T1", "T2", "FLAIR")), cache_root=raw.parent / "cache", progress=False)
 
 
 def test_the_cache_keeps_a_missing_channel_as_zeros_marked_unavailable(cases):
@@ -36,6 +42,15 @@ def test_the_cache_keeps_a_missing_channel_as_zeros_marked_unavailable(cases):
     assert by_id["PhantomMS_001"].available == (0, 1, 1) and by_id["PhantomMS_000"].available == (1, 1, 1)
     assert not np.asarray(by_id["PhantomMS_001"].open_image()[0]).any()
     assert by_id["PhantomMS_000"].spacing == (1.0, 1.0, 1.0)
+
+
+def test_the_cache_follows_the_modality_order(raw, cases):
+    """Another --modalities order gives another cache entry with its channels in that order, never a stale one."""
+    first = next(c for c in cases if c.case_id == "PhantomMS_000")
+    prep = preprocessing(("FLAIR", "T1", "T2"))
+    (swapped,) = build_cache(raw, prep, case_ids=["PhantomMS_000"], cache_root=raw.parent / "cache", progress=False)
+    assert swapped.channels == ("FLAIR", "T1", "T2") and Path(swapped.image).parent != Path(first.image).parent
+    np.testing.assert_array_equal(np.asarray(swapped.open_image()), np.asarray(first.open_image())[[2, 0, 1]])
 
 
 def test_batch_is_a_function_of_the_step_generator_with_z_scored_crops(cases):

@@ -6,6 +6,7 @@ Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 from moe_missing import evaluate, predict, train
 from moe_missing.model import build_model
 from shared.checkpoint import load_checkpoint
+from shared.cli import run_cli
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
@@ -167,6 +169,34 @@ def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, c
     np.testing.assert_allclose(out.affine, image.affine)
 
 
+def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(data, cache, tmp_path, monkeypatch, capsys):
+    real = train.total_loss
+
+    def nan_at_step_2(*args, step, **kwargs):
+        loss = real(*args, step=step, **kwargs)
+        return loss * float("nan") if step == 2 else loss
+
+    monkeypatch.setattr(train, "total_loss", nan_at_step_2)
+    out = tmp_path / "nan"
+    argv = ["--data", data, "--steps", "4", *TINY, *cache, "--out", str(out), "--save-every", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train.main(argv))
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert f"loss is NaN at step 2; last good checkpoint kept at {out / 'checkpoint.pt'}" in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # the state after steps 0 and 1
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train.main([*argv[:-4], "--out", str(tmp_path / "nan0"), "--save-every", "100"]))
+    assert "loss is NaN at step 2; no checkpoint written yet" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.2)" in text and "(default: 96 96 96)" in text and "(default: objective)" in text
+
+
 def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
     common = ["--data", data, "--out", str(tmp_path), "--features", "4", "8"]
     dedicated = train.parse_args([*common, "--dedicated", "101"])
@@ -187,3 +217,19 @@ def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(broken) in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_training_with_validation(data, tmp_path):
+    """torchrun, 2 CPU ranks: rank 0 builds the caches while rank 1 waits, validation sums both ranks' cases."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "moe_missing.train", "--data", data, "--steps", "2",
+           *TINY, "--cache", str(tmp_path / "cache"), "--val-every", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held_out = json.loads((out / "split.json").read_text())[Path(data).name]["val"]
+    (row,) = _rows(out / "val.csv")
+    assert int(row["pairs"]) == sum(3 if case == "PhantomMS_001" else 7 for case in held_out)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and (out / "best.pt").exists()
