@@ -1,7 +1,7 @@
 """moe_missing end to end on tiny MS phantoms: train from the shared cache, exact resume with loader workers,
 validation and best.pt, dedicated models, predict with a missing file, evaluate with pooled folds.
 
-Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py
+Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py (add -m slow for the 2-rank torchrun run)
 """
 
 import csv
