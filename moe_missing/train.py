@@ -295,8 +295,8 @@ def main(argv=None) -> None:
             means = {k: all_reduce_mean(v / count) for k, v in sums.items()}
             logger.log(step=done, lr=lr, w=sigmoid_rampup(step, args.steps), seconds=time.time() - t0, **means)
             sums, count, t0 = {}, 0, time.time()
-        validate = bool(val_cases) and (done % args.val_every == 0 or done == args.steps)
-        if validate:
+        val_due, new_best = bool(val_cases) and (done % args.val_every == 0 or done == args.steps), False
+        if val_due:
             score = validation_score(raw_model, val_cases, patch=tuple(args.patch), device=device,
                                      dedicated=args.dedicated, overlap=args.val_overlap, amp=args.amp,
                                      rank=dist_info.rank, world_size=dist_info.world_size)  # fmt: skip
@@ -304,12 +304,12 @@ def main(argv=None) -> None:
             if new_best:
                 best = {"metric": args.val_metric, "value": score[args.val_metric], "step": done}
             val_logger.log(step=done, **score, best_step=best["step"] if best else "")
-        if validate or done % args.save_every == 0 or done == last:  # best.pt and checkpoint.pt agree on `best`
+        if val_due or done % args.save_every == 0 or done == last:  # best.pt and checkpoint.pt agree on `best`
             rng_states = gather_rng_state(rng)
             if dist_info.is_main:
                 payload = dict(model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler, step=done, args=args,
                                rng=rng_states, best=best)  # fmt: skip
-                if validate and new_best:
+                if new_best:
                     save_run(best_path, **payload)
                 save_run(ckpt_path, **payload)
 
