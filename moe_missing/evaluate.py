@@ -1,217 +1,324 @@
-"""Evaluate models over every modality configuration, as Tables 1-3 of Novosad et al., and their gates.
+"""Score models on the modality configurations they serve, in the layout of Novosad et al.'s Tables 1-3.
 
-    python -m moe_missing.evaluate --data DatasetXXX_MS --models runs/ours/checkpoint.pt runs/md/checkpoint.pt \
-        --names ours MD --split runs/ours/split.json --out runs/eval
+    python -m moe_missing.evaluate --data DatasetXXX_MS --held-out --out runs/eval \
+        --models runs/ours_f0 runs/ours_f1 runs/ours_f2 runs/md_f0 runs/md_f1 runs/md_f2 runs/dm111_f0 runs/dm100_f0 \
+        --names  ours        ours        ours        MD         MD         MD         DM          DM
 
-For each model, each of the 2^K - 1 configurations m and each held-out case, the case is predicted from the
-channels of m only (the others zero, code bits 0) and scored against its label. Writes to --out:
-- per_case.csv: DSC, PPV, LTPR, LFPR, lesion volumes and CScore of every (model, configuration, case);
-- table.csv: per model and configuration, mean +- standard error over cases of DSC and CScore, with mean PPV,
-  LTPR, LFPR and the volume correlation Corr (Tables 2, 3); the row "all" pools every configuration (Table 1);
-- wilcoxon.csv: two-sided Wilcoxon signed-rank test between the first two models, paired over all
-  (configuration, case) pairs, for DSC and CScore (paper 3.3);
-- gates_<name>.csv: phi(m) of every MoE layer for every code (the supplementary expert-weight figure).
-CScore = DSC/8 + PPV/8 + LTPR/4 + (1 - LFPR)/4 + Corr/4 (DESIGN.md), Corr computed per configuration
-across the cases.
+--models are run folders of `moe_missing.train` (or checkpoint files). Runs given the same --names entry are
+pooled into one model: the folds of a cross-validation, and for dedicated models (`train --dedicated CODE`) the
+runs of the different codes. Each run scores only what it serves: a dedicated model its own configuration, any
+other model all 2^K - 1. A case is predicted from the configuration's channels only (the others zero, their code
+bits 0). A case lacking a channel on disk is scored under the configuration it really had (T2+FLAIR when T1 is
+absent), once; a dedicated model skips the cases that lack one of its channels.
+
+Which cases: --held-out scores each run on the held-out fold of its own split.json (pooling the folds scores
+every case once); --split FILE scores the --subset cases of one split file for every run (a run's split.json,
+or nnU-Net's splits_final.json with --fold); --cases names them; with none of these, every labelled case is
+scored, training cases included.
+
+Writes to --out:
+- per_case.csv: per (model, configuration, case): DSC, PPV, LTPR, LFPR, lesion F1, HD95, lesion counts, volumes,
+  Corr and CScore, and the run that scored it;
+- table.csv: per model and configuration, n, DSC and CScore mean +- SE, the means of PPV, LTPR, LFPR, lesion F1,
+  HD95 and Corr; the configuration "all" pools every (configuration, case) row (Table 1);
+- tests.csv: Wilcoxon signed-rank tests of --ours against every other model over the paired (configuration, case)
+  rows both scored, for DSC and CScore, with Holm-adjusted p-values;
+- gates.csv and gate_stats.csv: phi(m) of every MoE layer for every code, and per layer the gate specialisation
+  (mean cv(phi(m)) over the codes), the balance cv(E_m phi(m)) and the argmax expert per code.
+Per-case rows of all runs of a model are pooled before Corr, CScore, the standard errors and the tests.
 """
 
-import argparse
-import json
-from collections import defaultdict
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from scipy import stats
 from tqdm import tqdm
 
-from moe_missing.data import read_case
-from moe_missing.losses import all_codes
-from moe_missing.model import MoEConv3d
-from moe_missing.predict import collect_cases, load_model, predict_image
-from shared.cli import run_cli
+from moe_missing.data import case_codes, read_case
+from moe_missing.predict import predict_image
+from moe_missing.runs import HINT, KIND, RUN_KEYS, load_model
+from moe_missing.tables import (
+    add_cscore,
+    code_string,
+    config_name,
+    config_order,
+    gate_specialisation,
+    gate_table,
+    paired_tests,
+    paper_table,
+    summary_table,
+)
+from shared.checkpoint import load_run_checkpoint
+from shared.cli import check_output_dir, make_parser, non_negative_float, overlap_fraction, positive_int, run_cli
+from shared.dataset import list_cases
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
-from shared.metrics import case_metrics, cscore, volume_correlation
+from shared.inputs import add_subset_args, read_split, selected_cases
+from shared.metrics import case_metrics
 from shared.nifti import write_nifti
 
-METRICS = ("dice", "ppv", "ltpr", "lfpr")
+CASE_COLUMNS = ("dice", "ppv", "ltpr", "lfpr", "lesion_f1", "hd95", "n_gt_lesions", "n_pred_lesions", "lesion_tp",
+                "lesion_fp", "lesion_fn")  # fmt: skip
 
 
-def config_name(code, modalities) -> str:
-    """ "T1+FLAIR" for the code 101 of (T1, T2, FLAIR)."""
-    return "+".join(m for m, c in zip(modalities, code) if c)
+@dataclass
+class Run:
+    """One trained model to score: its checkpoint, the name it is pooled under, what it serves."""
+
+    name: str
+    checkpoint: Path
+    folder: Path  # where its split.json lies
+    modalities: tuple
+    dedicated: str | None  # the code a dedicated model serves ("101"), None for a model of every configuration
+    patch: tuple
 
 
-def add_cscore(rows: list[dict]) -> list[dict]:
-    """Set "corr" (volume correlation across the cases of the same model and configuration) and "cscore"."""
-    groups = defaultdict(list)
-    for row in rows:
-        groups[(row["model"], row["config"])].append(row)
-    for group in groups.values():
-        corr = volume_correlation([r["volume_pred"] for r in group], [r["volume_gt"] for r in group])
-        for row in group:
-            row["corr"] = corr
-            row["cscore"] = float(cscore(row["dice"], row["ppv"], row["ltpr"], row["lfpr"], corr))
+def resolve_run(entry: str, name: str, which: str) -> Run:
+    """The checkpoint of a --models entry (run folder or file) and what it records, read once to plan the work."""
+    path = Path(entry)
+    if path.is_dir():
+        path = path / ("best.pt" if which == "best" else "checkpoint.pt")
+    ckpt = load_run_checkpoint(path, kind=KIND, keys=RUN_KEYS, hint=HINT)
+    if ckpt["args"].get("fixed_code"):
+        raise InputError(f"--models {entry} was trained with the removed --fixed-code (MoE layers on one code); "
+                         "retrain it with --dedicated CODE.")  # fmt: skip
+    return Run(name=name, checkpoint=path, folder=path.parent, modalities=tuple(ckpt["config"]["modalities"]),
+               dedicated=ckpt.get("dedicated"), patch=tuple(ckpt["args"]["patch"]))  # fmt: skip
+
+
+def held_out_cases(run: Run, dataset: str) -> list[str]:
+    """The held-out fold of `dataset` in the run's own split.json (written by `moe_missing.train`)."""
+    parts = read_split(run.folder / "split.json", flag=f"--held-out: {run.name}'s")
+    if dataset not in parts:
+        raise InputError(f"--held-out: {run.folder / 'split.json'} holds no split of {dataset}.")
+    if not parts[dataset]["val"]:
+        raise InputError(f"--held-out: {run.folder} holds out no case of {dataset} (trained with --fold -1?).")
+    return parts[dataset]["val"]
+
+
+def plan_jobs(runs, datasets, *, case_ids=None, held_out=False) -> list[tuple]:
+    """Every (run, dataset, case, code) to predict, checked before any prediction.
+
+    Args:
+        runs: the `Run`s to score.
+        datasets: dataset folders.
+        case_ids: {dataset name: ids or None (every labelled case)}; None scores every labelled case.
+        held_out: score each run on its own held-out fold instead (`held_out_cases`).
+
+    The code is the configuration the case really has under the run's served code (missing files removed,
+    `data.case_codes`); one case under one configuration is refused twice across the runs of one name
+    (pooled runs must score different cases, e.g. the held-out folds of one cross-validation).
+    """
+    jobs, owner = [], {}
+    for run in runs:
+        for data in datasets:
+            name = Path(data).name
+            cases = [c for c in list_cases(data) if c.label is not None]
+            wanted = held_out_cases(run, name) if held_out else (case_ids or {}).get(name)
+            if wanted is not None:
+                cases = [c for c in cases if c.case_id in set(wanted)]
+            for case in cases:
+                unknown = [m for m in run.modalities if m not in case.images]
+                if unknown:
+                    raise InputError(f"--data {data} has no channel {unknown} of the model {run.checkpoint}.")
+                available = tuple(int(case.images[m] is not None) for m in run.modalities)
+                for code in case_codes(available, run.dedicated):
+                    key = (run.name, name, case.case_id, code)
+                    if key in owner:
+                        raise InputError(
+                            f"--models: {run.name} would score case {case.case_id} under "
+                            f"{config_name(code, run.modalities)} twice ({owner[key]} and {run.checkpoint}); runs "
+                            "pooled under one name must score different cases (use --held-out for CV folds)."
+                        )
+                    owner[key] = run.checkpoint
+                    jobs.append((run, data, case, code))
+    return jobs
+
+
+def score_jobs(jobs, *, device, overlap=0.5, connectivity=26, min_lesion_volume=0.0, pred_dir=None) -> list[dict]:
+    """Predict and score every job; one model and one case in memory at a time. Returns per-case rows."""
+    rows, model, loaded, image_of = [], None, None, None
+    for run, data, case, code in tqdm(jobs, desc="evaluate", disable=None):
+        if loaded != run.checkpoint:
+            model, _ = load_model(run.checkpoint, device)
+            loaded, image_of = run.checkpoint, None
+        if image_of != (data, case.case_id):
+            image, label, ref, _ = read_case(case, list(run.modalities))
+            image_of = (data, case.case_id)
+        used = np.asarray(code, dtype=np.float32)
+        pred = predict_image(model, image * used[:, None, None, None], used, ref.spacing, patch_size=run.patch,
+                             overlap=overlap, device=device)  # fmt: skip
+        config = config_name(code, run.modalities)
+        if pred_dir is not None:
+            write_nifti(Path(pred_dir) / run.name / config / f"{case.case_id}.nii.gz", pred, like=ref, dtype=np.uint8)
+        m = case_metrics(pred > 0, label > 0, spacing=ref.spacing, connectivity=connectivity,
+                         min_lesion_volume_mm3=min_lesion_volume)  # fmt: skip
+        rows.append({"model": run.name, "config": config, "case": case.case_id, "dataset": Path(data).name,
+                     "code": code_string(code), **{k: m[k] for k in CASE_COLUMNS},
+                     "volume_pred": m["volume_pred_mm3"], "volume_gt": m["volume_gt_mm3"],
+                     "run": str(run.checkpoint)})  # fmt: skip
     return rows
 
 
-def mean_se(values) -> tuple[float, float]:
-    """Mean and standard error (sample std / sqrt(n), 0 for a single value)."""
-    values = np.asarray(values, dtype=np.float64)
-    se = values.std(ddof=1) / np.sqrt(values.size) if values.size > 1 else 0.0
-    return float(values.mean()), float(se)
+def column_order(runs, ours: str) -> list[str]:
+    """The paper's column order: dedicated models | the other baselines (as given) | ours."""
+    names = list(dict.fromkeys(r.name for r in runs))
+    dedicated = [n for n in names if all(r.dedicated for r in runs if r.name == n)]
+    rest = [n for n in names if n not in dedicated and n != ours]
+    return [n for n in dedicated if n != ours] + rest + [ours]
 
 
-def summary_table(rows: list[dict], configs) -> list[dict]:
-    """Per model, one row per configuration (in `configs` order) and one pooled row "all"."""
-    table = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        mine = [r for r in rows if r["model"] == model]
-        for config in [*configs, "all"]:
-            subset = mine if config == "all" else [r for r in mine if r["config"] == config]
-            if not subset:
-                continue
-            row = {"model": model, "config": config, "n": len(subset)}
-            for key in ("dice", "cscore"):
-                row[key], row[f"{key}_se"] = mean_se([r[key] for r in subset])
-            row |= {key: float(np.mean([r[key] for r in subset])) for key in ("ppv", "ltpr", "lfpr", "corr")}
-            table.append(row)
-    return table
+def check_runs(runs) -> None:
+    """Runs compared in one table take the same channels in the same order; one name pools one kind of run."""
+    for run in runs:
+        if run.modalities != runs[0].modalities:
+            raise InputError(
+                f"--models: {run.checkpoint} takes {list(run.modalities)}, {runs[0].checkpoint} "
+                f"{list(runs[0].modalities)}; every model must take the same channels in the same order."
+            )
+    for name in dict.fromkeys(r.name for r in runs):
+        if len({bool(r.dedicated) for r in runs if r.name == name}) > 1:
+            raise InputError(f"--names {name} pools dedicated and multi-configuration runs; give them two names.")
 
 
-def wilcoxon_rows(rows: list[dict], model_a: str, model_b: str) -> list[dict]:
-    """Wilcoxon signed-rank tests of model_a vs model_b, paired by (configuration, case), for DSC and CScore."""
-    a = {(r["config"], r["case"]): r for r in rows if r["model"] == model_a}
-    b = {(r["config"], r["case"]): r for r in rows if r["model"] == model_b}
-    keys = sorted(set(a) & set(b))
-    out = []
-    for metric in ("dice", "cscore"):
-        x = np.array([a[k][metric] for k in keys])
-        y = np.array([b[k][metric] for k in keys])
-        if len(keys) == 0 or np.all(x == y):
-            p, statistic = 1.0, 0.0  # identical results: no evidence of a difference
-        else:
-            res = stats.wilcoxon(x, y)
-            p, statistic = float(res.pvalue), float(res.statistic)
-        out.append({"metric": metric, "model_a": model_a, "model_b": model_b, "pairs": len(keys),
-                    "mean_diff": float(np.mean(x - y)) if keys else 0.0, "statistic": statistic, "p": p})  # fmt: skip
-    return out
+def score_runs(runs, datasets, *, case_ids=None, held_out=False, device, overlap=0.5, connectivity=26,
+               min_lesion_volume=0.0, corr_weight=1 / 4, pred_dir=None) -> list[dict]:  # fmt: skip
+    """Plan (refusing bad selections before any work), predict and score: per-case rows with Corr and CScore."""
+    check_runs(runs)
+    jobs = plan_jobs(runs, datasets, case_ids=case_ids, held_out=held_out)
+    if case_ids and not held_out:
+        wanted = {c for ids in case_ids.values() if ids for c in ids}
+        unknown = wanted - {case.case_id for _, _, case, _ in jobs}
+        if unknown:
+            shown = " ".join(sorted(unknown)[:10])
+            raise InputError(f"case id(s) {shown} of the selection are not labelled cases of --data that these models "
+                             "can score.")  # fmt: skip
+    if not jobs:
+        raise InputError(f"--data {' '.join(map(str, datasets))}: no labelled case to score with these models.")
+    rows = score_jobs(jobs, device=device, overlap=overlap, connectivity=connectivity,
+                      min_lesion_volume=min_lesion_volume, pred_dir=pred_dir)  # fmt: skip
+    return add_cscore(rows, corr_weight=corr_weight)
 
 
-@torch.no_grad()
-def gate_table(model, modalities) -> list[dict]:
-    """phi(m) of every MoE layer for every code (noise-free): one row per (layer, code), one column per expert."""
-    codes = all_codes(len(modalities))
-    table = []
-    for name, layer in model.named_modules():
-        if not isinstance(layer, MoEConv3d):
-            continue
-        phi = layer.gate_weights(codes.to(layer.gate.weight.device), noise=False).cpu()
-        for code, weights in zip(codes.tolist(), phi.tolist()):
-            row = {"layer": name, "config": config_name(code, modalities)}
-            row |= {f"expert_{n}": w for n, w in enumerate(weights)}
-            table.append(row)
-    return table
+def evaluate_models(data, model_paths, names, case_ids=None, *, patch=None, overlap: float = 0.5, device="cpu",
+                    connectivity: int = 26, min_lesion_volume: float = 0.0, corr_weight: float = 1 / 4,
+                    held_out: bool = False, which: str = "last", pred_dir=None) -> list[dict]:  # fmt: skip
+    """Per (model, configuration, case) rows with Corr and CScore, runs of one name pooled (the library entry).
+
+    Args:
+        data: a dataset folder or a list of them.
+        model_paths: run folders or checkpoint files; names: one per path (repeated names pool runs).
+        case_ids: the ids to score, in every dataset (None: every labelled case); not with `held_out`.
+        patch: sliding-window tile (default: each run's training crop).
+    """
+    datasets = [data] if isinstance(data, str | Path) else list(data)
+    runs = [resolve_run(str(path), name, which) for path, name in zip(model_paths, names)]
+    if patch is not None:
+        runs = [dataclasses.replace(run, patch=tuple(patch)) for run in runs]
+    selection = None if case_ids is None else {Path(d).name: list(case_ids) for d in datasets}
+    return score_runs(runs, datasets, case_ids=selection, held_out=held_out, device=torch.device(device),
+                      overlap=overlap, connectivity=connectivity, min_lesion_volume=min_lesion_volume,
+                      corr_weight=corr_weight, pred_dir=pred_dir)  # fmt: skip
 
 
-def paper_table(table: list[dict]) -> str:
-    """Tables 2/3 layout: DSC and CScore (x100) as mean +- SE per configuration, one column pair per model."""
-    models = list(dict.fromkeys(r["model"] for r in table))
-    by_key = {(r["model"], r["config"]): r for r in table}
-    configs = list(dict.fromkeys(r["config"] for r in table))
-    rows = []
-    for config in configs:
-        row = {"configuration": config}
-        for metric in ("dice", "cscore"):
-            for model in models:
-                r = by_key.get((model, config))
-                label = f"{'DSC' if metric == 'dice' else 'CScore'} {model}"
-                row[label] = f"{100 * r[metric]:.2f}+-{100 * r[metric + '_se']:.2f}" if r else "-"
-        rows.append(row)
-    return format_table(rows)
-
-
-def evaluate_models(data, model_paths, names, case_ids, *, patch=None, overlap=0.5, device="cpu",
-                    connectivity=26, pred_dir=None) -> list[dict]:  # fmt: skip
-    """Per (model, configuration, case) metrics rows with CScore (see the module docstring)."""
-    device = torch.device(device)
-    rows = []
-    for path, name in zip(model_paths, names):
-        model, ckpt = load_model(path, device)
-        modalities = list(model.cfg.modalities)
-        cases = collect_cases(data, modalities, cases=case_ids)
-        loaded = [(c.case_id, *read_case(c, modalities)) for c in cases if c.label is not None]
-        tile = tuple(patch or ckpt["args"]["patch"])
-        for code in tqdm(all_codes(len(modalities)).numpy(), desc=f"evaluate {name}", disable=None):
-            for case_id, image, label, ref, available in loaded:
-                used = code * np.asarray(available, dtype=np.float32)
-                if not used.any():
-                    continue  # the case has none of this configuration's channels
-                config = config_name(code, modalities)
-                pred = predict_image(model, image * used[:, None, None, None], used, ref.spacing, patch_size=tile,
-                                     overlap=overlap, device=device)  # fmt: skip
-                if pred_dir is not None:
-                    write_nifti(Path(pred_dir) / name / config / f"{case_id}.nii.gz", pred, like=ref, dtype=np.uint8)
-                m = case_metrics(pred > 0, label > 0, spacing=ref.spacing, connectivity=connectivity)
-                rows.append({"model": name, "config": config, "case": case_id, **{k: m[k] for k in METRICS},
-                             "volume_pred": m["volume_pred_mm3"], "volume_gt": m["volume_gt_mm3"]})  # fmt: skip
-    return add_cscore(rows)
-
-
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="nnU-Net dataset folder with labelsTr")
-    parser.add_argument("--models", nargs="+", required=True, help="checkpoints of moe_missing.train")
-    parser.add_argument("--names", nargs="+", help="a short name per model (default: run folder names)")
-    parser.add_argument("--split", help="split.json of the training run; its --subset cases are scored")
-    parser.add_argument("--subset", choices=("val", "train"), default="val", help="which cases of --split")
-    parser.add_argument("--patch", type=int, nargs=3, help="sliding-window tile (default: each model's crop)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", nargs="+", required=True, help="nnU-Net dataset folder(s) with labelsTr")
+    parser.add_argument("--models", nargs="+", required=True, help="run folders (or checkpoints) of moe_missing.train")
+    parser.add_argument("--names", nargs="+", help="a name per --models entry; repeated names pool runs "
+                        "(default: the run folder names)")  # fmt: skip
+    parser.add_argument("--ours", help="the model tested against every other one (default: the first name)")
+    parser.add_argument("--checkpoint", choices=("last", "best"), default="last", help="which checkpoint of a run "
+                        "folder: last (checkpoint.pt) or best (best.pt, chosen on the held-out fold, so optimistic "
+                        "when scored on that fold)")  # fmt: skip
+    parser.add_argument("--held-out", action="store_true", help="score each run on the held-out fold of its own "
+                        "split.json (not with --cases or --split)")  # fmt: skip
+    add_subset_args(parser)
+    parser.add_argument("--patch", type=positive_int, nargs=3, help="sliding-window tile (default: each model's crop)")
+    parser.add_argument("--overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap")
     parser.add_argument("--connectivity", type=int, choices=(6, 18, 26), default=26, help="lesion connectivity")
+    parser.add_argument("--min-lesion-volume", type=non_negative_float, default=0.0, help="lesions of at most this "
+                        "many mm^3 are left out of LTPR, LFPR, lesion F1 and the lesion counts (MSSEG: 3; 0 counts "
+                        "every lesion)")  # fmt: skip
+    parser.add_argument("--corr-weight", choices=("4", "8"), default="4", help="CScore weight of Corr: 1/4 "
+                        "(Carass et al., weights sum to 1) or 1/8 (as printed in the paper)")  # fmt: skip
     parser.add_argument("--save-predictions", action="store_true", help="also write OUT/pred/NAME/CONFIG/*.nii.gz")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--out", required=True, help="folder for the CSV tables")
     args = parser.parse_args(argv)
-    names = args.names or [Path(p).parent.name for p in args.models]
-    if len(names) != len(args.models) or len(set(names)) != len(names):
-        raise InputError(f"--names {names} must give one distinct name per --models entry ({len(args.models)}).")
-    case_ids = None
-    if args.split:
-        try:
-            split = json.loads(Path(args.split).read_text())[Path(args.data).name]
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise InputError(f"--split {args.split} is not a split.json of {Path(args.data).name} ({err}).") from err
-        case_ids = split[args.subset]
-        if not case_ids:
-            raise InputError(f"--split {args.split} lists no {args.subset} case.")
+    args.names = args.names or [Path(p).name if Path(p).is_dir() else Path(p).parent.name for p in args.models]
+    if len(args.names) != len(args.models):
+        raise InputError(f"--names gives {len(args.names)} names for {len(args.models)} --models entries.")
+    args.ours = args.ours or args.names[0]
+    if args.ours not in args.names:
+        raise InputError(f"--ours {args.ours} is not one of --names {sorted(set(args.names))}.")
+    if args.held_out and (args.cases or args.split):
+        raise InputError("--held-out scores each run's own held-out fold; give it without --cases and --split.")
+    check_output_dir(args.out, "--out")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    runs = [resolve_run(entry, name, args.checkpoint) for entry, name in zip(args.models, args.names)]
+    if args.patch:
+        runs = [dataclasses.replace(run, patch=tuple(args.patch)) for run in runs]
+    selection = None
+    if not args.held_out:
+        selection = {}
+        for data in args.data:
+            name = Path(data).name
+            selection[name] = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=name)
+        if args.cases is None and args.split is None:
+            print("no --held-out, --split or --cases: every labelled case is scored, training cases included")
     out = Path(args.out)
-    device = pick_device(args.device)
-    rows = evaluate_models(args.data, args.models, names, case_ids, patch=args.patch, overlap=args.overlap,
-                           device=device, connectivity=args.connectivity,
-                           pred_dir=out / "pred" if args.save_predictions else None)  # fmt: skip
-    if not rows:
-        raise InputError(f"--data {args.data}: no labelled case to evaluate.")
-    out.mkdir(parents=True, exist_ok=True)
-    configs = list(dict.fromkeys(r["config"] for r in rows))
+    rows = score_runs(runs, args.data, case_ids=selection, held_out=args.held_out, device=pick_device(args.device),
+                      overlap=args.overlap, connectivity=args.connectivity, min_lesion_volume=args.min_lesion_volume,
+                      corr_weight=1 / int(args.corr_weight),
+                      pred_dir=out / "pred" if args.save_predictions else None)  # fmt: skip
+    report(rows, runs, args, runs[0].modalities, out)
+
+
+def report(rows, runs, args, modalities, out: Path) -> None:
+    """Write the CSV tables and print the paper's layout, the tests and the gate statistics."""
+    configs = [c for c in config_order(modalities) if any(r["config"] == c for r in rows)]
+    models = column_order(runs, args.ours)
     table = summary_table(rows, configs)
+    tests = paired_tests(rows, args.ours, [m for m in models if m != args.ours])
+    gates, gate_stats = [], []
+    for run in runs:
+        model, _ = load_model(run.checkpoint, torch.device("cpu"))
+        layer_gates = gate_table(model, list(modalities))
+        gates += [{"model": run.name, "run": str(run.checkpoint), **g} for g in layer_gates]
+        gate_stats += [{"model": run.name, "run": str(run.checkpoint), **g} for g in gate_specialisation(layer_gates)]
+
+    out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "per_case.csv", rows)
     write_csv_atomic(out / "table.csv", table)
-    print(f"DSC and CScore (x100, mean +- SE over {len({r['case'] for r in rows})} cases) per configuration")
-    print(paper_table(table))
-    if len(names) >= 2:
-        tests = wilcoxon_rows(rows, names[0], names[1])
-        write_csv_atomic(out / "wilcoxon.csv", tests)
-        print("\nWilcoxon signed-rank test over all (configuration, case) pairs\n" + format_table(tests, "{:.4g}"))
-    for path, name in zip(args.models, names):
-        model, _ = load_model(path, device)
-        gates = gate_table(model, list(model.cfg.modalities))
-        if gates:
-            write_csv_atomic(out / f"gates_{name}.csv", gates)
-            stem = [g for g in gates if g["layer"] == gates[0]["layer"]]
-            print(f"\n{name}: gate weights phi(m) of the first MoE layer ({gates[0]['layer']})\n"
-                  + format_table(stem, "{:.3f}"))  # fmt: skip
+    if tests:
+        write_csv_atomic(out / "tests.csv", tests)
+    if gates:
+        write_csv_atomic(out / "gates.csv", gates)
+        write_csv_atomic(out / "gate_stats.csv", gate_stats)
+    n_cases = len({(r["dataset"], r["case"]) for r in rows})
+    print(f"\nDSC and CScore (x100, mean +- SE over cases; {n_cases} cases, runs of one name pooled; "
+          f"CScore with Corr/{args.corr_weight}) per configuration")  # fmt: skip
+    print(paper_table(table, models, configs))
+    for name in models:
+        mine = [r for r in rows if r["model"] == name]
+        if all(r["n_pred_lesions"] == 0 for r in mine):  # a collapsed run, worth a word beside its numbers
+            print(f"note: {name} predicted no lesion in any of its {len(mine)} (configuration, case) pairs")
+    if tests:
+        print(f"\nWilcoxon signed-rank tests of {args.ours} vs each model over the paired (configuration, case) "
+              "rows, Holm-adjusted over all rows below")  # fmt: skip
+        print(format_table(tests, "{:.4g}"))
+    if gate_stats:
+        print("\ngate specialisation per MoE layer: mean cv(phi(m)) over the codes (0 uniform .. max one-hot), "
+              "balance cv(E_m phi(m)), argmax expert per code")  # fmt: skip
+        print(format_table([{k: v for k, v in g.items() if k != "run"} for g in gate_stats], "{:.3f}"))
     print(f"\ntables written to {out}")
 
 

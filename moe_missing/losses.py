@@ -116,9 +116,16 @@ def coefficient_of_variation(v: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """cv(v) = std(v) / mean(v) along `dim`, population std (divisor N, as tensor2tensor's cv_squared).
 
     For N experts a one-hot v gives sqrt(N - 1), a uniform v gives 0.
+
+    The gradient is finite everywhere: sqrt has an infinite slope at 0, so at exactly equal entries (a uniform
+    gate, e.g. a zero-initialised gate Linear, or a single expert) autograd would give 0 * inf = NaN. There cv
+    has its minimum 0, and the gradient used is 0, a valid subgradient.
     """
     mean = v.mean(dim)
-    std = (v - mean.unsqueeze(dim)).pow(2).mean(dim).sqrt()
+    var = (v - mean.unsqueeze(dim)).pow(2).mean(dim)
+    spread = var > 0
+    # the inner where keeps sqrt away from 0, so its backward never sees the infinite slope
+    std = torch.where(spread, torch.where(spread, var, 1.0).sqrt(), 0.0)
     return std / mean
 
 

@@ -5,7 +5,8 @@
 
 Every block is norm -> act -> conv -> norm -> act -> conv plus the identity (Fig. 1B); in the encoder the second
 conv may be a `MoEConv3d` (Fig. 1C). All convs are 3x3x3 except the classifier. Every MoE layer sees the same
-modality code, which the model's forward takes next to the image.
+modality code, which the model's forward takes next to the image, and in training the same noisy version of it:
+the noise of paper 3.2 is drawn once per sample and forward, here, and handed to every layer.
 """
 
 from dataclasses import dataclass
@@ -45,6 +46,8 @@ class MoEUNetConfig:
             raise ValueError(f"stem must be one of {STEMS}, got {self.stem!r}")
         if self.num_experts < 1:
             raise ValueError(f"num_experts must be >= 1, got {self.num_experts}")
+        if not self.gate_noise >= 0:
+            raise ValueError(f"gate_noise must be a std >= 0, got {self.gate_noise}")
 
     @property
     def num_modalities(self) -> int:
@@ -79,11 +82,11 @@ class ResidualBlock(nn.Module):
             self.conv2 = MoEConv3d(channels, channels, 3, num_experts, num_modalities, gate_noise=gate_noise)
         self.act = nn.LeakyReLU(negative_slope)
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
-        """x (B, C, D, H, W), code (B, K) -> (B, C, D, H, W)."""
+    def forward(self, x: torch.Tensor, code: torch.Tensor, noise: torch.Tensor | bool | None = None) -> torch.Tensor:
+        """x (B, C, D, H, W), code (B, K) and the code's noise (see `MoEConv3d.gate_weights`) -> (B, C, D, H, W)."""
         h = self.conv1(self.act(self.norm1(x)))
         h = self.act(self.norm2(h))
-        h = self.conv2(h, code) if isinstance(self.conv2, MoEConv3d) else self.conv2(h)
+        h = self.conv2(h, code, noise) if isinstance(self.conv2, MoEConv3d) else self.conv2(h)
         return x + h
 
 
@@ -112,17 +115,38 @@ class MoEUNet(nn.Module):
         self.head_norm = nn.InstanceNorm3d(f[0], affine=True)
         self.head = nn.Conv3d(f[0], cfg.num_classes, 1)
         self.act = nn.LeakyReLU(cfg.negative_slope)
+        self.has_moe = bool(self.moe_layers())
 
     def moe_layers(self) -> list[MoEConv3d]:
         """Every MoE layer, stem first then encoder levels top-down (the layers l of Eq. (4))."""
         return [m for m in self.modules() if isinstance(m, MoEConv3d)]
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    def code_noise(self, code: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor | bool:
+        """The perturbation of the code that every MoE layer of this forward sees (paper 3.2, std `gate_noise`).
+
+        Args:
+            code: (B, K) modality codes.
+            eps: (B, K) standard-normal draw (the training batch carries one, so a resumed run draws the same);
+                None draws it here.
+
+        Returns:
+            gate_noise * eps (B, K) in training mode; False (no noise) in eval mode or with gate_noise 0.
+        """
+        if not self.training or self.cfg.gate_noise == 0 or not self.has_moe:
+            return False
+        if eps is None:
+            eps = torch.randn_like(code)
+        if eps.shape != code.shape:
+            raise ValueError(f"eps must have the code's shape {tuple(code.shape)}, got {tuple(eps.shape)}")
+        return self.cfg.gate_noise * eps.to(code.dtype)
+
+    def forward(self, x: torch.Tensor, code: torch.Tensor, eps: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of the lesion classes.
 
         Args:
             x: (B, K, D, H, W) z-scored image, missing channels zero (Eq. (1)); sides divisible by `cfg.divisor`.
             code: (B, K) float modality code, 1 for a present channel, 0 for a missing one.
+            eps: optional (B, K) standard-normal draw for the gate noise (see `code_noise`); ignored in eval mode.
 
         Returns:
             (B, num_classes, D, H, W) logits.
@@ -132,12 +156,18 @@ class MoEUNet(nn.Module):
         if any(s % self.cfg.divisor for s in x.shape[2:]):
             raise ValueError(f"spatial size {tuple(x.shape[2:])} must be divisible by {self.cfg.divisor}")
         code = code.to(x.dtype)
-        h = self.stem(x) if isinstance(self.stem, nn.Conv3d) else self.stem(x, code)
+        noise = self.code_noise(code, eps)  # one draw per sample, shared by every MoE layer below
+        if isinstance(self.stem, MoEConv3d):
+            h = self.stem(x, code, noise)
+        elif isinstance(self.stem, DynamicConv3d):
+            h = self.stem(x, code)
+        else:
+            h = self.stem(x)
         skips = []
         for level, block in enumerate(self.encoder):
             if level > 0:
                 h = self.down[level - 1](h)
-            h = block(h, code)
+            h = block(h, code, noise)
             skips.append(h)
         for level in reversed(range(len(self.decoder))):
             h = self.up[level](h) + skips[level]  # additive skip: keeps every conv 3x3x3 without a projection

@@ -43,7 +43,9 @@ class MoEConv3d(nn.Module):
 
     x_out = sum_n phi(m)_n E_n(x_in), phi(m) = softmax(Linear(m)), computed as one convolution with the
     mixed kernel sum_n phi_n W_n and mixed bias sum_n phi_n b_n. In training, Gaussian noise of std
-    `gate_noise` is added to the code before the gate (paper 3.2: "to encourage exploration").
+    `gate_noise` is added to the code before the gate (paper 3.2: "to encourage exploration"). The paper
+    perturbs the modality code m itself, so inside `MoEUNet` one draw per sample and forward is shared by every
+    MoE layer (the model passes it as `noise`); a layer used on its own draws its own.
 
     Args:
         in_channels: Cin of every expert.
@@ -81,39 +83,49 @@ class MoEConv3d(nn.Module):
             nn.init.uniform_(self.bias.data[n], -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
         self.gate.reset_parameters()
 
-    def gate_weights(self, code: torch.Tensor, noise: bool | None = None) -> torch.Tensor:
-        """phi(m) = softmax(Linear(m)) of codes (B, K) -> (B, N).
+    def gate_weights(self, code: torch.Tensor, noise: torch.Tensor | bool | None = None) -> torch.Tensor:
+        """phi(m) = softmax(Linear(m + noise)) of codes (B, K) -> (B, N).
 
-        `noise` adds N(0, gate_noise^2) to the code; None means "in training mode only". The regulariser of
-        Eq. (4) asks for the clean gates (noise=False).
+        Args:
+            code: (B, K) modality codes.
+            noise: what is added to the code. None: a fresh N(0, gate_noise^2) draw in training mode, nothing in
+                eval mode. A (B, K) tensor: added as it is (`MoEUNet` passes one draw for all its layers).
+                False: nothing (the clean gates of Eq. (4) and of the gate tables).
         """
         if code.ndim != 2 or code.shape[1] != self.num_modalities:
             raise ValueError(f"code must be (B, {self.num_modalities}), got {tuple(code.shape)}")
         code = code.to(self.gate.weight.dtype)
-        if (self.training if noise is None else noise) and self.gate_noise > 0:
-            code = code + self.gate_noise * torch.randn_like(code)
+        if noise is None and self.training and self.gate_noise > 0:
+            noise = self.gate_noise * torch.randn_like(code)
+        if torch.is_tensor(noise):
+            if noise.shape != code.shape:
+                raise ValueError(f"noise must have the code's shape {tuple(code.shape)}, got {tuple(noise.shape)}")
+            code = code + noise.to(code.dtype)
         return torch.softmax(self.gate(code), dim=-1)
 
-    def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, code: torch.Tensor, noise: torch.Tensor | bool | None = None) -> torch.Tensor:
         """Fused Eq. (3).
 
         Args:
             x: (B, Cin, D, H, W) input.
             code: (B, K) float modality code (1 present, 0 missing), one per sample.
+            noise: the perturbation of the code, see `gate_weights`.
 
         Returns:
             (B, Cout, D, H, W) output.
         """
         if x.shape[0] != code.shape[0]:
             raise ValueError(f"x has {x.shape[0]} samples but code has {code.shape[0]}")
-        phi = self.gate_weights(code).to(x.dtype)  # (B, N)
+        phi = self.gate_weights(code, noise).to(x.dtype)  # (B, N)
         weight = torch.einsum("bn,noi...->boi...", phi, self.weight.to(x.dtype))  # (B, Cout, Cin, k, k, k)
         bias = phi @ self.bias.to(x.dtype)  # (B, Cout)
         return per_sample_conv3d(x, weight, bias, padding=self.kernel_size // 2)
 
-    def naive_forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
+    def naive_forward(
+        self, x: torch.Tensor, code: torch.Tensor, noise: torch.Tensor | bool | None = None
+    ) -> torch.Tensor:
         """Eq. (3) as printed: run all N experts on the whole batch and sum their gated outputs (N convs)."""
-        phi = self.gate_weights(code).to(x.dtype)  # (B, N)
+        phi = self.gate_weights(code, noise).to(x.dtype)  # (B, N)
         out = 0
         for n in range(self.num_experts):
             expert = F.conv3d(x, self.weight[n], self.bias[n], padding=self.kernel_size // 2)

@@ -4,6 +4,10 @@ A lesion is a connected component of a binary mask. Which voxels touch is set by
 18 (faces and edges) or 26 (faces, edges and corners). Published evaluation code disagrees here (scipy default 6,
 skimage connectivity=2 is 18, cc3d / MATLAB bwconncomp 26), so it is a parameter with default 26.
 
+Lesions at or under a minimum volume can be left out of the lesion-wise counts (`min_volume_mm3`, default 0 =
+every lesion counts), as the MSSEG challenges' evaluation (Anima's animaSegPerfAnalyzer, MinLesionVolume; MSSEG-2016
+ignored lesions under 3 mm^3) does: such components are removed from both masks before lesions are matched.
+
 Every function returns a finite number for empty masks; the conventions are written next to each one.
 """
 
@@ -86,19 +90,58 @@ class LesionCounts:
         return abs(self.n_pred - self.n_gt)
 
 
-def lesion_counts(pred, gt, connectivity: int = 26) -> LesionCounts:
+def drop_small_lesions(labels: np.ndarray, n: int, min_voxels: int) -> tuple[np.ndarray, int]:
+    """Remove the lesions of fewer than `min_voxels` voxels from a label map and number the rest 1..n' again.
+
+    Args:
+        labels: (X, Y, Z) int, 0 = background, 1..n = lesion index (from `label_lesions`).
+        n: number of lesions in `labels`.
+        min_voxels: smallest lesion kept, in voxels (<= 1 keeps every lesion).
+
+    Returns:
+        (labels', n') with the kept lesions in their original order.
+    """
+    if min_voxels <= 1 or n == 0:
+        return labels, n
+    sizes = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = sizes >= min_voxels
+    keep[0] = False
+    new_index = np.where(keep, np.cumsum(keep), 0).astype(labels.dtype)  # old index -> new index, 0 = removed
+    return new_index[labels], int(keep.sum())
+
+
+def min_lesion_voxels(min_volume_mm3: float, spacing) -> int:
+    """Voxels a lesion needs to be counted: it must be larger than `min_volume_mm3`.
+
+    Anima's rule (animaSegPerfCAnalyzer): floor(min_volume / voxel_volume) + 1 voxels, so with 3 mm^3 at 1 mm
+    a 3-voxel lesion is left out and a 4-voxel one counts; 0 mm^3 keeps every lesion (1 voxel).
+    """
+    if not np.isfinite(min_volume_mm3) or min_volume_mm3 < 0:
+        raise InputError(f"the minimum lesion volume must be a finite number of mm^3 >= 0, got {min_volume_mm3!r}.")
+    voxel_mm3 = float(np.prod(check_spacing(spacing, ndim=3)))
+    return int(np.floor(min_volume_mm3 / voxel_mm3)) + 1
+
+
+def lesion_counts(
+    pred, gt, connectivity: int = 26, *, min_volume_mm3: float = 0.0, spacing=(1.0, 1.0, 1.0)
+) -> LesionCounts:
     """Count detected, missed and false lesions of one case.
 
     Args:
         pred, gt: (X, Y, Z) binary masks (non-zero = lesion), same shape.
         connectivity: 6, 18 or 26 neighbours for the connected components.
+        min_volume_mm3: lesions of at most this volume are removed from both masks before counting (see
+            `min_lesion_voxels`); 0 counts every lesion.
+        spacing: voxel size in mm, for `min_volume_mm3`.
 
     Returns:
-        LesionCounts with tp, fn, fp, n_gt, n_pred.
+        LesionCounts with tp, fn, fp, n_gt, n_pred (of the lesions kept).
     """
     pred, gt = binary_pair(pred, gt)
-    gt_labels, n_gt = label_lesions(gt, connectivity=connectivity)
-    pred_labels, n_pred = label_lesions(pred, connectivity=connectivity)
+    min_voxels = min_lesion_voxels(min_volume_mm3, spacing)
+    gt_labels, n_gt = drop_small_lesions(*label_lesions(gt, connectivity=connectivity), min_voxels)
+    pred_labels, n_pred = drop_small_lesions(*label_lesions(pred, connectivity=connectivity), min_voxels)
+    pred, gt = pred_labels > 0, gt_labels > 0  # a removed lesion neither detects nor is detected
     # a gt lesion is detected when any of its voxels is predicted: collect the gt ids seen under pred
     tp = int(np.count_nonzero(np.unique(gt_labels[pred & gt])))
     # a pred lesion is true when any of its voxels lies in gt; the rest are false positives

@@ -132,14 +132,17 @@ def volume_correlation(pred_volumes, gt_volumes) -> float:
     return float(np.clip(np.dot(x, y) / norm, -1.0, 1.0))
 
 
-def cscore(dsc, ppv, ltpr, lfpr, corr):
+def cscore(dsc, ppv, ltpr, lfpr, corr, corr_weight: float = 1 / 4):
     """ISBI 2015 MS challenge score: DSC/8 + PPV/8 + LTPR/4 + (1 - LFPR)/4 + Corr/4 (Carass et al. 2017).
 
     Corr is the volume correlation across subjects (`volume_correlation`), the same for every case. The
     moe_missing paper prints Corr/8, but weights must sum to 1 for its tables to hold and public ports use /4,
-    so DESIGN.md fixes Corr/4. Accepts floats or numpy arrays (element-wise).
+    so DESIGN.md fixes Corr/4; `corr_weight=1/8` gives the printed formula. Accepts floats or numpy arrays
+    (element-wise).
     """
-    return dsc / 8 + ppv / 8 + ltpr / 4 + (1 - lfpr) / 4 + corr / 4
+    if corr_weight not in (1 / 4, 1 / 8):
+        raise InputError(f"corr_weight must be 1/4 (Carass et al.) or 1/8 (as printed), got {corr_weight!r}.")
+    return dsc / 8 + ppv / 8 + ltpr / 4 + (1 - lfpr) / 4 + corr * corr_weight
 
 
 def brats_regions(label, necrosis: int = 1, edema: int = 2, enhancing: int = 3) -> dict:
@@ -200,13 +203,15 @@ def aggregate_levels(rows, value: str = "dice") -> dict:
     }
 
 
-def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26) -> dict:
+def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26, min_lesion_volume_mm3: float = 0.0) -> dict:
     """All per-case numbers of one binary lesion mask, with the empty-mask conventions of each metric.
 
     Args:
         pred, gt: (X, Y, Z) binary masks (non-zero = lesion), same shape.
         spacing: voxel size in mm along each axis.
         connectivity: 6, 18 or 26 neighbours for the lesion-wise metrics.
+        min_lesion_volume_mm3: lesions of at most this volume are left out of the lesion-wise numbers (ltpr, lfpr,
+            lesion_f1, the lesion counts), not of the voxel-wise ones (`shared.lesion_metrics.lesion_counts`).
 
     Returns:
         dict of floats/ints: dice, hd95 (mm), ppv, sensitivity, ltpr, lfpr, lesion_f1, lesion_tp, lesion_fn,
@@ -216,7 +221,7 @@ def case_metrics(pred, gt, spacing=(1.0, 1.0, 1.0), connectivity: int = 26) -> d
     pred, gt = binary_pair(pred, gt)
     spacing = check_spacing(spacing, ndim=pred.ndim)
     voxel_mm3 = float(np.prod(spacing))
-    counts = lesion_counts(pred, gt, connectivity=connectivity)
+    counts = lesion_counts(pred, gt, connectivity=connectivity, min_volume_mm3=min_lesion_volume_mm3, spacing=spacing)
     volume_gt, volume_pred = int(np.count_nonzero(gt)), int(np.count_nonzero(pred))
     return {
         "dice": dice(pred, gt),

@@ -176,3 +176,23 @@ def test_rampup_and_eq7_total():
     assert value == pytest.approx(1 + 0.1 * 2 + math.exp(-5) * 3, rel=1e-6)
     value = total_loss(seg, reg, sd, step=10, total_steps=30, alpha=0.5, beta=2.0).item()
     assert value == pytest.approx(1 + 0.5 * 2 + 1.0 * 2 * 3, rel=1e-6)
+
+
+def test_cv_gradient_is_finite_at_uniform_gates_and_exact_elsewhere():
+    # a zero-initialised gate gives exactly uniform phi for every code: sqrt(0) in both terms of Eq. (4)
+    layer = MoEConv3d(2, 2, 3, num_experts=4, num_modalities=3)
+    torch.nn.init.zeros_(layer.gate.weight)
+    torch.nn.init.zeros_(layer.gate.bias)
+    reg = moe_regulariser([layer], all_codes(3))
+    reg.backward()
+    assert reg.item() == 0.0
+    assert torch.equal(layer.gate.weight.grad, torch.zeros_like(layer.gate.weight))  # finite: the subgradient 0
+    assert torch.equal(layer.gate.bias.grad, torch.zeros_like(layer.gate.bias))
+    single = MoEConv3d(2, 2, 3, num_experts=1, num_modalities=3)  # one expert: phi = 1, cv = 0 always
+    moe_regulariser([single], all_codes(3)).backward()
+    assert torch.isfinite(single.gate.weight.grad).all()
+    # away from 0 the gradient is that of the plain formula std / mean (population std)
+    v = torch.tensor([[0.1, 0.2, 0.3, 0.4], [0.7, 0.1, 0.1, 0.1]], dtype=torch.float64, requires_grad=True)
+    (grad,) = torch.autograd.grad(coefficient_of_variation(v, dim=1).sum(), v)
+    (naive,) = torch.autograd.grad((v.std(dim=1, correction=0) / v.mean(dim=1)).sum(), v)
+    torch.testing.assert_close(grad, naive)

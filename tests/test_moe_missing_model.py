@@ -6,9 +6,9 @@ Run: .venv/bin/python -m pytest -q tests/test_moe_missing_model.py
 import pytest
 import torch
 
-from moe_missing.evaluate import gate_table
 from moe_missing.losses import all_codes
 from moe_missing.model import DynamicConv3d, MoEConv3d, MoEUNetConfig, ResidualBlock, build_model
+from moe_missing.tables import gate_table
 
 TINY = dict(features=(4, 8, 16))
 
@@ -76,3 +76,51 @@ def test_gate_table_lists_every_layer_and_code():
     expected = torch.softmax(all_codes(3) @ stem.gate.weight.T + stem.gate.bias, dim=1)
     got = torch.tensor([[r[f"expert_{n}"] for n in range(3)] for r in table[:7]])
     torch.testing.assert_close(got, expected.detach())
+
+
+def capture_gate_inputs(model):
+    """Record the input of every MoE layer's gate Linear (the noisy code m + noise) at each forward."""
+    seen = []
+    for layer in model.moe_layers():
+        layer.gate.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
+    return seen
+
+
+def test_gate_noise_is_one_draw_per_sample_shared_by_every_moe_layer():
+    torch.manual_seed(0)
+    model = build_model(MoEUNetConfig(**TINY)).train()
+    seen = capture_gate_inputs(model)
+    codes = torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
+    x = torch.randn(3, 3, 8, 8, 8)
+    model(x, codes)
+    assert len(seen) == 4  # stem + 3 encoder blocks
+    for other in seen[1:]:
+        torch.testing.assert_close(other, seen[0], rtol=0, atol=0)  # the same noisy code in every layer
+    noise = seen[0] - codes
+    assert noise.abs().min() > 0 and not torch.equal(noise[0], noise[1])  # every sample its own draw
+    seen.clear()
+    model(x, codes)
+    assert not torch.equal(seen[0] - codes, noise)  # and every forward a new one
+    seen.clear()
+    eps = torch.randn(3, 3)
+    model(x, codes, eps)  # the batch's own draw (training passes it, so a resumed run sees the same)
+    torch.testing.assert_close(seen[0], codes + 0.2 * eps)
+    model.eval()
+    seen.clear()
+    model(x, codes, eps)
+    assert all(torch.equal(s, codes) for s in seen)  # no noise at inference
+
+
+def test_gate_noise_has_the_papers_std_with_a_fixed_seed():
+    torch.manual_seed(0)
+    model = build_model(MoEUNetConfig(**TINY, gate_noise=0.2)).train()
+    codes = torch.ones(20000, 3)
+    noise = model.code_noise(codes)
+    # 60,000 draws: the sample std of N(0, 0.2^2) is 0.2 +- 0.0006 (one SE); 0.2^2 = 0.04 or 1 would fail
+    assert abs(noise.std().item() - 0.2) < 0.003 and abs(noise.mean().item()) < 0.003
+    layer = model.stem  # a layer used on its own draws its own noise of the same size
+    seen = []
+    layer.gate.register_forward_pre_hook(lambda module, args: seen.append(args[0].detach()))
+    layer.gate_weights(codes)
+    assert abs((seen[0] - codes).std().item() - 0.2) < 0.003
+    assert model.eval().code_noise(codes) is False

@@ -1,9 +1,12 @@
-"""moe_missing end to end on tiny MS phantoms: train, exact resume, predict with a missing file, evaluate.
+"""moe_missing end to end on tiny MS phantoms: train from the shared cache, exact resume with loader workers,
+validation and best.pt, dedicated models, predict with a missing file, evaluate with pooled folds.
 
-Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py
+Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py (add -m slow for the 2-rank torchrun run)
 """
 
 import csv
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +17,15 @@ import pytest
 import torch
 
 from moe_missing import evaluate, predict, train
+from moe_missing.model import build_model
 from shared.checkpoint import load_checkpoint
+from shared.cli import run_cli
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--features", "4", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--folds", "2", "--device", "cpu",
-        "--no-compile", "--log-every", "1", "--save-every", "100"]  # fmt: skip
+        "--no-compile", "--log-every", "1", "--save-every", "100", "--val-every", "0", "--workers", "0"]  # fmt: skip
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -41,55 +46,114 @@ def data(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return ["--cache", str(tmp_path_factory.mktemp("cache"))]
+
+
 def _weights(path):
     return load_checkpoint(path)["model"]
 
 
-def test_resume_is_exact_then_predict_and_evaluate(data, tmp_path):
-    common = ["--data", data, "--steps", "4", *TINY]
+def _rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_resume_with_workers_is_exact_and_validation_keeps_the_best(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "4", *TINY, *cache, "--val-every", "2"]
     train.main([*common, "--out", str(tmp_path / "straight")])
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "2"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "2", "--workers", "2"])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["step"] == 2
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
-    straight, resumed = (
-        _weights(tmp_path / "straight" / "checkpoint.pt"),
-        _weights(tmp_path / "resumed" / "checkpoint.pt"),
-    )
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "resumed" /
+                                                                                   "checkpoint.pt")  # fmt: skip
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-    with open(tmp_path / "straight" / "log.csv") as f:
-        log = list(csv.DictReader(f))
+    log = _rows(tmp_path / "straight" / "log.csv")
     assert [int(r["step"]) for r in log] == [1, 2, 3, 4]
     assert float(log[0]["reg"]) < 0 and float(log[0]["sd"]) > 0  # both terms of Eq. 7 are active
+    val, val_resumed = _rows(tmp_path / "straight" / "val.csv"), _rows(tmp_path / "resumed" / "val.csv")
+    assert [int(r["step"]) for r in val] == [2, 4] and val == val_resumed
+    # every held-out case under each of its configurations: 7, or 3 for case 001 without T1
+    held_out = json.loads((tmp_path / "straight" / "split.json").read_text())[Path(data).name]["val"]
+    pairs = sum(3 if case == "PhantomMS_001" else 7 for case in held_out)
+    assert all(int(r["pairs"]) == pairs and 0 < float(r["objective"]) for r in val)
+    best = load_checkpoint(tmp_path / "straight" / "best.pt")
+    objectives = {int(r["step"]): float(r["objective"]) for r in val}
+    assert best["best"]["step"] == min(objectives, key=objectives.get) == best["step"]
+    assert load_checkpoint(tmp_path / "straight" / "checkpoint.pt")["best"] == best["best"]
 
-    model = str(tmp_path / "straight" / "checkpoint.pt")
-    predict.main(["--model", model, "--input", data, "--output", str(tmp_path / "pred"), "--device", "cpu",
-                  "--cases", "PhantomMS_000", "PhantomMS_001"])  # fmt: skip
+
+def test_augmented_training_resumes_exactly_with_workers(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "2", *TINY, *cache, "--augment", "--patch", "8", "8", "8"]
+    train.main([*common, "--out", str(tmp_path / "straight")])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1", "--workers", "2"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
+    straight, resumed = _weights(tmp_path / "straight" / "checkpoint.pt"), _weights(tmp_path / "resumed" /
+                                                                                   "checkpoint.pt")  # fmt: skip
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
+
+
+def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
+    common = ["--data", data, "--steps", "1", *TINY, *cache]
+    runs = {}
+    for name, flags in (("ours", []), ("md", ["--no-moe", "--no-sd"]), ("dm", ["--dedicated", "011"])):
+        for fold in (0, 1):
+            runs[name, fold] = tmp_path / f"{name}_{fold}"
+            train.main([*common, "--fold", str(fold), "--out", str(runs[name, fold]), *flags])
+    ckpt = load_checkpoint(runs["dm", 0] / "checkpoint.pt")
+    assert ckpt["dedicated"] == "011" and not any("gate" in k for k in ckpt["model"])  # the plain UNet
+
+    model = str(runs["ours", 0] / "checkpoint.pt")
+    predict.main(["--model", model, "--input", data, "--split", "Tr", "--output", str(tmp_path / "pred"), "--device",
+                  "cpu", "--cases", "PhantomMS_000", "PhantomMS_001"])  # fmt: skip
     for case in ("PhantomMS_000", "PhantomMS_001"):  # 001 is predicted from T2 and FLAIR only
         image = nib.load(f"{data}/imagesTr/{case}_0001.nii.gz")
         out = nib.load(str(tmp_path / "pred" / f"{case}.nii.gz"))
         assert out.shape == image.shape and set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
         np.testing.assert_allclose(out.affine, image.affine)
 
-    md = tmp_path / "md"
-    train.main(["--data", data, "--steps", "2", *TINY, "--out", str(md), "--no-moe", "--no-sd"])
-    assert _weights(md / "checkpoint.pt").keys().isdisjoint({"stem.gate.weight"})
-    evaluate.main(["--data", data, "--models", model, str(md / "checkpoint.pt"), "--names", "ours", "MD",
-                   "--split", str(tmp_path / "straight" / "split.json"), "--out", str(tmp_path / "eval")])  # fmt: skip
-    with open(tmp_path / "eval" / "table.csv") as f:
-        table = list(csv.DictReader(f))
-    val_cases = 2
-    assert [r["config"] for r in table[:8]] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR", "T2+FLAIR",
-                                                "T1+T2+FLAIR", "all"]  # fmt: skip
-    assert {r["model"] for r in table} == {"ours", "MD"} and int(table[7]["n"]) == 7 * val_cases
-    with open(tmp_path / "eval" / "wilcoxon.csv") as f:
-        assert [r["metric"] for r in csv.DictReader(f)] == ["dice", "cscore"]
-    assert (tmp_path / "eval" / "gates_ours.csv").exists() and not (tmp_path / "eval" / "gates_MD.csv").exists()
+    names = ["ours", "ours", "MD", "MD", "DM", "DM"]
+    folders = [str(runs[n, f]) for n in ("ours", "md", "dm") for f in (0, 1)]
+    evaluate.main(["--data", data, "--models", *folders, "--names", *names, "--held-out", "--device", "cpu",
+                   "--min-lesion-volume", "3", "--out", str(tmp_path / "eval")])  # fmt: skip
+    per_case = _rows(tmp_path / "eval" / "per_case.csv")
+    assert list(per_case[0])[:3] == ["model", "config", "case"]
+    assert {"hd95", "lesion_f1", "n_gt_lesions", "n_pred_lesions", "cscore"} <= set(per_case[0])
+    ours = [r for r in per_case if r["model"] == "ours"]
+    assert len(ours) == 3 * 7 + 3  # both folds pooled: every case once, 001 (no T1) under its 3 configurations
+    assert len({r["run"] for r in ours}) == 2
+    for config in {r["config"] for r in ours}:  # Corr over the pooled folds: one value per configuration
+        assert len({r["corr"] for r in ours if r["config"] == config}) == 1
+    dm = [r for r in per_case if r["model"] == "DM"]
+    assert {r["config"] for r in dm} == {"T2+FLAIR"} and len(dm) == 4  # its code on every case that has it
+    table = _rows(tmp_path / "eval" / "table.csv")
+    assert [r["config"] for r in table if r["model"] == "ours"][:8] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR",
+                                                                        "T2+FLAIR", "T1+T2+FLAIR", "all"]  # fmt: skip
+    tests = _rows(tmp_path / "eval" / "tests.csv")
+    assert [(r["other"], r["metric"], r["pairs"]) for r in tests] == [
+        ("DM", "dice", "4"), ("DM", "cscore", "4"), ("MD", "dice", "24"), ("MD", "cscore", "24")]  # fmt: skip
+    assert {r["model"] for r in _rows(tmp_path / "eval" / "gate_stats.csv")} == {"ours"}  # MD and DM have no gate
 
 
-def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, tmp_path):
+def test_several_datasets_with_the_model_modalities_train_together(data, cache, tmp_path):
+    (wmh,) = write_phantom_datasets(tmp_path / "wmh", datasets=["wmh"], cases=2, shape=(16, 16, 16), seed=3)
+    out = tmp_path / "both"
+    # MS has T1, T2, FLAIR and WMH T1, FLAIR: a T1+FLAIR model trains on both (channels matched by name)
+    train.main(["--data", data, str(wmh), "--modalities", "T1", "FLAIR", "--steps", "1", *TINY, *cache, "--out",
+                str(out)])  # fmt: skip
+    split = json.loads((out / "split.json").read_text())
+    assert set(split) == {Path(data).name, wmh.name} and all(split[d]["train"] for d in split)
+    assert tuple(load_checkpoint(out / "checkpoint.pt")["config"]["modalities"]) == ("T1", "FLAIR")
+    with pytest.raises(InputError, match="has no channel \\['T2'\\]"):
+        train.parse_args(["--data", data, str(wmh), "--out", str(tmp_path / "x")])  # T2 is not in WMH
+
+
+def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, cache, tmp_path):
     model_dir = tmp_path / "dm"
-    train.main(["--data", data, "--steps", "1", *TINY, "--out", str(model_dir), "--fixed-code", "011"])
+    train.main(["--data", data, "--steps", "1", *TINY, *cache, "--out", str(model_dir), "--dedicated", "011"])
     (aniso,) = write_phantom_datasets(tmp_path / "aniso", datasets=["ms"], cases=1, shape=(16, 16, 16), seed=2,
                                       spacing=(1.5, 1.5, 2.5))  # fmt: skip
     folder = tmp_path / "scans"
@@ -105,22 +169,67 @@ def test_anisotropic_input_and_plain_folder_come_back_in_the_native_grid(data, t
     np.testing.assert_allclose(out.affine, image.affine)
 
 
-def test_bad_arguments_are_refused_with_one_sentence(data, tmp_path):
-    with pytest.raises(InputError, match="--fixed-code 12 must be 3 digits 0/1"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--fixed-code", "12"])
-    with pytest.raises(InputError, match="must be divisible by 2"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--features", "4", "8", "--patch", "15", "16", "16"])
-    with pytest.raises(InputError, match="must name distinct channels"):
-        train.parse_args(["--data", data, "--out", str(tmp_path), "--modalities", "T1", "DWI"])
-    with pytest.raises(InputError, match="no dataset.json found"):
-        train.parse_args(["--data", str(tmp_path), "--out", str(tmp_path)])
+def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(data, cache, tmp_path, monkeypatch, capsys):
+    real = train.total_loss
+
+    def nan_at_step_2(*args, step, **kwargs):
+        loss = real(*args, step=step, **kwargs)
+        return loss * float("nan") if step == 2 else loss
+
+    monkeypatch.setattr(train, "total_loss", nan_at_step_2)
+    out = tmp_path / "nan"
+    argv = ["--data", data, "--steps", "4", *TINY, *cache, "--out", str(out), "--save-every", "1"]
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(lambda: train.main(argv))
+    assert exit_info.value.code == 3
+    err = capsys.readouterr().err
+    assert f"loss is NaN at step 2; last good checkpoint kept at {out / 'checkpoint.pt'}" in err
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2  # the state after steps 0 and 1
+    with pytest.raises(SystemExit):
+        run_cli(lambda: train.main([*argv[:-4], "--out", str(tmp_path / "nan0"), "--save-every", "100"]))
+    assert "loss is NaN at step 2; no checkpoint written yet" in capsys.readouterr().err
+
+
+def test_help_shows_every_default(capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: 0.2)" in text and "(default: 96 96 96)" in text and "(default: objective)" in text
+
+
+def test_dedicated_model_has_exactly_the_parameters_of_no_moe(data, tmp_path):
+    common = ["--data", data, "--out", str(tmp_path), "--features", "4", "8"]
+    dedicated = train.parse_args([*common, "--dedicated", "101"])
+    plain = train.parse_args([*common, "--no-moe"])
+    assert train.config_from_args(dedicated) == train.config_from_args(plain)
+    assert dedicated.no_sd and dedicated.no_reg  # one view, no MoE layer: neither L_sd nor L_reg
+    shapes = {k: v.shape for k, v in build_model(train.config_from_args(dedicated)).state_dict().items()}
+    assert shapes == {k: v.shape for k, v in build_model(train.config_from_args(plain)).state_dict().items()}
+    assert build_model(train.config_from_args(dedicated)).moe_layers() == []
 
 
 def test_cli_exit_code_and_message_on_broken_checkpoint(data, tmp_path):
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"not a checkpoint")
     result = subprocess.run([sys.executable, "-m", "moe_missing.predict", "--model", str(broken), "--input", data,
-                             "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True, text=True)  # fmt: skip
+                             "--split", "Tr", "--output", str(tmp_path / "out")], cwd=ROOT, capture_output=True,
+                            text=True)  # fmt: skip
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and str(broken) in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_two_rank_gloo_training_with_validation(data, tmp_path):
+    """torchrun, 2 CPU ranks: rank 0 builds the caches while rank 1 waits, validation sums both ranks' cases."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--nnodes=1", "--master_addr=127.0.0.1",
+           "--master_port", str(29500 + os.getpid() % 1000), "-m", "moe_missing.train", "--data", data, "--steps", "2",
+           *TINY, "--cache", str(tmp_path / "cache"), "--val-every", "2", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    held_out = json.loads((out / "split.json").read_text())[Path(data).name]["val"]
+    (row,) = _rows(out / "val.csv")
+    assert int(row["pairs"]) == sum(3 if case == "PhantomMS_001" else 7 for case in held_out)
+    assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and (out / "best.pt").exists()
