@@ -141,8 +141,6 @@ def check_args(args) -> None:
             raise InputError(f"--data {data}: no dataset.json found; expected an nnU-Net raw dataset folder.")
     if len({Path(d).name for d in args.data}) != len(args.data):
         raise InputError(f"--data {' '.join(args.data)}: two datasets have the same folder name.")
-    if args.workers is not None and args.workers < 0:
-        raise InputError(f"--workers must be at least 0, got {args.workers}.")
     if len(args.features) < 2:
         raise InputError(f"--features must give at least 2 widths (one per UNet level), got {args.features}.")
     channels = dataset_modalities(args.data[0])

@@ -78,9 +78,11 @@ class Preprocessing:
                 raise InputError(f"modalities must name each channel once, got {list(self.modalities)}.")
             object.__setattr__(self, "modalities", tuple(names))
 
-    def key(self, dataset_json: dict) -> str:
-        """12 hex digits of SHA-256 over the parameters, the dataset.json and the cache version."""
-        blob = json.dumps({"v": CACHE_VERSION, "prep": asdict(self), "dataset": dataset_json}, sort_keys=True)
+    def key(self, dataset_json: dict, root) -> str:
+        """12 hex digits of SHA-256 over the parameters, the dataset.json, the dataset's absolute path (two
+        datasets of the same folder name never share files) and the cache version."""
+        blob = json.dumps({"v": CACHE_VERSION, "prep": asdict(self), "dataset": dataset_json,
+                           "root": str(Path(root).resolve())}, sort_keys=True)  # fmt: skip
         return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -127,7 +129,7 @@ def cache_folder(root, prep: Preprocessing, cache_root=None) -> Path:
     """The folder of one dataset's cache for `prep`: <cache_root>/<DatasetName>/<key>."""
     root = Path(root)
     ds = load_dataset_json(root)
-    return Path(cache_root or default_cache_root()) / root.name / prep.key(ds)
+    return Path(cache_root or default_cache_root()) / root.name / prep.key(ds, root)
 
 
 # ----------------------------------------------------------------------------- preprocessing one case
@@ -369,7 +371,7 @@ def build_cache(
     """
     root = Path(root)
     ds = load_dataset_json(root)
-    folder = Path(cache_root or default_cache_root()) / root.name / prep.key(ds) / split
+    folder = Path(cache_root or default_cache_root()) / root.name / prep.key(ds, root) / split
     cases = list_cases(root, split)
     if case_ids is not None:
         wanted = set(case_ids)
@@ -379,12 +381,6 @@ def build_cache(
         cases = [c for c in cases if c.case_id in wanted]
     if labelled_only:
         cases = [c for c in cases if c.label is not None]
-    folder.mkdir(parents=True, exist_ok=True)
-    params = folder.parent / "params.json"
-    if not params.is_file():
-        with atomic_path(params) as tmp:
-            tmp.write_text(json.dumps({"version": CACHE_VERSION, "preprocessing": asdict(prep), "dataset": ds}))
-
     entries = {c.case_id: read_entry(c, folder) for c in cases}
     missing = [c for c in cases if entries[c.case_id] is None]
     if missing:
@@ -405,4 +401,9 @@ def build_cache(
             entries[case.case_id] = read_entry(case, folder)
             if entries[case.case_id] is None:
                 raise InputError(f"{folder}: case {case.case_id} could not be cached (was a source file changed?).")
+    params = folder.parent / "params.json"  # after the first complete case: a refused dataset leaves no cache
+    if entries and not params.is_file():
+        with atomic_path(params) as tmp:
+            tmp.write_text(json.dumps({"version": CACHE_VERSION, "preprocessing": asdict(prep), "dataset": ds,
+                                       "root": str(root.resolve())}))  # fmt: skip
     return [entries[c.case_id] for c in cases]

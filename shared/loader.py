@@ -19,13 +19,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from shared.cli import non_negative_int
 from shared.errors import InputError
 
 
 def add_loader_args(group) -> None:
     """Add --workers and --cache (every training CLI) to a parser or argument group."""
     group.add_argument(
-        "--workers", type=int, default=None, help="loader processes (default: up to 8 on CUDA, 1 on CPU; 0: no workers)"
+        "--workers",
+        type=non_negative_int,
+        default=None,
+        help="loader processes (default: up to 8 on CUDA, 1 on CPU; 0: no workers)",
     )
     group.add_argument(
         "--cache", default=None, help="root of the preprocessed caches (default: $BRAINSEG_CACHE, else data/cache)"

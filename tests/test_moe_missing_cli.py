@@ -82,7 +82,7 @@ ROWS = [  # (CLI, what is wrong, argv, what the one sentence must say)
     (train, "--steps 1.5", [*TRAIN, "--steps", "1.5"], "--steps: expected an integer"),
     (train, "--val-every -1", [*TRAIN, "--val-every", "-1"], "--val-every: must be a non-negative integer"),
     (train, "--val-overlap 1", [*TRAIN, "--val-overlap", "1"], "--val-overlap: must be a fraction in"),
-    (train, "--workers -1", [*TRAIN, "--workers", "-1"], "--workers must be at least 0"),
+    (train, "--workers -1", [*TRAIN, "--workers", "-1"], "--workers: must be a non-negative integer"),
     (train, "--fold out of range", [*TRAIN, "--fold", "5"], "--fold must be -1 or in"),
     (train, "patch not divisible", [*TRAIN, "--patch", "15", "16", "16"], "must be divisible by 2"),
     (train, "--dedicated 12", [*TRAIN, "--dedicated", "12"], "--dedicated 12 must be 3 digits"),

@@ -217,3 +217,20 @@ def test_parallel_build_equals_serial_build(tmp_path):
     assert a == b and len(a) == 5 * 4
     params = json.loads((cache_folder(root, prep, tmp_path / "a") / "params.json").read_text())
     assert params["preprocessing"]["spacing"] == [1.0, 1.0, 1.0]
+
+
+def test_same_named_datasets_in_two_places_never_share_a_cache(tmp_path):
+    first = make_dataset(tmp_path / "site_a" / "Dataset001_Tiny")
+    second = make_dataset(tmp_path / "site_b" / "Dataset001_Tiny")  # same name, same dataset.json
+    save(second / "imagesTr" / "c0_0000.nii.gz", np.full(SHAPE, 3.0, np.float32))
+    assert cache_folder(first, Preprocessing(), tmp_path) != cache_folder(second, Preprocessing(), tmp_path)
+    a = build_cache(first, Preprocessing(), cache_root=tmp_path / "c", progress=False)[0]
+    b = build_cache(second, Preprocessing(), cache_root=tmp_path / "c", progress=False)[0]
+    assert a.image != b.image and (b.open_image()[0] == 3.0).all()
+
+
+def test_a_refused_dataset_leaves_no_cache_description(tmp_path):
+    root = make_dataset(tmp_path / "Dataset005_Gap", missing=("c1",))
+    with pytest.raises(InputError, match="c1"):
+        build_cache(root, Preprocessing(missing="refuse"), cache_root=tmp_path / "c", progress=False)
+    assert not list((tmp_path / "c").rglob("params.json"))
