@@ -99,6 +99,19 @@ def test_ritm_click_lands_in_the_interior_of_the_larger_error():
         assert labels.item() == 1 and all(4 <= c <= 6 for c in coords[0, 0].tolist())
 
 
+def test_ritm_click_tie_goes_to_the_false_positives_as_the_official_code():
+    # a prediction shifted by one voxel along the first axis: a 1-voxel false-negative slab (x = 2) and a
+    # 1-voxel false-positive slab (x = 9), both of EDT depth 1, so the official `fn_max > fp_max` is False
+    gt = _gt(size=12, lo=2, hi=9)
+    logits = torch.roll(torch.where(gt > 0, 5.0, -5.0), shifts=1, dims=2)
+    fn, fp = (gt > 0) & (logits <= 0.5), (gt == 0) & (logits > 0.5)
+    assert fn[0, 0, 2, 2:9, 2:9].all() and fn.sum() == 49 and fp[0, 0, 9, 2:9, 2:9].all() and fp.sum() == 49
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        coords, labels = ritm_click(logits, gt, rng)
+        assert labels.item() == 0 and fp[0, 0][tuple(coords[0, 0])]
+
+
 def test_box_from_mask_is_the_bounding_box():
     gt = torch.zeros(1, 1, 10, 10, 10)
     gt[0, 0, 2:5, 3:8, 1:2] = 1
