@@ -13,9 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sam_med3d_moe.preprocess import bounding_box, crop_at, crop_start, to_model_grid, znorm_positive
 from shared.dataset import canonical_modality, list_cases, load_case
 from shared.errors import InputError
-from shared.geometry import resample_to_shape, to_canonical
 
 
 @dataclass
@@ -26,72 +26,6 @@ class Sample:
     mask: np.ndarray  # (X, Y, Z) bool
     task: str  # dataset folder name, e.g. "Dataset906_PhantomAnatomy"
     name: str  # "<case>_<modality>_label<value>"
-
-
-def resampled_shape(shape, spacing, new_spacing) -> tuple:
-    """Grid of the same field of view at `new_spacing` (rounded, at least 1 voxel per axis)."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape, spacing, new_spacing))
-
-
-def to_model_grid(data: np.ndarray, affine: np.ndarray, spacing: float, order: int):
-    """RAS reorientation and resampling to isotropic `spacing` mm.
-
-    Args:
-        data: (X, Y, Z) array in the file's voxel order; affine: its (4, 4) affine.
-        order: 1 for images, 0 for labels.
-    Returns:
-        array in the RAS grid at `spacing`, the canonical affine, the orientation info (for `from_canonical`) and
-        the shape of the RAS grid before resampling (to resample back to).
-    """
-    canon, canon_affine, info = to_canonical(data, affine)
-    vox = np.linalg.norm(canon_affine[:3, :3], axis=0)
-    shape = resampled_shape(canon.shape, vox, (spacing,) * 3)
-    return resample_to_shape(canon, shape, order=order), canon_affine, info, canon.shape
-
-
-def target_centre(mask: np.ndarray) -> np.ndarray:
-    """Centre (3,) of the bounding box of a non-empty mask, in voxels (half-integers possible)."""
-    idx = np.argwhere(mask)
-    return (idx.min(axis=0) + idx.max(axis=0)) / 2.0
-
-
-def crop_start(centre, size: int) -> np.ndarray:
-    """First voxel (3,) of the `size`^3 cube whose centre is nearest to `centre` (may lie outside the volume)."""
-    return np.floor(np.asarray(centre, dtype=np.float64) - (size - 1) / 2.0 + 0.5).astype(np.int64)
-
-
-def crop_at(data: np.ndarray, start, size: int) -> np.ndarray:
-    """The `size`^3 cube of `data` (X, Y, Z) starting at `start`; voxels outside the volume are 0."""
-    out = np.zeros((size,) * 3, dtype=data.dtype)
-    src, dst = [], []
-    for s, n in zip(start, data.shape):
-        lo, hi = max(int(s), 0), min(int(s) + size, n)
-        src.append(slice(lo, max(lo, hi)))
-        dst.append(slice(lo - int(s), lo - int(s) + max(0, hi - lo)))
-    out[tuple(dst)] = data[tuple(src)]
-    return out
-
-
-def paste_at(crop: np.ndarray, start, shape) -> np.ndarray:
-    """Inverse of `crop_at`: put the cube back into a zero volume of `shape`."""
-    out = np.zeros(shape, dtype=crop.dtype)
-    size = crop.shape[0]
-    src, dst = [], []
-    for s, n in zip(start, shape):
-        lo, hi = max(int(s), 0), min(int(s) + size, n)
-        dst.append(slice(lo, max(lo, hi)))
-        src.append(slice(lo - int(s), lo - int(s) + max(0, hi - lo)))
-    out[tuple(dst)] = crop[tuple(src)]
-    return out
-
-
-def znorm_positive(image: np.ndarray) -> np.ndarray:
-    """(x - mean) / std with mean and unbiased std over the voxels > 0, applied to every voxel (torchio)."""
-    values = image[image > 0].astype(np.float64)
-    if values.size < 2:
-        return image.astype(np.float32)
-    std = values.std(ddof=1)
-    return ((image - values.mean()) / max(std, 1e-8)).astype(np.float32)
 
 
 def load_samples(
@@ -148,7 +82,7 @@ def crop_sample(sample: Sample, size: int, rng: np.random.Generator | None = Non
     Returns:
         image (1, S, S, S) float32, mask (1, S, S, S) float32.
     """
-    start = crop_start(target_centre(sample.mask), size)
+    start = crop_start(*bounding_box(sample.mask), size)
     image = crop_at(sample.image, start, size)
     mask = crop_at(sample.mask, start, size)
     if flip and rng is not None:

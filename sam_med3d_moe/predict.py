@@ -20,10 +20,10 @@ import numpy as np
 import torch
 
 from sam_med3d_moe.config import SELECTOR_MODES, GateConfig
-from sam_med3d_moe.data import crop_at, crop_start, paste_at, target_centre, to_model_grid, znorm_positive
 from sam_med3d_moe.interaction import evaluate_points
 from sam_med3d_moe.model import build_model, config_from_dict, load_weights, upsample
 from sam_med3d_moe.moe import SamMed3DMoE
+from sam_med3d_moe.preprocess import bounding_box, crop_at, crop_start, paste_at, to_model_grid, znorm_positive
 from sam_med3d_moe.train_common import KINDS, config_by_name
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError, run_cli
@@ -160,15 +160,15 @@ def main(argv=None) -> None:
         gt, _, _, _ = to_model_grid((lab.data > 0).astype(np.uint8), lab.affine, args.spacing, order=0)
         if not gt.any():
             raise InputError(f"--label {args.label}: the mask is empty after resampling to {args.spacing} mm.")
-        centre = target_centre(gt)
+        bbox = bounding_box(gt)
     elif args.box:
         corners = to_model(args.box)
-        centre = corners.mean(axis=0)
+        bbox = np.round(corners.min(axis=0)), np.round(corners.max(axis=0))
     else:
         clicks = [(p, 1) for p in args.point] + [(p, 0) for p in args.negative or []]
         model_points = to_model([p for p, _ in clicks])
-        centre = model_points[0]
-    start = crop_start(centre, cfg.image_size)
+        bbox = np.round(model_points[0]), np.round(model_points[0])
+    start = crop_start(*bbox, cfg.image_size)
     crop = torch.from_numpy(znorm_positive(crop_at(image, start, cfg.image_size)))[None, None]
     emb = predictor.embed(crop)
     low_res = torch.zeros(1, 1, *(cfg.low_res,) * 3, device=device)
