@@ -25,11 +25,18 @@ class Sample:
     image: np.ndarray  # (X, Y, Z) float32
     mask: np.ndarray  # (X, Y, Z) bool
     task: str  # dataset folder name, e.g. "Dataset906_PhantomAnatomy"
-    name: str  # "<case>_<modality>_label<value>"
+    label: int | None  # the label value of the target; None for a union target (every label > 0)
+    name: str  # "<case>_<modality>_label<value>" or "<case>_<modality>_union"
 
 
 def load_samples(
-    data_dirs, case_ids: dict, modalities=None, spacing: float = 1.5, union: list | None = None, min_voxels: int = 10
+    data_dirs,
+    case_ids: dict,
+    modalities=None,
+    spacing: float = 1.5,
+    union: list | None = None,
+    min_voxels: int = 10,
+    labels=None,
 ) -> list[Sample]:
     """Read, reorient and resample the cases, and cut one sample per (case, channel, target).
 
@@ -41,6 +48,7 @@ def load_samples(
         union: None, or folder names whose target is all labels > 0 (e.g. a whole lesion) instead of one target
             per label value; an empty list means every dataset.
         min_voxels: targets smaller than this (after resampling) are skipped, as the official data preparation.
+        labels: None, or the label values to keep (targets of other values are left out).
     Returns:
         list of `Sample`.
     """
@@ -57,22 +65,28 @@ def load_samples(
             image, label, ref, names = load_case(case, modalities=present)
             label_rs, _, _, _ = to_model_grid(label.astype(np.int16), ref.affine, spacing, order=0)
             merged = union is not None and (not union or name in {Path(u).name for u in union})
-            values = [1] if merged else sorted(int(v) for v in np.unique(label_rs) if v > 0)
+            values = [None] if merged else sorted(int(v) for v in np.unique(label_rs) if v > 0)
+            if labels is not None:
+                values = [v for v in values if v in set(labels)]
             for channel, modality in enumerate(names):
                 img_rs, _, _, _ = to_model_grid(image[channel], ref.affine, spacing, order=1)
                 for value in values:
-                    mask = label_rs > 0 if merged else label_rs == value
+                    mask = label_rs > 0 if value is None else label_rs == value
                     if mask.sum() >= min_voxels:
                         samples.append(
                             Sample(
                                 image=img_rs.astype(np.float32),
                                 mask=mask,
                                 task=name,
-                                name=f"{case.case_id}_{modality}_label{value}",
+                                label=value,
+                                name=f"{case.case_id}_{modality}_" + ("union" if value is None else f"label{value}"),
                             )
                         )
     if not samples:
-        raise InputError(f"--data {list(map(str, data_dirs))}: no labelled target of at least {min_voxels} voxels.")
+        which = "" if labels is None else f" with label value(s) {sorted(labels)}"
+        raise InputError(
+            f"--data {list(map(str, data_dirs))}: no labelled target{which} of at least {min_voxels} voxels."
+        )
     return samples
 
 
@@ -105,7 +119,7 @@ def draw_batch(
     Args:
         tasks: task order for the draw (default: sorted task names of `samples`).
     Returns:
-        image (B, 1, S, S, S), gt (B, 1, S, S, S) float, task names (B).
+        image (B, 1, S, S, S), gt (B, 1, S, S, S) float, the (task, label) of each crop (B).
     """
     by_task = {}
     for s in samples:
@@ -115,8 +129,9 @@ def draw_batch(
     for _ in range(batch_size):
         task = names[rng.integers(len(names))]
         pool = by_task[task]
-        image, mask = crop_sample(pool[rng.integers(len(pool))], size, rng=rng, flip=flip)
+        sample = pool[rng.integers(len(pool))]
+        image, mask = crop_sample(sample, size, rng=rng, flip=flip)
         images.append(image)
         masks.append(mask)
-        picked.append(task)
+        picked.append((task, sample.label))
     return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)), picked

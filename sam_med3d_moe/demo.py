@@ -9,7 +9,7 @@
 3. SAM-Med3D-MoE: general + expert + gate, the gate trained on both tasks.
 All three are evaluated on held-out cases (fold 0 of 4) with 6 clicks (Table 1's "6 points"; Dice after the
 last click, and the max over clicks of the old official validation in the csv files) and with a box.
-Scale for a 2-core CPU: 64^3 crops at 1.5 mm, `small_config`; the gate lr is 3e-3 instead of the paper's 1e-6,
+Scale for a 2-core CPU: 64^3 crops at 1.5 mm, `small_config`; the gate lr is 1e-3 instead of the paper's 1e-6,
 which would not move a freshly initialised gate in a few hundred steps. Re-running resumes finished runs.
 """
 
@@ -155,6 +155,7 @@ def main(argv=None) -> None:
                     tumour,
                     "--clicks",
                     str(CLICKS),
+                    "--box",
                     "--out",
                     str(runs / "eval"),
                     "--name",

@@ -44,6 +44,12 @@ def parse_args(argv=None):
     parser.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm")
     parser.add_argument("--min-voxels", type=int, default=10, help="skip targets smaller than this")
     parser.add_argument("--clicks", type=int, default=10, help="number of clicks (the paper's Table 1: 6)")
+    parser.add_argument("--box", action="store_true", help="also score one step with the ground-truth box")
+    parser.add_argument(
+        "--allow-untrained-box",
+        action="store_true",
+        help="score --box even on box embeddings that were never trained (random, seeded): a test only",
+    )
     parser.add_argument("--jitter", type=int, default=0, help="box jitter in voxels at evaluation")
     parser.add_argument("--selector", choices=SELECTOR_MODES, help="MoE mask selector override (Table 2)")
     parser.add_argument("--tau", type=float, help="MoE selector threshold override (Table 2)")
@@ -84,7 +90,9 @@ def evaluate(args) -> list[dict]:
         args.data, ids, modalities=args.modalities, spacing=args.spacing, union=args.union, min_voxels=args.min_voxels
     )
     device = pick_device(args.device)
-    predictor = Predictor(args.model, device, config=args.config, selector=args.selector, tau=args.tau)
+    predictor = Predictor(args.model, device, config=args.config, selector=args.selector, tau=args.tau, seed=args.seed)
+    if args.box:
+        predictor.check_box(args.allow_untrained_box, "--allow-untrained-box")
     rng = np.random.default_rng(args.seed)
     rows = []
     for sample in tqdm(samples, desc=f"evaluate {args.name}", disable=None, leave=False):
@@ -95,7 +103,7 @@ def evaluate(args) -> list[dict]:
         row = {"model": args.name, "dataset": sample.task, "target": sample.name}
         row.update({f"dice_click{t + 1}": round(float(d), 5) for t, d in enumerate(dice[0])})
         row["dice_max_over_clicks"] = round(float(dice[0].max()), 5)
-        if predictor.cfg.box_prompts:
+        if args.box:
             box_dice, _ = evaluate_box(predictor.stepper(emb), gt, rng, predictor.cfg, jitter=args.jitter)
             row["dice_box"] = round(float(box_dice[0]), 5)
         rows.append(row)

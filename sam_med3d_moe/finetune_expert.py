@@ -3,10 +3,13 @@
 
     python -m sam_med3d_moe.finetune_expert --general runs/general/checkpoint.pt --data LESION_DATASET \
         --union --out runs/expert_lesion
+    python -m sam_med3d_moe.finetune_expert --general ... --data ANATOMY_DATASET --labels 3 5 --out runs/expert_35
 
 The image encoder and the prompt encoder stay frozen; only the decoder copy (and, with --train-box, the new
 box-corner embeddings) is trained with the interactive recipe. The checkpoint holds the whole fine-tuned model,
-which is the "FT-expert" row of the paper's Table 1, and names its task: the first --data folder.
+which is the "FT-expert" row of the paper's Table 1, and records its task (`tasks.ExpertTask`): every --data
+folder and, with --labels, the label values it was fine-tuned on (the paper's experts for weak classes).
+train_gate routes exactly these targets to it.
 """
 
 import argparse
@@ -18,6 +21,7 @@ from tqdm import tqdm
 
 from sam_med3d_moe.data import draw_batch
 from sam_med3d_moe.interaction import InteractiveSam
+from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import (
     add_common_args,
     check_common_args,
@@ -52,14 +56,26 @@ def parse_args(argv=None):
     )
     g.add_argument("--config", default="vit_b_ori", help="architecture of a plain state_dict: vit_b_ori, small or tiny")
     g.add_argument(
+        "--labels",
+        type=int,
+        nargs="+",
+        metavar="VALUE",
+        help="fine-tune only on these label values of the --data datasets (default: every target)",
+    )
+    g.add_argument(
         "--train-box",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="train the box-corner embeddings too (default: only if the general model never trained them)",
+        help="train the box-corner embeddings too (default: only if the general model never trained them and "
+        "--box-prob > 0)",
     )
     add_common_args(parser, lr=1e-4, steps=1000)
     args = parser.parse_args(argv)
     check_common_args(args)
+    if args.labels is not None and args.union is not None:
+        raise InputError("--labels picks label values and --union merges them: give one of the two.")
+    if args.train_box and args.box_prob == 0:
+        raise InputError("--train-box needs --box-prob > 0: with no box steps the box embeddings get no gradient.")
     return args
 
 
@@ -72,11 +88,13 @@ def main(argv=None) -> None:
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.exists() and not args.resume:
         raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
-    task = Path(args.data[0]).name  # the gate recognises a task by its dataset folder
+    task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
     samples = prepare_data(args, out, is_main=dist_info.is_main)
     model, info = load_general(args.general, config=args.config)
-    train_box = (not info["box_trained"]) if args.train_box is None else args.train_box
+    train_box = (not info["box_trained"] and args.box_prob > 0) if args.train_box is None else args.train_box
+    # this decoder answers boxes if it was trained on box steps with trained embeddings, or inherits both
+    box_trained = info["box_trained"] or (train_box and args.box_prob > 0)
     model.requires_grad_(False)
     model.mask_decoder.requires_grad_(True)
     box = model.prompt_encoder.box_corner_embeddings
@@ -86,7 +104,7 @@ def main(argv=None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist_info.is_main:
         print(
-            f"expert for task {task}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
+            f"expert for task {task.name}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
             f"(box embeddings {'trained' if train_box else 'frozen'}) on {len(samples)} targets"
         )
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
@@ -102,7 +120,7 @@ def main(argv=None) -> None:
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 
-    bar = tqdm(range(start, stop), desc=f"expert {task}", disable=not dist_info.is_main, leave=False)
+    bar = tqdm(range(start, stop), desc="expert", disable=not dist_info.is_main, leave=False)
     t0, running, count = time.time(), 0.0, 0
     for step in bar:
         lr = args.lr  # constant, as the paper
@@ -132,15 +150,15 @@ def main(argv=None) -> None:
                     ckpt_path,
                     kind=KIND,
                     model=model,
-                    config={"sam": sam_config_dict(model.cfg), "task": task},
+                    config={"sam": sam_config_dict(model.cfg), "task": task.name, "expert_task": task.to_dict()},
                     optimizer=optimizer,
                     scaler=scaler,
                     step=done,
                     args=args,
                     rng=rng_states,
                     general=str(args.general),
-                    box_trained=bool(train_box or info["box_trained"]),
-                    trained_box=bool(train_box),
+                    box_trained=bool(box_trained),
+                    box_prob=args.box_prob,
                 )
             running, count = 0.0, 0
 

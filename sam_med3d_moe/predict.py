@@ -24,6 +24,7 @@ from sam_med3d_moe.interaction import evaluate_points
 from sam_med3d_moe.model import build_model, config_from_dict, load_weights, upsample
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.preprocess import bounding_box, crop_at, crop_start, paste_at, to_model_grid, znorm_positive
+from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import KINDS, config_by_name
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError, run_cli
@@ -40,18 +41,31 @@ class Predictor:
         device: torch device.
         config: architecture of a plain state_dict ("vit_b_ori" or "small").
         selector, tau: override the MoE's mask selector (Table 2 variants); ignored for single models.
+        seed: seeds every fresh initialisation (the box-corner embeddings a plain state_dict lacks), so two runs
+            of the same command give the same mask.
     """
 
-    def __init__(self, path, device, config: str = "vit_b_ori", selector: str | None = None, tau: float | None = None):
+    def __init__(
+        self,
+        path,
+        device,
+        config: str = "vit_b_ori",
+        selector: str | None = None,
+        tau: float | None = None,
+        seed: int = 2023,
+    ):
         ckpt = load_checkpoint(path, map_location="cpu")
+        self.path = str(path)
         self.kind = ckpt.get("kind", "state_dict")
         if self.kind in KINDS:
             cfg = config_from_dict(ckpt["config"]["sam"])
             weights = ckpt["model"]
         else:
             cfg, weights = config_by_name(config, box_prompts=True), ckpt
+        torch.manual_seed(seed)
         sam = build_model(cfg)
         self.moe = None
+        self.expert_tasks = []  # the ExpertTask of each expert (MoE) or of the model (an expert run)
         if self.kind == "sam_med3d_moe":
             gate = dict(ckpt["config"]["gate"])
             gate.update({k: v for k, v in (("selector", selector), ("tau", tau)) if v is not None})
@@ -60,11 +74,38 @@ class Predictor:
             self.moe = SamMed3DMoE(sam, [build_model(cfg).mask_decoder for _ in gate_cfg.tasks], gate_cfg)
             load_weights(self.moe, weights, source=str(path), allow_new=False)
             self.moe.to(device).eval()
+            self.expert_tasks = [ExpertTask.from_dict(t) for t in ckpt["config"].get("expert_tasks", [])]
         else:
             load_weights(sam, weights, source=str(path), allow_new=self.kind not in KINDS)
+            if "expert_task" in ckpt.get("config", {}):
+                self.expert_tasks = [ExpertTask.from_dict(ckpt["config"]["expert_task"])]
         self.sam = sam.to(device).eval()
         self.cfg = cfg
         self.device = device
+        self.untrained_box = self._untrained_box_decoders(ckpt)
+
+    def _untrained_box_decoders(self, ckpt: dict) -> list[str]:
+        """The decoders (of the ones a prompt may reach) whose box-corner embeddings were never trained."""
+        if self.kind not in KINDS:
+            return ["all: a plain state_dict, and official SAM-Med3D has no box prompt"]
+        record = ckpt.get("box_trained", False)
+        if self.kind != "sam_med3d_moe":
+            return [] if record is True else ["its decoder"]
+        record = record if isinstance(record, dict) else {}
+        names = [] if record.get("general") is True else ["the general decoder"]
+        flags = record.get("experts", [])
+        for k, task in enumerate(self.moe.gate_cfg.tasks):
+            if k >= len(flags) or flags[k] is not True:
+                names.append(f"expert {task}")
+        return names
+
+    def check_box(self, allow_untrained: bool, flag: str) -> None:
+        """Refuse box prompts on box embeddings that never learned, unless `allow_untrained` (the `flag` given)."""
+        if self.untrained_box and not allow_untrained:
+            raise InputError(
+                f"--box: {self.path} never trained its box embeddings ({'; '.join(self.untrained_box)}), so a box "
+                f"prompt gives an arbitrary mask; train with --box-prob > 0 first, or pass {flag} to run it anyway."
+            )
 
     @torch.no_grad()
     def embed(self, image: torch.Tensor) -> torch.Tensor:
@@ -122,6 +163,11 @@ def parse_args(argv=None):
         metavar=("I0", "J0", "K0", "I1", "J1", "K1"),
         help="a box given by two opposite corners (input voxel indices)",
     )
+    parser.add_argument(
+        "--allow-untrained-box",
+        action="store_true",
+        help="run --box even on box embeddings that were never trained (random, seeded by --seed): a test only",
+    )
     parser.add_argument("--label", help="ground-truth mask (> 0) to simulate clicks from, as the official validation")
     parser.add_argument("--clicks", type=int, default=1, help="simulated clicks with --label")
     parser.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
@@ -143,7 +189,9 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = pick_device(args.device)
-    predictor = Predictor(args.model, device, config=args.config, selector=args.selector, tau=args.tau)
+    predictor = Predictor(args.model, device, config=args.config, selector=args.selector, tau=args.tau, seed=args.seed)
+    if args.box:
+        predictor.check_box(args.allow_untrained_box, "--allow-untrained-box")
     cfg = predictor.cfg
     vol = read_nifti(args.image)
     image, canon_affine, info, canon_shape = to_model_grid(vol.data, vol.affine, args.spacing, order=1)

@@ -73,14 +73,21 @@ def main(argv=None) -> None:
         raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
     samples = prepare_data(args, out, is_main=dist_info.is_main)
+    init_box_trained = False
     if args.init:
-        model, _ = load_general(args.init, config=args.config)
+        model, info = load_general(args.init, config=args.config)
+        init_box_trained = info["box_trained"]
     else:
         model = build_model(config_by_name(args.config))
+    # the box embeddings learn only from box steps (--box-prob > 0), or were learned before --init
+    box_trained = args.box_prob > 0 or init_box_trained
     model = model.to(device).train()
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(samples)} targets")
+        print(
+            f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(samples)} targets, box embeddings "
+            f"{'trained' if args.box_prob > 0 else 'not trained (--box-prob 0)'}"
+        )
     groups = [
         {"params": model.image_encoder.parameters(), "scale": 1.0},
         {"params": model.prompt_encoder.parameters(), "scale": 0.1},
@@ -142,7 +149,8 @@ def main(argv=None) -> None:
                     step=done,
                     args=args,
                     rng=rng_states,
-                    box_trained=True,
+                    box_trained=box_trained,
+                    box_prob=args.box_prob,
                 )
             running, count = 0.0, 0
 

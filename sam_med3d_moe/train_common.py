@@ -21,8 +21,9 @@ from shared.errors import InputError
 KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
-    """Flags of every training entry point: data, split, prompts, optimisation, run harness."""
+def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None, steps: int) -> None:
+    """Flags of every training entry point: data, split, prompts, optimisation, run harness (`lr` None: no
+    --lr flag, for an entry point with its own learning-rate flags)."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
     g.add_argument("--modalities", nargs="+", help="channels to use (default: every channel of each dataset)")
@@ -47,7 +48,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -
     g = parser.add_argument_group("optimisation")
     g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
     g.add_argument("--batch-size", type=int, default=2, help="crops per step and process")
-    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
+    if lr is not None:
+        g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
     g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (official: 0.1)")
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
     g = parser.add_argument_group("run")
@@ -84,7 +86,13 @@ def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> 
         (out / "split.json").write_text(json.dumps(split, indent=1))
     ids = {name: s[part] for name, s in split.items()}
     return load_samples(
-        args.data, ids, modalities=args.modalities, spacing=args.spacing, union=args.union, min_voxels=args.min_voxels
+        args.data,
+        ids,
+        modalities=args.modalities,
+        spacing=args.spacing,
+        union=args.union,
+        min_voxels=args.min_voxels,
+        labels=getattr(args, "labels", None),
     )
 
 
@@ -99,9 +107,24 @@ def read_run(path, expect_kind: str | None = None) -> dict:
     return ckpt
 
 
+def general_box_trained(ckpt: dict) -> bool:
+    """Whether the general decoder of a run checkpoint was trained together with its box-corner embeddings.
+
+    Runs record it ("box_trained": a bool for a single model, {"general": bool, "experts": [bool]} for the MoE);
+    a checkpoint without the record is taken as untrained, never assumed trained.
+    """
+    record = ckpt.get("box_trained", False)
+    return bool(record["general"] if isinstance(record, dict) else record)
+
+
 def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
     """The SAM-Med3D to start from: a run of this package, or a converted plain state_dict (`--config` names its
-    architecture: "vit_b_ori" for official weights). Returns the model and info {"kind", "box_trained"}."""
+    architecture: "vit_b_ori" for official weights).
+
+    Returns:
+        the model and info {"kind", "box_trained"}. A plain state_dict never counts as box-trained: official
+        SAM-Med3D has no box embeddings, so they are freshly initialised here (from the seeded global RNG).
+    """
     ckpt = load_checkpoint(path, map_location="cpu")
     if ckpt.get("kind") in KINDS:
         cfg = config_from_dict(ckpt["config"]["sam"])
@@ -110,11 +133,11 @@ def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
             weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
         model = build_model(cfg)
         load_weights(model, weights, source=str(path), allow_new=False)
-        return model, {"kind": ckpt["kind"], "box_trained": bool(ckpt.get("box_trained", True))}
+        return model, {"kind": ckpt["kind"], "box_trained": general_box_trained(ckpt)}
     cfg = config_by_name(config or "vit_b_ori", box_prompts=True)
     model = build_model(cfg)
-    missing = load_weights(model, ckpt, source=str(path), allow_new=True)
-    return model, {"kind": "state_dict", "box_trained": not missing}
+    load_weights(model, ckpt, source=str(path), allow_new=True)
+    return model, {"kind": "state_dict", "box_trained": False}
 
 
 def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:

@@ -19,7 +19,7 @@ from sam_med3d_moe.model import build_model
 from sam_med3d_moe.predict import input_to_model
 from sam_med3d_moe.preprocess import crop_at, crop_start, paste_at, to_model_grid, znorm_positive
 from sam_med3d_moe.train_common import config_by_name
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
@@ -171,6 +171,53 @@ def test_expert_changes_only_the_decoder_and_moe_keeps_the_general_model(runs):
     ) or not torch.equal(moe["experts.0.mask_tokens.weight"], expert["model"]["mask_decoder.mask_tokens.weight"])
 
 
+def test_assemble_refuses_an_expert_fine_tuned_from_another_general_model(runs, tmp_path):
+    other = tmp_path / "other_general.pt"
+    save_checkpoint(other, **build_model(config_by_name("tiny")).state_dict())
+    with pytest.raises(InputError, match="was not fine-tuned from --general"):
+        train_gate.assemble(other, [runs["expert"] / "checkpoint.pt"], "tiny", 0.5, "weighted")
+
+
+def test_per_class_expert_and_the_gate_targets_of_its_classes(runs, tmp_path, monkeypatch):
+    # an expert fine-tuned on label 2 of the anatomy only; with the lesion expert in the MoE, the gate target of
+    # an anatomy label-2 target is 2, of the tumour's union targets 1, of any other anatomy label 0
+    weak = tmp_path / "expert_label2"
+    finetune_expert.main(
+        ["--general", str(runs["general"] / "checkpoint.pt"), "--data", runs["anatomy"], "--modalities", "T1",
+         "--labels", "2", "--steps", "1", "--out", str(weak), *TINY]
+    )  # fmt: skip
+    ckpt = load_checkpoint(weak / "checkpoint.pt")
+    anatomy, tumour = Path(runs["anatomy"]).name, Path(runs["tumour"]).name
+    assert ckpt["config"]["expert_task"] == {"datasets": [anatomy], "labels": [2]}
+    assert ckpt["config"]["task"] == f"{anatomy}:labels2"
+    picked, targets = [], []
+    draw = train_gate.draw_batch
+
+    def recording_draw(*a, **k):
+        image, gt, who = draw(*a, **k)
+        picked.extend(who)
+        return image, gt, who
+
+    def recording_loss(logits, target):
+        targets.append(target.tolist())
+        return torch.nn.functional.cross_entropy(logits, target)
+
+    monkeypatch.setattr(train_gate, "draw_batch", recording_draw)
+    monkeypatch.setattr(train_gate, "gate_loss", recording_loss)
+    args = list(runs["gate_args"])
+    args[args.index("--experts") + 1 : args.index("--experts") + 2] = [str(runs["expert"] / "checkpoint.pt"),
+                                                                      str(weak / "checkpoint.pt")]  # fmt: skip
+    args[args.index("--steps") + 1] = "6"
+    train_gate.main([*args, "--batch-size", "2", "--out", str(tmp_path / "moe2")])
+    rule = {(tumour, None): 1, (anatomy, 2): 2}
+    want = [rule.get(p, 0) for p in picked]
+    per_step = [targets[i * 3] for i in range(6)]  # 3 interaction steps (--num-clicks) share one target
+    assert [t for step in per_step for t in step] == want
+    assert set(want) == {0, 1, 2}  # all three kinds of target were drawn
+    saved = load_checkpoint(tmp_path / "moe2" / "checkpoint.pt")["config"]
+    assert saved["expert_tasks"][1] == {"datasets": [anatomy], "labels": [2]}
+
+
 def test_gate_training_resumes_exactly(runs, tmp_path):
     train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
     train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--resume"])
@@ -209,6 +256,7 @@ def test_evaluate_reports_clicks_max_and_box(runs, tmp_path):
             "--union",
             "--clicks",
             "2",
+            "--box",
             "--out",
             str(tmp_path),
             "--name",
@@ -222,6 +270,38 @@ def test_evaluate_reports_clicks_max_and_box(runs, tmp_path):
     assert row["targets"] == 1 and {"dice_click1", "dice_click2", "dice_max_over_clicks", "dice_box"} <= set(row)
     assert row["dice_max_over_clicks"] >= max(row["dice_click1"], row["dice_click2"]) - 1e-4
     assert (tmp_path / "expert_targets.csv").is_file()
+
+
+def test_box_prompts_only_from_trained_box_embeddings(runs, tmp_path):
+    image = sorted(Path(runs["tumour"], "imagesTr").glob("*_0003.nii.gz"))[0]
+    box = ["--box", "6", "6", "6", "18", "18", "18"]
+
+    def predict_box(model, out, *extra):
+        predict.main(
+            ["--model", str(model), "--image", str(image), "--output", str(out), "--device", "cpu", *box, *extra]
+        )
+        return np.asarray(nib.load(out).dataobj)
+
+    # the general run and the MoE trained boxes (--box-prob 0.5): recorded, per decoder in the MoE
+    assert load_checkpoint(runs["general"] / "checkpoint.pt")["box_trained"] is True
+    assert load_checkpoint(runs["moe"] / "checkpoint.pt")["box_trained"] == {"general": True, "experts": [True]}
+    # a run with --box-prob 0 records untrained boxes, and predict refuses its --box in one sentence
+    no_box = tmp_path / "no_box"
+    train.main(["--data", runs["anatomy"], "--modalities", "T1", "--config", "tiny", "--steps", "1", "--box-prob",
+                "0", "--out", str(no_box), *TINY])  # fmt: skip
+    assert load_checkpoint(no_box / "checkpoint.pt")["box_trained"] is False
+    with pytest.raises(InputError, match="never trained its box embeddings"):
+        predict_box(no_box / "checkpoint.pt", tmp_path / "refused.nii.gz")
+    assert not (tmp_path / "refused.nii.gz").exists()
+    # a plain state_dict (official weights have no box embeddings): refused, or seeded with the explicit flag
+    plain = tmp_path / "plain.pt"
+    weights = load_checkpoint(runs["general"] / "checkpoint.pt")["model"]
+    save_checkpoint(plain, **{k: v for k, v in weights.items() if "box_corner" not in k})
+    with pytest.raises(InputError, match="plain state_dict"):
+        predict_box(plain, tmp_path / "refused.nii.gz", "--config", "tiny")
+    first = predict_box(plain, tmp_path / "a.nii.gz", "--config", "tiny", "--allow-untrained-box")
+    again = predict_box(plain, tmp_path / "b.nii.gz", "--config", "tiny", "--allow-untrained-box")
+    assert np.array_equal(first, again)  # every fresh initialisation in predict is seeded
 
 
 def test_converter_needs_the_trust_flag_and_writes_a_plain_state_dict(tmp_path):
