@@ -6,122 +6,27 @@ clicks simulated from a label file; the mask is written in the input's grid and 
     python -m sam_med3d_moe.predict --model turbo.pt --image ct.nii.gz --box 10 20 30 50 60 70 --output m.nii.gz
     python -m sam_med3d_moe.predict --model ... --image scan.nii.gz --label gt.nii.gz --clicks 5 --output m.nii.gz
 
-Pipeline: RAS reorientation, resampling to --spacing mm, crop/pad of the model cube centred on the prompt (the
-first point, the box centre, or the label's bounding box), z-normalisation over voxels > 0; then one decoder step
-per given point (each with the previous low-res mask, the protocol the maintainers recommend) or one box step;
-sigmoid > 0.5; pasted back and resampled (nearest) to the input grid. Coordinates are input voxel indices.
+Pipeline: RAS reorientation, resampling to --spacing mm (optionally the CT clamp), crop/pad of the model cube
+centred on the prompt by torchio's rule (the first point, the box, or the label's bounding box), z-normalisation
+over voxels > 0 after the crop; then one decoder step per given point (each with the previous low-res mask, the
+protocol the maintainers recommend) or one box step; sigmoid > 0.5; pasted back and resampled (nearest) to the
+input grid. A target larger than the crop gets more overlapping crops, blended (`inference.py`); one that needs
+more than --max-crops is refused. Coordinates are input voxel indices; prompts outside the image are refused.
 """
 
 import argparse
-import dataclasses
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from sam_med3d_moe.config import SELECTOR_MODES, GateConfig
-from sam_med3d_moe.interaction import evaluate_points
-from sam_med3d_moe.model import build_model, config_from_dict, load_weights, upsample
-from sam_med3d_moe.moe import SamMed3DMoE
-from sam_med3d_moe.preprocess import bounding_box, crop_at, crop_start, paste_at, to_model_grid, znorm_positive
-from sam_med3d_moe.tasks import ExpertTask
-from sam_med3d_moe.train_common import KINDS, config_by_name
-from shared.checkpoint import load_checkpoint
+from sam_med3d_moe.config import SELECTOR_MODES
+from sam_med3d_moe.inference import MAX_CROPS, segment_box, segment_clicks, segment_label
+from sam_med3d_moe.predictor import Predictor
+from sam_med3d_moe.preprocess import CT_CLAMP, bounding_box, to_model_grid
 from shared.errors import InputError, run_cli
 from shared.geometry import from_canonical, resample_to_shape
 from shared.harness import pick_device
 from shared.nifti import read_nifti, write_nifti
-
-
-class Predictor:
-    """A loaded model ready for interactive steps: `embed(image)` once, then `step(emb, points=, boxes=, masks=)`.
-
-    Args:
-        path: a run checkpoint of this package (general, expert or MoE) or a converted official state_dict.
-        device: torch device.
-        config: architecture of a plain state_dict ("vit_b_ori" or "small").
-        selector, tau: override the MoE's mask selector (Table 2 variants); ignored for single models.
-        seed: seeds every fresh initialisation (the box-corner embeddings a plain state_dict lacks), so two runs
-            of the same command give the same mask.
-    """
-
-    def __init__(
-        self,
-        path,
-        device,
-        config: str = "vit_b_ori",
-        selector: str | None = None,
-        tau: float | None = None,
-        seed: int = 2023,
-    ):
-        ckpt = load_checkpoint(path, map_location="cpu")
-        self.path = str(path)
-        self.kind = ckpt.get("kind", "state_dict")
-        if self.kind in KINDS:
-            cfg = config_from_dict(ckpt["config"]["sam"])
-            weights = ckpt["model"]
-        else:
-            cfg, weights = config_by_name(config, box_prompts=True), ckpt
-        torch.manual_seed(seed)
-        sam = build_model(cfg)
-        self.moe = None
-        self.expert_tasks = []  # the ExpertTask of each expert (MoE) or of the model (an expert run)
-        if self.kind == "sam_med3d_moe":
-            gate = dict(ckpt["config"]["gate"])
-            gate.update({k: v for k, v in (("selector", selector), ("tau", tau)) if v is not None})
-            names = {f.name for f in dataclasses.fields(GateConfig)}
-            gate_cfg = GateConfig(**{k: v for k, v in gate.items() if k in names})
-            self.moe = SamMed3DMoE(sam, [build_model(cfg).mask_decoder for _ in gate_cfg.tasks], gate_cfg)
-            load_weights(self.moe, weights, source=str(path), allow_new=False)
-            self.moe.to(device).eval()
-            self.expert_tasks = [ExpertTask.from_dict(t) for t in ckpt["config"].get("expert_tasks", [])]
-        else:
-            load_weights(sam, weights, source=str(path), allow_new=self.kind not in KINDS)
-            if "expert_task" in ckpt.get("config", {}):
-                self.expert_tasks = [ExpertTask.from_dict(ckpt["config"]["expert_task"])]
-        self.sam = sam.to(device).eval()
-        self.cfg = cfg
-        self.device = device
-        self.untrained_box = self._untrained_box_decoders(ckpt)
-
-    def _untrained_box_decoders(self, ckpt: dict) -> list[str]:
-        """The decoders (of the ones a prompt may reach) whose box-corner embeddings were never trained."""
-        if self.kind not in KINDS:
-            return ["all: a plain state_dict, and official SAM-Med3D has no box prompt"]
-        record = ckpt.get("box_trained", False)
-        if self.kind != "sam_med3d_moe":
-            return [] if record is True else ["its decoder"]
-        record = record if isinstance(record, dict) else {}
-        names = [] if record.get("general") is True else ["the general decoder"]
-        flags = record.get("experts", [])
-        for k, task in enumerate(self.moe.gate_cfg.tasks):
-            if k >= len(flags) or flags[k] is not True:
-                names.append(f"expert {task}")
-        return names
-
-    def check_box(self, allow_untrained: bool, flag: str) -> None:
-        """Refuse box prompts on box embeddings that never learned, unless `allow_untrained` (the `flag` given)."""
-        if self.untrained_box and not allow_untrained:
-            raise InputError(
-                f"--box: {self.path} never trained its box embeddings ({'; '.join(self.untrained_box)}), so a box "
-                f"prompt gives an arbitrary mask; train with --box-prob > 0 first, or pass {flag} to run it anyway."
-            )
-
-    @torch.no_grad()
-    def embed(self, image: torch.Tensor) -> torch.Tensor:
-        """(B, 1, I, I, I) z-normalised crop -> (B, C, g, g, g) image embedding."""
-        return self.sam.image_encoder(image.to(self.device))
-
-    @torch.no_grad()
-    def step(self, emb: torch.Tensor, points=None, boxes=None, masks=None) -> torch.Tensor:
-        """One prompt step -> (B, 1, 4g, 4g, 4g) low-res logits (the MoE's fused M_o for an MoE)."""
-        if self.moe is not None:
-            return self.moe.step(emb, points=points, boxes=boxes, masks=masks)["fused"]
-        return self.sam.decode(emb, points=points, boxes=boxes, masks=masks)
-
-    def stepper(self, emb: torch.Tensor):
-        """The `step(points=, boxes=, masks=)` callable of the interaction protocols, on fixed embeddings."""
-        return lambda points=None, boxes=None, masks=None: self.step(emb, points=points, boxes=boxes, masks=masks)
 
 
 def input_to_model(points: np.ndarray, affine, canon_affine, canon_shape, rs_shape) -> np.ndarray:
@@ -130,6 +35,13 @@ def input_to_model(points: np.ndarray, affine, canon_affine, canon_shape, rs_sha
     canon = (np.linalg.inv(canon_affine) @ world)[:3].T  # (N, 3) indices in the RAS grid
     scale = np.asarray(rs_shape) / np.asarray(canon_shape)
     return (canon + 0.5) * scale - 0.5  # voxel-edge aligned, as shared.geometry.resample_to_shape
+
+
+def check_inside(points: np.ndarray, shape, flag: str) -> None:
+    """Refuse input voxel coordinates (N, 3) outside the image (a click there gives an empty or full mask)."""
+    points = np.asarray(points, dtype=np.float64)
+    if (points < 0).any() or (points > np.array(shape) - 1).any():
+        raise InputError(f"{flag}: lies outside the image (voxel indices 0..{np.array(shape) - 1} per axis).")
 
 
 def parse_args(argv=None):
@@ -171,6 +83,17 @@ def parse_args(argv=None):
     parser.add_argument("--label", help="ground-truth mask (> 0) to simulate clicks from, as the official validation")
     parser.add_argument("--clicks", type=int, default=1, help="simulated clicks with --label")
     parser.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
+    parser.add_argument(
+        "--ct-clamp",
+        action="store_true",
+        help=f"clamp intensities to {list(CT_CLAMP)} HU before the z-normalisation (official CT preprocessing)",
+    )
+    parser.add_argument(
+        "--max-crops",
+        type=int,
+        default=MAX_CROPS,
+        help="most model crops for a target larger than one crop (the official sliding window used 27)",
+    )
     parser.add_argument("--selector", choices=SELECTOR_MODES, help="MoE mask selector override")
     parser.add_argument("--tau", type=float, help="MoE selector threshold override")
     parser.add_argument("--seed", type=int, default=2023, help="seed of simulated clicks (official validation: 2023)")
@@ -181,8 +104,8 @@ def parse_args(argv=None):
         raise InputError("give exactly one kind of prompt: --point (with optional --negative), --box or --label.")
     if args.negative and not args.point:
         raise InputError("--negative clicks need at least one --point first.")
-    if args.clicks < 1:
-        raise InputError(f"--clicks must be at least 1, got {args.clicks}.")
+    if args.clicks < 1 or args.max_crops < 1:
+        raise InputError(f"--clicks and --max-crops must be at least 1, got {args.clicks}, {args.max_crops}.")
     return args
 
 
@@ -192,9 +115,10 @@ def main(argv=None) -> None:
     predictor = Predictor(args.model, device, config=args.config, selector=args.selector, tau=args.tau, seed=args.seed)
     if args.box:
         predictor.check_box(args.allow_untrained_box, "--allow-untrained-box")
-    cfg = predictor.cfg
     vol = read_nifti(args.image)
-    image, canon_affine, info, canon_shape = to_model_grid(vol.data, vol.affine, args.spacing, order=1)
+    data = np.clip(vol.data, *CT_CLAMP) if args.ct_clamp else vol.data
+    image, canon_affine, info, canon_shape = to_model_grid(data, vol.affine, args.spacing, order=1)
+    rng = np.random.default_rng(args.seed)
 
     def to_model(points) -> np.ndarray:
         flat = np.asarray(points, dtype=np.float64).reshape(-1, 3)
@@ -210,34 +134,34 @@ def main(argv=None) -> None:
             raise InputError(f"--label {args.label}: the mask is empty after resampling to {args.spacing} mm.")
         bbox = bounding_box(gt)
     elif args.box:
+        check_inside(np.reshape(args.box, (2, 3)), vol.data.shape, "--box")
         corners = to_model(args.box)
-        bbox = np.round(corners.min(axis=0)), np.round(corners.max(axis=0))
+        bbox = (np.clip(np.round(corners.min(axis=0)), 0, np.array(image.shape) - 1).astype(np.int64),
+                np.clip(np.round(corners.max(axis=0)), 0, np.array(image.shape) - 1).astype(np.int64))  # fmt: skip
     else:
-        clicks = [(p, 1) for p in args.point] + [(p, 0) for p in args.negative or []]
-        model_points = to_model([p for p, _ in clicks])
-        bbox = np.round(model_points[0]), np.round(model_points[0])
-    start = crop_start(*bbox, cfg.image_size)
-    crop = torch.from_numpy(znorm_positive(crop_at(image, start, cfg.image_size)))[None, None]
-    emb = predictor.embed(crop)
-    low_res = torch.zeros(1, 1, *(cfg.low_res,) * 3, device=device)
+        given = [("--point", p, 1) for p in args.point] + [("--negative", p, 0) for p in args.negative or []]
+        names = [f"{flag} {' '.join(f'{c:g}' for c in p)}" for flag, p, _ in given]
+        for (_, p, _), name in zip(given, names):
+            check_inside(np.asarray(p)[None], vol.data.shape, name)
+        points = np.clip(to_model([p for _, p, _ in given]), 0, np.array(image.shape) - 1)
+        model_clicks = [(point, label) for point, (_, _, label) in zip(points, given)]
+    routing = []
     if gt is not None:
-        target = torch.from_numpy(crop_at(gt, start, cfg.image_size).astype(np.float32))[None, None].to(device)
-        _, logits = evaluate_points(predictor.stepper(emb), target, np.random.default_rng(args.seed), cfg, args.clicks)
+        mask, starts = segment_label(predictor, image, gt, args.clicks, rng, args.max_crops, routing)
     elif args.box:
-        local = np.clip(np.round(corners - start), 0, cfg.image_size - 1)
-        box = torch.tensor(np.concatenate([local.min(0), local.max(0)]), dtype=torch.long, device=device)[None]
-        logits = upsample(predictor.step(emb, boxes=box, masks=low_res), cfg)
+        mask, starts = segment_box(predictor, image, *bbox, max_crops=args.max_crops, routing=routing)
     else:
-        for (_, label), point in zip(clicks, model_points):
-            local = np.clip(np.round(point - start), 0, cfg.image_size - 1)
-            coords = torch.tensor(local, dtype=torch.long, device=device).reshape(1, 1, 3)
-            labels = torch.tensor([[label]], device=device)
-            low_res = predictor.step(emb, points=(coords, labels), masks=low_res)
-        logits = upsample(low_res, cfg)
-    mask = (torch.sigmoid(logits) > 0.5)[0, 0].cpu().numpy().astype(np.uint8)
-    full = resample_to_shape(paste_at(mask, start, image.shape), canon_shape, order=0)
+        mask, starts = segment_clicks(predictor, image, model_clicks, names, args.max_crops, routing)
+    full = resample_to_shape(mask.astype(np.uint8), canon_shape, order=0)
     write_nifti(Path(args.output), from_canonical(full, info), like=vol, dtype=np.uint8)
-    print(f"wrote {args.output} ({int(full.sum())} foreground voxels in the RAS grid)")
+    if routing:  # an MoE: where the gate sent the last prompt
+        scores = routing[-1][0]
+        k = int(np.argmax(scores[1:]))
+        tau = predictor.moe.gate_cfg.tau
+        to = predictor.moe.gate_cfg.tasks[k] if scores[1 + k] > tau else "the general expert"
+        print(f"gate: last prompt to {to} (top expert score {scores[1 + k]:.2f}, tau {tau})")
+    crops = f"{len(starts)} crops" if len(starts) > 1 else "1 crop"
+    print(f"wrote {args.output} ({int(full.sum())} foreground voxels in the RAS grid, {crops})")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ def test_predict_writes_a_mask_in_the_input_grid(runs, tmp_path):
     model = str(runs["moe"] / "checkpoint.pt")
     for name, prompt in (
         ("point", ["--point", "12", "12", "12", "--point", "10", "12", "12"]),
+        ("negative_ct", ["--point", "12", "12", "12", "--negative", "3", "3", "3", "--ct-clamp"]),
         ("box", ["--box", "6", "6", "6", "18", "18", "18"]),
         ("label", ["--label", str(label), "--clicks", "2"]),
     ):
@@ -346,6 +347,15 @@ def test_cli_errors_are_one_sentence_and_exit_2(runs, tmp_path):
     assert res.returncode == 2 and res.stderr.strip().startswith("error:") and "missing.nii.gz" in res.stderr
     with pytest.raises(InputError, match="exactly one kind of prompt"):
         predict.parse_args(["--model", "m", "--image", "i", "--output", "o"])
+    image = sorted(Path(runs["tumour"], "imagesTr").glob("*_0003.nii.gz"))[0]
+    base = ["--model", str(runs["moe"] / "checkpoint.pt"), "--image", str(image), "--device", "cpu"]
+    for prompt, flag in (
+        (["--point", "12", "12", "40"], "--point 12 12 40"),
+        (["--box", "0", "0", "0", "30", "5", "5"], "--box"),
+    ):
+        with pytest.raises(InputError, match=f"{flag}: lies outside the image"):
+            predict.main([*base, "--output", str(tmp_path / "outside.nii.gz"), *prompt])
+    assert not (tmp_path / "outside.nii.gz").exists()
     with pytest.raises(InputError, match="already holds a checkpoint"):
         train_gate.main([*runs["gate_args"], "--out", str(runs["moe"])])
     with pytest.raises(InputError, match="is a sam_med3d checkpoint, expected sam_med3d_expert"):
