@@ -1,5 +1,5 @@
 """The numbers SAM-Med3D-MoE reports beside Dice: normalised surface Dice (shared.metrics) against a brute-force
-implementation, by hand and against MONAI.
+implementation, by hand and against MONAI; the gate's routing table and the Table 1 split by hand.
 
 Run: pytest tests/test_sam_med3d_moe_metrics.py
 """
@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from sam_med3d_moe.reports import routed_expert, routing_rows, table1_rows
+from sam_med3d_moe.tasks import ExpertTask
 from shared.errors import InputError
 from shared.metrics import normalized_surface_dice
 
@@ -93,3 +95,51 @@ def test_nsd_equals_monai_compute_surface_dice():
         ref = metrics.compute_surface_dice(onehot(pred), onehot(gt), class_thresholds=[1.0], spacing=spacing)
         got = normalized_surface_dice(pred, gt, spacing=spacing, tolerance=1.0)
         assert got == pytest.approx(ref.item(), abs=1e-6)
+
+
+def test_routing_follows_the_selector_threshold_by_hand():
+    scores = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.45, 0.45], [0.0, 0.2, 0.8]])
+    dest, s_top = routed_expert(scores, tau=0.5)
+    assert dest.tolist() == [1, 0, 0, 2] and np.allclose(s_top, [0.7, 0.3, 0.45, 0.8])  # s_top = tau: general
+
+
+def test_routing_rows_by_hand():
+    tasks = [ExpertTask(datasets=("Tumour",)), ExpertTask(datasets=("Anatomy",), labels=(3,))]
+    records = [  # two lesion targets (3 prompts), one anatomy label-3 target, one anatomy label-1 target
+        {"dataset": "Tumour", "label": None, "scores": [[0.1, 0.8, 0.1], [0.1, 0.6, 0.3]]},
+        {"dataset": "Tumour", "label": None, "scores": [[0.5, 0.4, 0.1]]},
+        {"dataset": "Anatomy", "label": 3, "scores": [[0.1, 0.1, 0.8], [0.05, 0.9, 0.05]]},
+        {"dataset": "Anatomy", "label": 1, "scores": [[0.9, 0.05, 0.05]]},
+    ]
+    rows = {(r["dataset"], r["label"]): r for r in routing_rows(records, tasks, ["lesion", "weak"], tau=0.5)}
+    lesion = rows[("Tumour", "union")]
+    assert lesion["prompts"] == 3 and lesion["expected"] == "lesion"
+    assert lesion["share_lesion"] == pytest.approx(2 / 3, abs=1e-4) and lesion["share_general"] == pytest.approx(
+        1 / 3, abs=1e-4
+    )
+    assert lesion["mean_s_top"] == pytest.approx((0.8 + 0.6 + 0.4) / 3, abs=1e-4)
+    assert lesion["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
+    weak = rows[("Anatomy", "3")]
+    assert (
+        weak["expected"] == "weak"
+        and weak["share_weak"] == 0.5
+        and weak["share_lesion"] == 0.5
+        and weak["accuracy"] == 0.5
+    )
+    other = rows[("Anatomy", "1")]
+    assert other["expected"] == "general" and other["accuracy"] == 1.0 and other["mean_s_top"] == 0.05
+
+
+def test_table1_split_into_fine_tuned_and_other_classes():
+    tasks = [ExpertTask(datasets=("Anatomy",), labels=(3,))]
+    rows = [
+        {"dataset": "Anatomy", "label": "3", "dice": 0.5},
+        {"dataset": "Anatomy", "label": "3", "dice": 0.7},
+        {"dataset": "Anatomy", "label": "1", "dice": 0.9},
+        {"dataset": "Tumour", "label": "union", "dice": 0.1},
+    ]
+    out = table1_rows(rows, tasks, ["dice"])
+    assert out == [
+        {"classes": "fine-tuned", "targets": 2, "dice": 0.6},
+        {"classes": "other", "targets": 2, "dice": 0.5},
+    ]
