@@ -23,7 +23,8 @@ from sam_med3d_moe.config import SELECTOR_MODES
 from sam_med3d_moe.inference import MAX_CROPS, segment_box, segment_clicks, segment_label
 from sam_med3d_moe.predictor import Predictor
 from sam_med3d_moe.preprocess import CT_CLAMP, bounding_box, to_model_grid
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.geometry import from_canonical, resample_to_shape
 from shared.harness import pick_device
 from shared.nifti import read_nifti, write_nifti
