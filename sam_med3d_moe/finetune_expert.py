@@ -23,15 +23,17 @@ from sam_med3d_moe.data import draw_batch
 from sam_med3d_moe.interaction import InteractiveSam
 from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import (
+    CONFIG_NAMES,
     add_common_args,
     check_common_args,
     load_general,
     prepare_data,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
 )
-from shared.cli import run_cli
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, positive_int, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -50,15 +52,15 @@ KIND = "sam_med3d_expert"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("expert")
     g.add_argument(
         "--general", required=True, help="general model: a sam_med3d_moe.train run or a converted official state_dict"
     )
-    g.add_argument("--config", default="vit_b_ori", help="architecture of a plain state_dict: vit_b_ori, small or tiny")
+    g.add_argument("--config", choices=CONFIG_NAMES, default="vit_b_ori", help="architecture of a plain state_dict")
     g.add_argument(
         "--labels",
-        type=int,
+        type=positive_int,
         nargs="+",
         metavar="VALUE",
         help="fine-tune only on these label values of the --data datasets (default: every target)",
@@ -87,8 +89,7 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
     samples = prepare_data(args, out, is_main=dist_info.is_main)
@@ -111,11 +112,9 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
+    start = resume_step(
+        resumed, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
+    )
     forward_model = wrap_ddp(InteractiveSam(model, frozen_encoder=True), dist_info, find_unused_parameters=True)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)

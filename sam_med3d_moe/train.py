@@ -10,7 +10,6 @@ official MultiStepLR [120, 180] is epoch-based). On the phantom demo this is the
 anatomical structures, i.e. the "original tasks".
 """
 
-import argparse
 import time
 from pathlib import Path
 
@@ -21,17 +20,18 @@ from sam_med3d_moe.data import draw_batch
 from sam_med3d_moe.interaction import InteractiveSam
 from sam_med3d_moe.model import build_model
 from sam_med3d_moe.train_common import (
+    CONFIG_NAMES,
     add_common_args,
     check_common_args,
     config_by_name,
     load_general,
     prepare_data,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
 )
-from shared.cli import run_cli
-from shared.errors import InputError
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, run_cli
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,
@@ -51,10 +51,13 @@ KIND = "sam_med3d"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("model")
     g.add_argument(
-        "--config", default="small", help="architecture: vit_b_ori (official), small (CPU demos) or tiny (tests)"
+        "--config",
+        choices=CONFIG_NAMES,
+        default="small",
+        help="architecture: vit_b_ori (official), small (CPU demos) or tiny (tests); with --init a plain state_dict's",
     )
     g.add_argument("--init", help="start from these weights (a run of this package or a converted state_dict)")
     add_common_args(parser, lr=8e-4, steps=2000)
@@ -70,8 +73,7 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
     samples = prepare_data(args, out, is_main=dist_info.is_main)
     init_box_trained = False
@@ -97,13 +99,11 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
-        if dist_info.is_main:
-            print(f"resumed {ckpt_path} at step {start}")
+    start = resume_step(
+        resumed, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
+    )
+    if resumed is not None and dist_info.is_main:
+        print(f"resumed {ckpt_path} at step {start}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     encode, _ = maybe_compile(model.image_encoder, use_compile)
     # box embeddings and the mask-only steps leave some parameters without gradient in some steps

@@ -13,17 +13,39 @@ import torch
 from sam_med3d_moe.config import SamConfig, small_config
 from sam_med3d_moe.data import load_samples
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
-from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
-from shared.cli import add_run_args
+from shared.checkpoint import (
+    describe_checkpoint,
+    load_checkpoint,
+    load_run_checkpoint,
+    plain_args,
+    require_run_checkpoint,
+    restore_run,
+    save_checkpoint,
+)
+from shared.cli import (
+    add_run_args,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    positive_float,
+    positive_int,
+    probability,
+)
 from shared.dataset import split_dataset
 from shared.errors import InputError
 
 KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
 
 
+CONFIG_NAMES = ("vit_b_ori", "small", "tiny")
+fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
+fold_count = number_in(int, "an integer >= 2", low=2)
+threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
+
+
 def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None, steps: int) -> None:
     """Flags of every training entry point: data, split, prompts, optimisation, run harness (`lr` None: no
-    --lr flag, for an entry point with its own learning-rate flags)."""
+    --lr flag, for an entry point with its own learning-rate flags). Every value is checked at parse time."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
     g.add_argument("--modalities", nargs="+", help="channels to use (default: every channel of each dataset)")
@@ -34,43 +56,34 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None, steps:
         help="one target per case = all labels > 0 (e.g. whole "
         "lesion) instead of one per label value; for every dataset, or only the named folders",
     )
-    g.add_argument("--fold", type=int, default=0, help="held-out fold of each dataset; -1 trains on all cases")
-    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits per dataset")
-    g.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
-    g.add_argument("--min-voxels", type=int, default=10, help="skip targets smaller than this after resampling")
+    g.add_argument("--fold", type=fold_index, default=0, help="held-out fold of each dataset; -1 trains on all cases")
+    g.add_argument("--folds", type=fold_count, default=5, help="number of deterministic k-fold splits per dataset")
+    g.add_argument("--spacing", type=positive_float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
+    g.add_argument("--min-voxels", type=positive_int, default=10, help="skip smaller targets (voxels after resampling)")
     g = parser.add_argument_group("prompts")
-    g.add_argument("--num-clicks", type=int, default=11, help="interaction steps per batch (official: 11)")
-    g.add_argument("--box-prob", type=float, default=0.5, help="probability that a batch starts from a box prompt")
-    g.add_argument("--jitter", type=int, default=2, help="largest shift (voxels) of each box coordinate")
+    g.add_argument("--num-clicks", type=positive_int, default=11, help="interaction steps per batch (official: 11)")
+    g.add_argument("--box-prob", type=probability, default=0.5, help="probability that a batch starts from a box")
+    g.add_argument("--jitter", type=non_negative_int, default=2, help="largest shift (voxels) of each box coordinate")
     g.add_argument(
         "--dice-only", action="store_true", help="Dice loss only (the official CE term was 0 before MONAI 1.3)"
     )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=2, help="crops per step and process")
+    g.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="crops per step and process")
     if lr is not None:
-        g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (official: 0.1)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+        g.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (official: 0.1)")
+    g.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient-norm clipping (0: off)")
     g = parser.add_argument_group("run")
     add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json", unit="steps", compiled="the image encoder")
-    g.add_argument("--save-every", type=int, default=100, help="write the checkpoint every this many steps")
+    g.add_argument("--save-every", type=positive_int, default=100, help="write the checkpoint every this many steps")
 
 
 def check_common_args(args) -> None:
-    """Refuse bad flag values with one sentence each."""
+    """The checks argparse cannot make: every --data folder is an nnU-Net dataset."""
     for path in args.data:
         if not Path(path, "dataset.json").is_file():
             raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
-    for name in ("steps", "batch_size", "num_clicks", "save_every"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
-    if not 0.0 <= args.box_prob <= 1.0:
-        raise InputError(f"--box-prob must lie in [0, 1], got {args.box_prob}.")
-    if args.spacing <= 0 or args.jitter < 0:
-        raise InputError(f"--spacing must be positive and --jitter non-negative, got {args.spacing}, {args.jitter}.")
 
 
 def split_cases(data_dirs, fold: int, folds: int) -> dict:
@@ -96,15 +109,10 @@ def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> 
     )
 
 
-def read_run(path, expect_kind: str | None = None) -> dict:
-    """A checkpoint of this package (kind in KINDS), read with weights_only=True."""
-    ckpt = load_checkpoint(path, map_location="cpu", expect_kind=expect_kind)
-    if ckpt.get("kind") not in KINDS:
-        raise InputError(
-            f"{path}: not a SAM-Med3D(-MoE) run checkpoint (kind {ckpt.get('kind')!r}); convert "
-            "official files with python -m sam_med3d_moe.convert_checkpoint."
-        )
-    return ckpt
+def read_run(path, kind: str, hint: str) -> dict:
+    """A run checkpoint of this package of `kind` (read with weights_only=True); a plain state_dict or another
+    program's file is refused with one sentence ending in `hint` (what to pass instead)."""
+    return load_run_checkpoint(path, kind=kind, hint=hint, keys=("model", "config"))
 
 
 def general_box_trained(ckpt: dict) -> bool:
@@ -126,7 +134,8 @@ def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
         SAM-Med3D has no box embeddings, so they are freshly initialised here (from the seeded global RNG).
     """
     ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("kind") in KINDS:
+    if ckpt.get("kind") is not None:  # a run: of this package, else refused by name
+        require_run_checkpoint(ckpt, path, kind=KINDS, keys=("model", "config"))
         cfg = config_from_dict(ckpt["config"]["sam"])
         weights = ckpt["model"]
         if ckpt["kind"] == "sam_med3d_moe":
@@ -134,6 +143,9 @@ def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
         model = build_model(cfg)
         load_weights(model, weights, source=str(path), allow_new=False)
         return model, {"kind": ckpt["kind"], "box_trained": general_box_trained(ckpt)}
+    if not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise InputError(f"{path} is {describe_checkpoint(ckpt)}: pass a run checkpoint of this package or a "
+                         "state_dict written by python -m sam_med3d_moe.convert_checkpoint.")  # fmt: skip
     cfg = config_by_name(config or "vit_b_ori", box_prompts=True)
     model = build_model(cfg)
     load_weights(model, ckpt, source=str(path), allow_new=True)
@@ -165,7 +177,8 @@ def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:
 def save_run(
     path, *, kind: str, model: torch.nn.Module, config: dict, optimizer, scaler, step: int, args, rng, **extra
 ) -> None:
-    """Atomically write what is needed to use or resume a run (the un-compiled, un-wrapped model)."""
+    """Atomically write what is needed to use or resume a run (the un-compiled, un-wrapped model) and the flags
+    that `--resume` compares (`shared.checkpoint.check_same_run`)."""
     save_checkpoint(
         path,
         kind=kind,
@@ -175,14 +188,17 @@ def save_run(
         scaler=scaler.state_dict(),
         step=step,
         rng=rng,
-        args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        args=plain_args(args),
         **extra,
     )
 
 
-def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
-    """Load model/optimizer/scaler/RNG state of a run; returns the step to continue from."""
-    return int(restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
+def resume_step(ckpt: dict | None, *, kind: str, model, optimizer, scaler, generator, device) -> int:
+    """Load the checkpoint `prepare_run_dir` returned into model/optimizer/scaler/RNG; the step to continue from
+    (0 for a fresh run)."""
+    if ckpt is None:
+        return 0
+    return int(restore_run(ckpt, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
                            device=device)["step"])  # fmt: skip
 
 

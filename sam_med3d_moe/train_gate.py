@@ -13,7 +13,6 @@ expert of each sample receives a gradient (paper: lr 1e-4 experts, 1e-6 gate, Ad
 the experts). The checkpoint records, per decoder, whether its box embeddings were trained.
 """
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -30,16 +29,19 @@ from sam_med3d_moe.model import build_model, load_weights
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.tasks import ExpertTask, check_disjoint, expected_expert
 from sam_med3d_moe.train_common import (
+    CONFIG_NAMES,
     add_common_args,
     check_common_args,
     load_general,
     prepare_data,
     read_run,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
+    threshold,
 )
-from shared.cli import run_cli
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, non_negative_float, positive_float, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -58,22 +60,20 @@ KIND = "sam_med3d_moe"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("MoE")
     g.add_argument("--general", required=True, help="general model (sam_med3d_moe.train run or converted state_dict)")
-    g.add_argument("--config", default="vit_b_ori", help="architecture of a plain state_dict: vit_b_ori, small or tiny")
+    g.add_argument("--config", choices=CONFIG_NAMES, default="vit_b_ori", help="architecture of a plain state_dict")
     g.add_argument("--experts", nargs="+", required=True, help="sam_med3d_moe.finetune_expert checkpoints")
-    g.add_argument("--gate-lr", type=float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
-    g.add_argument("--expert-lr", type=float, default=1e-4, help="AdamW lr of the experts (paper: 1e-4; 0 freezes)")
-    g.add_argument("--tau", type=float, default=0.5, help="selector threshold on the top expert score")
+    g.add_argument("--gate-lr", type=positive_float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
+    g.add_argument(
+        "--expert-lr", type=non_negative_float, default=1e-4, help="AdamW lr of the experts (paper: 1e-4; 0 freezes)"
+    )
+    g.add_argument("--tau", type=threshold, default=0.5, help="selector threshold on the top expert score")
     g.add_argument("--selector", choices=SELECTOR_MODES, default="weighted", help="mask selector (Table 2 variants)")
     add_common_args(parser, lr=None, steps=1000)  # two learning rates: --gate-lr and --expert-lr
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.gate_lr <= 0 or args.expert_lr < 0:
-        raise InputError(
-            f"--gate-lr must be positive and --expert-lr non-negative, got {args.gate_lr}, {args.expert_lr}."
-        )
     return args
 
 
@@ -103,7 +103,7 @@ def assemble(general_path, expert_paths, config: str, tau: float, selector: str)
     general_weights = sam.state_dict()
     experts, tasks, boxes, box_trained = [], [], [], []
     for path in expert_paths:
-        ckpt = read_run(path, expect_kind="sam_med3d_expert")
+        ckpt = read_run(path, "sam_med3d_expert", hint="pass the checkpoint.pt of a sam_med3d_moe.finetune_expert run")
         if ckpt["config"]["sam"] != sam_config_dict(sam.cfg):
             raise InputError(f"--experts {path}: its architecture differs from the general model's.")
         weights = ckpt["model"]
@@ -157,8 +157,7 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
     moe, info = assemble(args.general, args.experts, args.config, args.tau, args.selector)
     expert_tasks = info["expert_tasks"]
@@ -182,11 +181,7 @@ def main(argv=None) -> None:
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
+    start = resume_step(resumed, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device)
     forward_model = wrap_ddp(InteractiveMoE(moe), dist_info, find_unused_parameters=True)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)

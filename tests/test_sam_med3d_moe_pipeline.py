@@ -1,5 +1,6 @@
-"""SAM-Med3D-MoE end to end on tiny phantoms: general -> expert -> gate (exact resume) -> predict -> evaluate,
-the preprocessing by hand, the official-checkpoint converter and CLI errors.
+"""SAM-Med3D-MoE end to end on tiny phantoms: general -> expert -> gate (exact resume) -> predict (one image, or a
+folder with a JSON file of prompt sets) -> evaluate, the official-checkpoint converter, and bad input refused
+in one sentence (flags, resume with other flags, a plain state_dict where a run is expected).
 
 Run: pytest tests/test_sam_med3d_moe_pipeline.py
 """
@@ -16,8 +17,6 @@ import torch
 
 from sam_med3d_moe import convert_checkpoint, evaluate, finetune_expert, predict, train, train_gate
 from sam_med3d_moe.model import build_model
-from sam_med3d_moe.predict import input_to_model
-from sam_med3d_moe.preprocess import crop_at, crop_start, paste_at, to_model_grid, znorm_positive
 from sam_med3d_moe.train_common import config_by_name
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import InputError
@@ -40,58 +39,6 @@ TINY = [
     "--spacing",
     "1.5",
 ]
-
-
-def _torchio_crop_start(bbox_min, bbox_max, size):
-    """torchio's `_compute_mask_center_crop_or_pad` for one axis, step by step (crop_ini - pad_ini)."""
-    center = (bbox_min + bbox_max + 1) / 2  # torchio's bb_max is exclusive
-    if (size % 2 == 0) ^ (center % 1 == 0):
-        center -= 0.5
-    begin = center - size / 2
-    crop_ini, pad_ini = (begin, 0) if begin >= 0 else (0, -begin)
-    return int(crop_ini) - int(pad_ini)
-
-
-def test_crop_start_matches_torchio_mask_centred_crop_or_pad():
-    # by hand, size 128: box [10, 20] -> centre 15.5 -> 15 -> start -49; box [10, 21] -> centre 16 -> start -48
-    assert crop_start([10, 10, 10], [20, 21, 200], 128).tolist() == [-49, -48, 41]
-    rng = np.random.default_rng(0)
-    for _ in range(500):
-        size = int(rng.integers(1, 140))
-        lo = rng.integers(-5, 200, size=3)
-        hi = lo + rng.integers(0, 150, size=3)
-        want = [_torchio_crop_start(int(a), int(b), size) for a, b in zip(lo, hi)]
-        assert crop_start(lo, hi, size).tolist() == want, (lo, hi, size)
-
-
-def test_crop_and_paste_round_trip_with_padding():
-    data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
-    start = crop_start([0, 5, 3], [0, 5, 3], 4)  # a one-voxel box at 0: the cube starts 2 voxels outside
-    assert start.tolist() == [-2, 3, 1]
-    crop = crop_at(data, start, 4)
-    assert crop[:2].sum() == 0 and crop[2, 0, 0] == data[0, 3, 1] and crop[2, 1, 0] == data[0, 4, 1]
-    assert crop[2, 2, 3] == data[0, 5, 4] and crop[:, 3].sum() == 0  # y = 6 lies outside the volume
-    back = paste_at(crop, start, data.shape)
-    assert np.array_equal(back[0:2, 3:6, 1:5], data[0:2, 3:6, 1:5]) and back.sum() == data[0:2, 3:6, 1:5].sum()
-
-
-def test_znorm_uses_the_positive_voxels_and_the_unbiased_std():
-    image = np.array([0.0, 0.0, 1.0, 2.0, 3.0, -1.0], dtype=np.float32)
-    out = znorm_positive(image)
-    mean, std = 2.0, 1.0  # over [1, 2, 3]: unbiased variance ((1 + 0 + 1) / 2) = 1
-    assert np.allclose(out, (image - mean) / std)
-
-
-def test_input_points_map_to_the_resampled_ras_grid():
-    affine = np.array([[-1.0, 0, 0, 10], [0, 0, 2.0, -5], [0, -1.0, 0, 3], [0, 0, 0, 1]])  # flips + permutation
-    data = np.zeros((12, 9, 7), dtype=np.float32)
-    point = np.array([7, 5, 2])
-    data[tuple(point)] = 1.0
-    rs, canon_affine, _, canon_shape = to_model_grid(data, affine, spacing=0.5, order=0)  # finer: exact copies
-    assert canon_shape == (12, 7, 9) and rs.shape == (24, 28, 18)
-    mapped = input_to_model(point[None].astype(float), affine, canon_affine, canon_shape, rs.shape)[0]
-    hits = np.argwhere(rs > 0)
-    assert np.allclose(mapped, hits.mean(axis=0), atol=1e-6)
 
 
 @pytest.fixture(scope="module")
@@ -351,12 +298,12 @@ def test_cli_errors_are_one_sentence_and_exit_2(runs, tmp_path):
     base = ["--model", str(runs["moe"] / "checkpoint.pt"), "--image", str(image), "--device", "cpu"]
     for prompt, flag in (
         (["--point", "12", "12", "40"], "--point 12 12 40"),
-        (["--box", "0", "0", "0", "30", "5", "5"], "--box"),
+        (["--box", "0", "0", "0", "30", "5", "5"], "--box 0 0 0 30 5 5"),
     ):
-        with pytest.raises(InputError, match=f"{flag}: lies outside the image"):
+        with pytest.raises(InputError, match=f"{flag} lies outside the image"):
             predict.main([*base, "--output", str(tmp_path / "outside.nii.gz"), *prompt])
     assert not (tmp_path / "outside.nii.gz").exists()
-    with pytest.raises(InputError, match="already holds a checkpoint"):
+    with pytest.raises(InputError, match="already holds checkpoint.pt"):
         train_gate.main([*runs["gate_args"], "--out", str(runs["moe"])])
     with pytest.raises(InputError, match="is a sam_med3d checkpoint, expected sam_med3d_expert"):
         train_gate.main(
@@ -369,3 +316,81 @@ def test_cli_errors_are_one_sentence_and_exit_2(runs, tmp_path):
                 str(tmp_path / "bad"),
             ]
         )
+
+
+def test_predict_a_dataset_from_a_json_file_of_prompt_sets(runs, tmp_path):
+    import json
+
+    cases = ["PhantomTumour_000", "PhantomTumour_001"]
+    prompts = {cases[0]: [{"name": "lesion", "points": [[12, 12, 12]], "negative": [[2, 2, 2]]},
+                          {"box": [6, 6, 6, 18, 18, 18]}],
+               cases[1]: [{"name": "lesion", "points": [[11, 12, 13]]}]}  # fmt: skip
+    file = tmp_path / "prompts.json"
+    file.write_text(json.dumps(prompts))
+    out = tmp_path / "preds"
+    base = ["--model", str(runs["moe"] / "checkpoint.pt"), "--input", runs["tumour"], "--split", "Tr",
+            "--channel", "FLAIR", "--device", "cpu"]  # fmt: skip
+    predict.main([*base, "--prompts", str(file), "--output", str(out)])
+    written = sorted(p.name for p in out.iterdir())
+    assert written == [f"{cases[0]}_lesion.nii.gz", f"{cases[0]}_prompt2.nii.gz", f"{cases[1]}_lesion.nii.gz"]
+    ref = nib.load(Path(runs["tumour"], "imagesTr", f"{cases[0]}_0003.nii.gz"))
+    assert nib.load(out / written[0]).shape == ref.shape
+    # refused before any work, nothing written: a malformed set, an unknown case, a click outside the image
+    for bad, message in (
+        ({cases[0]: [{"points": [[1, 2]]}]}, r"\[PhantomTumour_000\]\[0\] points\[0\] must be a list of 3 numbers"),
+        ({"Nobody": [{"points": [[1, 2, 3]]}]}, "names case\\(s\\) \\['Nobody'\\]"),
+        (
+            {cases[1]: [{"box": [0, 0, 0, 99, 5, 5]}]},
+            r"\[PhantomTumour_001\]\[0\] box 0 0 0 99 5 5 lies outside the image",
+        ),
+        ({cases[1]: [{"points": [[1, 2, 3]], "box": [0, 0, 0, 5, 5, 5]}]}, "either points .* or a box, not both"),
+    ):
+        file.write_text(json.dumps(bad))
+        with pytest.raises(InputError, match=message):
+            predict.main([*base, "--prompts", str(file), "--output", str(tmp_path / "none")])
+        assert not (tmp_path / "none").exists()
+    file.write_text(json.dumps(prompts))
+    with pytest.raises(InputError, match="pick the one to segment with --channel"):
+        predict.main([*base[:-4], "--device", "cpu", "--prompts", str(file), "--output", str(tmp_path / "none")])
+
+
+@pytest.mark.parametrize(
+    "cli,flag,value",
+    [
+        ("train", "--lr", "0"),
+        ("train", "--weight-decay", "-1"),
+        ("train", "--box-prob", "2"),
+        ("train", "--folds", "1"),
+        ("train", "--config", "huge"),
+        ("gate", "--tau", "1"),
+        ("gate", "--gate-lr", "0"),
+        ("gate", "--expert-lr", "-1"),
+        ("predict", "--spacing", "-1.5"),
+        ("predict", "--max-crops", "0"),
+    ],
+)
+def test_bad_flags_are_refused_at_parse_time_in_one_line(runs, tmp_path, capsys, cli, flag, value):
+    argv = {
+        "train": ["--data", runs["anatomy"], "--out", str(tmp_path / "run")],
+        "gate": [*runs["gate_args"], "--out", str(tmp_path / "run")],
+        "predict": ["--model", "m.pt", "--image", "i.nii.gz", "--output", "o.nii.gz", "--point", "1", "2", "3"],
+    }[cli]
+    parse = {"train": train.parse_args, "gate": train_gate.parse_args, "predict": predict.parse_args}[cli]
+    with pytest.raises(SystemExit) as exit_info:
+        parse([*argv, flag, value])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith(f"error: {flag}: ") and err.count("\n") == 1
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_only_continues_the_same_run_and_experts_must_be_runs(runs, tmp_path):
+    run = tmp_path / "gate"
+    train_gate.main([*runs["gate_args"], "--out", str(run), "--stop-after", "1"])
+    changed = list(runs["gate_args"])
+    changed[changed.index("--gate-lr") + 1] = "1e-2"
+    with pytest.raises(InputError, match="--gate-lr: 0.001 -> 0.01"):
+        train_gate.main([*changed, "--out", str(run), "--resume"])
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, **load_checkpoint(runs["expert"] / "checkpoint.pt")["model"])
+    with pytest.raises(InputError, match="is a plain state_dict .* pass the checkpoint.pt of a sam_med3d_moe.finetune"):
+        train_gate.assemble(runs["general"] / "checkpoint.pt", [plain], "tiny", 0.5, "weighted")
