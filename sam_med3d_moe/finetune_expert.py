@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
 from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import (
     CONFIG_NAMES,
     add_common_args,
+    batches,
     check_common_args,
     load_general,
     prepare_data,
@@ -92,7 +93,7 @@ def main(argv=None) -> None:
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     model, info = load_general(args.general, config=args.config)
     train_box = (not info["box_trained"] and args.box_prob > 0) if args.train_box is None else args.train_box
     # this decoder answers boxes if it was trained on box steps with trained embeddings, or inherits both
@@ -107,7 +108,7 @@ def main(argv=None) -> None:
     if dist_info.is_main:
         print(
             f"expert for task {task.name}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
-            f"(box embeddings {'trained' if train_box else 'frozen'}) on {len(samples)} targets"
+            f"(box embeddings {'trained' if train_box else 'frozen'}) on {len(targets)} targets"
         )
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
@@ -120,14 +121,15 @@ def main(argv=None) -> None:
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 
-    bar = tqdm(range(start, stop), desc="expert", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, model.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="expert", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, running, count = time.time(), 0.0, 0
-    for step in bar:
+    for step, batch in bar:
         lr = args.lr  # constant, as the paper
-        image, gt, _ = draw_batch(samples, args.batch_size, model.cfg.image_size, rng)
-        image, gt = image.to(device), gt.to(device)
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
         with autocast_context(device, enabled=args.amp):
-            loss, _ = forward_model(image, gt, rng, **protocol)
+            loss, _ = forward_model(image, gt, click_rng(args.seed, dist_info.rank, step), **protocol)
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

@@ -25,8 +25,9 @@ from scipy import ndimage
 from sam_med3d_moe.interaction import evaluate_points
 from sam_med3d_moe.model import upsample
 from sam_med3d_moe.predictor import Predictor
-from sam_med3d_moe.preprocess import bounding_box, crop_at, crop_start, znorm_positive
+from sam_med3d_moe.preprocess import bounding_box, crop_start, znorm_positive
 from shared.errors import InputError
+from shared.sampling import read_region
 
 MAX_CROPS = 27
 
@@ -71,7 +72,7 @@ class Blend:
 
 def _crop_tensor(image: np.ndarray, start, size: int) -> torch.Tensor:
     """The z-normalised model input (1, 1, S, S, S) of the crop at `start`."""
-    return torch.from_numpy(znorm_positive(crop_at(image, start, size)))[None, None]
+    return torch.from_numpy(znorm_positive(read_region(image, start, (size,) * 3)))[None, None]
 
 
 def _logits(low_res: torch.Tensor, predictor: Predictor) -> np.ndarray:
@@ -125,7 +126,7 @@ def segment_label(
     _check_count(len(starts), max_crops, "--label")
     blend = Blend(image.shape)
     for start in starts:
-        target = crop_at(gt, start, size)
+        target = read_region(gt, start, (size,) * 3)
         if not target.any():  # a corner tile of a non-convex target
             continue
         emb = predictor.embed(_crop_tensor(image, start, size))
@@ -197,7 +198,7 @@ def segment_clicks(
         if any(np.array_equal(start, s) for s in starts):
             continue
         _check_count(len(starts) + 1, max_crops, f"the target of {names[0]}")
-        known = crop_at(blend.mask(), start, size)  # the mask so far inside the new crop (its overlap)
+        known = read_region(blend.mask(), start, (size,) * 3)  # the mask so far inside the new crop (its overlap)
         if not known.any():  # the blend of overlapping crops voted the face voxels out again
             continue
         click = torch.tensor(interior_voxel(known), dtype=torch.long, device=device).reshape(1, 1, 3)

@@ -4,7 +4,8 @@ RAS reorientation (`tio.ToCanonical`) and resampling to 1.5 mm (linear image, ne
 clamp to [-1000, 1000] (`tio.Clamp`, official for paths containing "/ct_"), the model cube cut around the
 target's bounding box with zero padding (`tio.CropOrPad(target_shape, mask_name=...)`), and z-normalisation
 over the voxels > 0 *after* the crop (`tio.ZNormalization(masking_method=x > 0)`). Layouts: (X, Y, Z) arrays in
-the RAS grid; a crop is `size`^3 and may stick out of the volume (zeros there).
+the RAS grid; a crop is `size`^3, may stick out of the volume (zeros there) and is read with
+`shared.sampling.read_region`.
 """
 
 import numpy as np
@@ -53,20 +54,9 @@ def bounding_box(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return idx.min(axis=0), idx.max(axis=0)
 
 
-def crop_at(data: np.ndarray, start, size: int) -> np.ndarray:
-    """The `size`^3 cube of `data` (X, Y, Z) starting at `start`; voxels outside the volume are 0."""
-    out = np.zeros((size,) * 3, dtype=data.dtype)
-    src, dst = [], []
-    for s, n in zip(start, data.shape):
-        lo, hi = max(int(s), 0), min(int(s) + size, n)
-        src.append(slice(lo, max(lo, hi)))
-        dst.append(slice(lo - int(s), lo - int(s) + max(0, hi - lo)))
-    out[tuple(dst)] = data[tuple(src)]
-    return out
-
-
 def paste_at(crop: np.ndarray, start, shape) -> np.ndarray:
-    """Inverse of `crop_at`: put the cube back into a zero volume of `shape`."""
+    """Inverse of the crop (`shared.sampling.read_region`): put the (S, S, S) cube at `start` into a zero volume
+    of `shape`; the parts of the cube outside the volume are dropped."""
     out = np.zeros(shape, dtype=crop.dtype)
     size = crop.shape[0]
     src, dst = [], []

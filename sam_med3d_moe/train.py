@@ -16,12 +16,13 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
 from sam_med3d_moe.model import build_model
 from sam_med3d_moe.train_common import (
     CONFIG_NAMES,
     add_common_args,
+    batches,
     check_common_args,
     config_by_name,
     load_general,
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
     ckpt_path = out / "checkpoint.pt"
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     init_box_trained = False
     if args.init:
         model, info = load_general(args.init, config=args.config)
@@ -88,7 +89,7 @@ def main(argv=None) -> None:
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(
-            f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(samples)} targets, box embeddings "
+            f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(targets)} targets, box embeddings "
             f"{'trained' if args.box_prob > 0 else 'not trained (--box-prob 0)'}"
         )
     groups = [
@@ -112,16 +113,17 @@ def main(argv=None) -> None:
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 
-    bar = tqdm(range(start, stop), desc="general", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, model.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="general", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, running, count = time.time(), 0.0, 0
-    for step in bar:
+    for step, batch in bar:
         lr = cosine_lr(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        image, gt, _ = draw_batch(samples, args.batch_size, model.cfg.image_size, rng)
-        image, gt = image.to(device), gt.to(device)
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
         with autocast_context(device, enabled=args.amp):
-            loss, _ = forward_model(image, gt, rng, **protocol)
+            loss, _ = forward_model(image, gt, click_rng(args.seed, dist_info.rank, step), **protocol)
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)

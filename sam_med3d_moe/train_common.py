@@ -11,8 +11,9 @@ from pathlib import Path
 import torch
 
 from sam_med3d_moe.config import SamConfig, small_config
-from sam_med3d_moe.data import load_samples
+from sam_med3d_moe.data import DrawBatch, augment_batch, build_targets, load_cases
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
+from shared.atomic import atomic_path
 from shared.checkpoint import (
     describe_checkpoint,
     load_checkpoint,
@@ -33,6 +34,7 @@ from shared.cli import (
 )
 from shared.dataset import split_dataset
 from shared.errors import InputError
+from shared.loader import add_loader_args, default_workers, training_batches
 
 KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
 
@@ -60,6 +62,8 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None, steps:
     g.add_argument("--folds", type=fold_count, default=5, help="number of deterministic k-fold splits per dataset")
     g.add_argument("--spacing", type=positive_float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
     g.add_argument("--min-voxels", type=positive_int, default=10, help="skip smaller targets (voxels after resampling)")
+    g.add_argument("--ct-clamp", action="store_true", help="clamp intensities to [-1000, 1000] (official for CT)")
+    add_loader_args(g)
     g = parser.add_argument_group("prompts")
     g.add_argument("--num-clicks", type=positive_int, default=11, help="interaction steps per batch (official: 11)")
     g.add_argument("--box-prob", type=probability, default=0.5, help="probability that a batch starts from a box")
@@ -91,22 +95,31 @@ def split_cases(data_dirs, fold: int, folds: int) -> dict:
     return {Path(root).name: split_dataset(root, fold, folds) for root in data_dirs}
 
 
-def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> list:
-    """Write OUT/split.json (rank 0) and load the samples of `part` of every dataset."""
+def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> tuple[list, list]:
+    """Write OUT/split.json (rank 0), build or reuse the caches, and list the targets of `part`.
+
+    Returns:
+        the cached cases (`shared.cache.CachedCase`) and the targets (`data.Target`) of every dataset.
+    """
     split = split_cases(args.data, args.fold, args.folds)
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps(split, indent=1))
+        with atomic_path(out / "split.json") as tmp:
+            tmp.write_text(json.dumps(split, indent=1))
     ids = {name: s[part] for name, s in split.items()}
-    return load_samples(
-        args.data,
-        ids,
-        modalities=args.modalities,
-        spacing=args.spacing,
-        union=args.union,
-        min_voxels=args.min_voxels,
-        labels=getattr(args, "labels", None),
-    )
+    entries = load_cases(args.data, ids, args.modalities, args.spacing, args.ct_clamp, cache_root=args.cache,
+                         processes=max(1, args.workers or 1))  # fmt: skip
+    targets = build_targets(entries, union=args.union, labels=getattr(args, "labels", None),
+                            min_voxels=args.min_voxels)  # fmt: skip
+    return entries, targets
+
+
+def batches(args, entries, targets, size: int, rank: int, start: int, stop: int, device):
+    """The training batches of steps [start, stop) on `device`, flipped (`shared.loader.training_batches`)."""
+    workers = default_workers(device) if args.workers is None else args.workers
+    draw = DrawBatch(entries, targets, args.batch_size, size)
+    return training_batches(draw, seed=args.seed, rank=rank, start=start, stop=stop, workers=workers, device=device,
+                            augment=augment_batch)  # fmt: skip
 
 
 def read_run(path, kind: str, hint: str) -> dict:

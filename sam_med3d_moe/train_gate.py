@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from sam_med3d_moe.config import SELECTOR_MODES, GateConfig
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import train_interaction
 from sam_med3d_moe.losses import gate_loss
 from sam_med3d_moe.model import build_model, load_weights
@@ -31,6 +31,7 @@ from sam_med3d_moe.tasks import ExpertTask, check_disjoint, expected_expert
 from sam_med3d_moe.train_common import (
     CONFIG_NAMES,
     add_common_args,
+    batches,
     check_common_args,
     load_general,
     prepare_data,
@@ -161,8 +162,10 @@ def main(argv=None) -> None:
 
     moe, info = assemble(args.general, args.experts, args.config, args.tau, args.selector)
     expert_tasks = info["expert_tasks"]
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
-    if not any(expected_expert(expert_tasks, s.task, s.label) for s in samples):
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
+    # the gate target of each target: the expert fine-tuned on its class, else 0 (the general expert)
+    expert_of = torch.tensor([expected_expert(expert_tasks, t.dataset, t.label) for t in targets])
+    if not expert_of.any():
         raise InputError(f"--data holds no target of the experts' tasks {[t.name for t in expert_tasks]}.")
     moe.requires_grad_(False)
     moe.gate.requires_grad_(True)
@@ -176,7 +179,7 @@ def main(argv=None) -> None:
         print(
             f"MoE: general + {len(expert_tasks)} experts {list(moe.gate_cfg.tasks)}, gate over "
             f"{moe.gate_cfg.num_classes} classes, "
-            f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, {len(samples)} targets"
+            f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, {len(targets)} targets"
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
@@ -192,14 +195,15 @@ def main(argv=None) -> None:
         "expert_tasks": [t.to_dict() for t in expert_tasks],
     }
 
-    bar = tqdm(range(start, stop), desc="gate", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, moe.sam.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="gate", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, sums, count = time.time(), np.zeros(3), 0
-    for step in bar:
-        image, gt, picked = draw_batch(samples, args.batch_size, moe.sam.cfg.image_size, rng)
-        target = torch.tensor([expected_expert(expert_tasks, task, label) for task, label in picked], device=device)
-        image, gt = image.to(device), gt.to(device)
+    for step, batch in bar:
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
+        target = expert_of[batch["target"].cpu()].to(device)
         with autocast_context(device, enabled=args.amp):
-            seg, ce = forward_model(image, gt, target, rng, **protocol)
+            seg, ce = forward_model(image, gt, target, click_rng(args.seed, dist_info.rank, step), **protocol)
             loss = seg + ce
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()

@@ -38,11 +38,23 @@ TINY = [
     "1",
     "--spacing",
     "1.5",
+    "--workers",
+    "0",
 ]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """Every CLI of this module builds its preprocessed caches here (the default lies in the checkout)."""
+    patch = pytest.MonkeyPatch()
+    root = tmp_path_factory.mktemp("cache")
+    patch.setenv("BRAINSEG_CACHE", str(root))
+    yield root
+    patch.undo()
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, cache_root):
     """Tiny general model, lesion expert and MoE (2 steps each) on 4-case 24^3 phantoms."""
     root = tmp_path_factory.mktemp("sam_med3d_moe")
     anatomy, tumour = (
@@ -137,19 +149,25 @@ def test_per_class_expert_and_the_gate_targets_of_its_classes(runs, tmp_path, mo
     anatomy, tumour = Path(runs["anatomy"]).name, Path(runs["tumour"]).name
     assert ckpt["config"]["expert_task"] == {"datasets": [anatomy], "labels": [2]}
     assert ckpt["config"]["task"] == f"{anatomy}:labels2"
-    picked, targets = [], []
-    draw = train_gate.draw_batch
+    seen, drawn, gate_targets = [], [], []
+    prepare, stream = train_gate.prepare_data, train_gate.batches
 
-    def recording_draw(*a, **k):
-        image, gt, who = draw(*a, **k)
-        picked.extend(who)
-        return image, gt, who
+    def recording_prepare(*a, **k):
+        entries, targets = prepare(*a, **k)
+        seen.extend(targets)
+        return entries, targets
+
+    def recording_batches(*a, **k):
+        for batch in stream(*a, **k):
+            drawn.extend(batch["target"].tolist())
+            yield batch
 
     def recording_loss(logits, target):
-        targets.append(target.tolist())
+        gate_targets.append(target.tolist())
         return torch.nn.functional.cross_entropy(logits, target)
 
-    monkeypatch.setattr(train_gate, "draw_batch", recording_draw)
+    monkeypatch.setattr(train_gate, "prepare_data", recording_prepare)
+    monkeypatch.setattr(train_gate, "batches", recording_batches)
     monkeypatch.setattr(train_gate, "gate_loss", recording_loss)
     args = list(runs["gate_args"])
     args[args.index("--experts") + 1 : args.index("--experts") + 2] = [str(runs["expert"] / "checkpoint.pt"),
@@ -157,17 +175,18 @@ def test_per_class_expert_and_the_gate_targets_of_its_classes(runs, tmp_path, mo
     args[args.index("--steps") + 1] = "6"
     train_gate.main([*args, "--batch-size", "2", "--out", str(tmp_path / "moe2")])
     rule = {(tumour, None): 1, (anatomy, 2): 2}
-    want = [rule.get(p, 0) for p in picked]
-    per_step = [targets[i * 3] for i in range(6)]  # 3 interaction steps (--num-clicks) share one target
+    want = [rule.get((seen[i].dataset, seen[i].label), 0) for i in drawn]
+    per_step = [gate_targets[i * 3] for i in range(6)]  # 3 interaction steps (--num-clicks) share one target
     assert [t for step in per_step for t in step] == want
     assert set(want) == {0, 1, 2}  # all three kinds of target were drawn
     saved = load_checkpoint(tmp_path / "moe2" / "checkpoint.pt")["config"]
     assert saved["expert_tasks"][1] == {"datasets": [anatomy], "labels": [2]}
 
 
-def test_gate_training_resumes_exactly(runs, tmp_path):
-    train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
-    train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--resume"])
+def test_gate_training_resumes_exactly_with_loader_workers(runs, tmp_path):
+    # the fixture's run had no loader worker; here step 1 runs with 2 workers, then --resume with 1
+    train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--stop-after", "1", "--workers", "2"])
+    train_gate.main([*runs["gate_args"], "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
     straight = load_checkpoint(runs["moe"] / "checkpoint.pt")["model"]
     resumed = load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["model"]
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
@@ -213,11 +232,16 @@ def test_evaluate_reports_clicks_max_and_box(runs, tmp_path):
             "cpu",
         ]
     )
-    summary = evaluate.evaluate(args)
-    row = summary[0]
-    assert row["targets"] == 1 and {"dice_click1", "dice_click2", "dice_max_over_clicks", "dice_box"} <= set(row)
+    result = evaluate.evaluate(args)
+    row = result["summary"][0]
+    assert row["targets"] == 1 and row["label"] == "union"
+    wanted = {"dice_click1", "dice_click2", "dice_max_over_clicks", "dice_native", "nsd_native", "dice_box",
+              "dice_box_native", "nsd_box_native"}  # fmt: skip
+    assert wanted <= set(row) and all(0 <= row[k] <= 1 for k in wanted)
     assert row["dice_max_over_clicks"] >= max(row["dice_click1"], row["dice_click2"]) - 1e-4
-    assert (tmp_path / "expert_targets.csv").is_file()
+    # the expert's own task (the tumour's union targets) makes them the fine-tuned classes of Table 1
+    assert [r["classes"] for r in result["table1"]] == ["fine-tuned"] and result["routing"] == []
+    assert {p.name for p in tmp_path.iterdir()} == {"expert_targets.csv", "expert_summary.csv", "expert_table1.csv"}
 
 
 def test_box_prompts_only_from_trained_box_embeddings(runs, tmp_path):

@@ -7,7 +7,8 @@ Run: pytest tests/test_sam_med3d_moe_preprocess.py
 import numpy as np
 
 from sam_med3d_moe.predict import input_to_model
-from sam_med3d_moe.preprocess import crop_at, crop_start, paste_at, to_model_grid, znorm_positive
+from sam_med3d_moe.preprocess import crop_start, paste_at, to_model_grid, znorm_positive
+from shared.sampling import read_region
 
 
 def _torchio_crop_start(bbox_min, bbox_max, size):
@@ -36,7 +37,7 @@ def test_crop_and_paste_round_trip_with_padding():
     data = np.arange(5 * 6 * 7, dtype=np.float32).reshape(5, 6, 7)
     start = crop_start([0, 5, 3], [0, 5, 3], 4)  # a one-voxel box at 0: the cube starts 2 voxels outside
     assert start.tolist() == [-2, 3, 1]
-    crop = crop_at(data, start, 4)
+    crop = read_region(data, start, (4, 4, 4))
     assert crop[:2].sum() == 0 and crop[2, 0, 0] == data[0, 3, 1] and crop[2, 1, 0] == data[0, 4, 1]
     assert crop[2, 2, 3] == data[0, 5, 4] and crop[:, 3].sum() == 0  # y = 6 lies outside the volume
     back = paste_at(crop, start, data.shape)
