@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from sam_med3d_moe.preprocess import CT_CLAMP, crop_start, znorm_positive
-from shared.augment import PIPELINES, apply_augmentation, sample_params
+from shared.augment import PIPELINES, sample_params
 from shared.cache import CachedCase, Preprocessing, build_cache
 from shared.dataset import canonical_modality, load_dataset_json
 from shared.errors import InputError
@@ -146,8 +146,9 @@ class DrawBatch:
     """`draw(rng) -> batch` for `shared.loader.training_batches`: one whole batch from the step's Generator.
 
     A crop is drawn balanced over datasets (a dataset uniformly, then one of its targets), as the official
-    union of datasets, read from the memory maps, and given its flip parameters. Holds only paths and small
-    arrays, so it forks into loader workers.
+    union of datasets, read from the memory maps, and given its flip parameters (applied by
+    `shared.augment.BatchAugmentation(AUGMENTATION, crop)`, in the workers or on the GPU). Holds only paths and
+    small arrays, so it forks into loader workers.
 
     Returns (from a call): {"image" (B, 1, S, S, S) float32, "label" (B, S, S, S) int64 binary target,
     "aug" the `sam_flips` parameters, "target" (B,) int64 index into `targets`}.
@@ -175,14 +176,6 @@ class DrawBatch:
             "aug": sample_params(AUGMENTATION, self.batch_size, 1, rng),
             "target": torch.tensor(picked, dtype=torch.int64),
         }
-
-
-def augment_batch(batch: dict) -> dict:
-    """The `sam_flips` augmentation of a drawn batch (in the loader workers on CPU, on the GPU on CUDA)."""
-    image, label = apply_augmentation(
-        batch["image"], batch["label"], batch["aug"], AUGMENTATION, batch["image"].shape[2:]
-    )
-    return {**batch, "image": image, "label": label}
 
 
 def click_rng(seed: int, rank: int, step: int) -> np.random.Generator:

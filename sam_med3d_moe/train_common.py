@@ -11,9 +11,10 @@ from pathlib import Path
 import torch
 
 from sam_med3d_moe.config import SamConfig, small_config
-from sam_med3d_moe.data import DrawBatch, augment_batch, build_targets, load_cases
+from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases
 from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
 from shared.atomic import atomic_path
+from shared.augment import BatchAugmentation
 from shared.checkpoint import (
     describe_checkpoint,
     load_checkpoint,
@@ -119,7 +120,7 @@ def batches(args, entries, targets, size: int, rank: int, start: int, stop: int,
     workers = default_workers(device) if args.workers is None else args.workers
     draw = DrawBatch(entries, targets, args.batch_size, size)
     return training_batches(draw, seed=args.seed, rank=rank, start=start, stop=stop, workers=workers, device=device,
-                            augment=augment_batch)  # fmt: skip
+                            augment=BatchAugmentation(AUGMENTATION, (size,) * 3))  # fmt: skip
 
 
 def read_run(path, kind: str, hint: str) -> dict:

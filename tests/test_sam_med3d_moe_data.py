@@ -12,9 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from sam_med3d_moe.data import DrawBatch, augment_batch, build_targets, load_cases, read_target
+from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases, read_target
 from sam_med3d_moe.evaluate import NativeGrid
 from sam_med3d_moe.preprocess import crop_start
+from shared.augment import BatchAugmentation
 from shared.dataset import list_cases
 from shared.errors import InputError
 from shared.loader import training_batches
@@ -74,6 +75,7 @@ def test_read_target_equals_a_naive_crop_of_the_whole_volume(dataset):
 
 def test_batches_do_not_depend_on_the_number_of_workers(dataset):
     draw = DrawBatch(dataset["entries"], build_targets(dataset["entries"]), batch_size=2, size=16)
+    augment_batch = BatchAugmentation(AUGMENTATION, (16, 16, 16))
     runs = []
     for workers in (0, 2):
         batches = training_batches(draw, seed=5, rank=0, start=3, stop=6, workers=workers,
