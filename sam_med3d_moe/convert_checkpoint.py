@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
 from sam_med3d_moe.model import build_model, load_weights
-from sam_med3d_moe.train_common import CONFIG_NAMES, config_by_name
 from shared.checkpoint import save_checkpoint, strip_prefix
 from shared.cli import check_output_file, make_parser, run_cli
 from shared.errors import InputError

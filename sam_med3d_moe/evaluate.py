@@ -26,13 +26,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.config import SELECTOR_MODES
+from sam_med3d_moe.config import CONFIG_NAMES, SELECTOR_MODES
 from sam_med3d_moe.data import build_targets, case_properties, load_cases, read_target
 from sam_med3d_moe.interaction import dice_score, evaluate_box, evaluate_points
 from sam_med3d_moe.predictor import Predictor
 from sam_med3d_moe.preprocess import paste_at
 from sam_med3d_moe.reports import routing_rows, table1_rows, task_label
-from sam_med3d_moe.train_common import CONFIG_NAMES, threshold
+from sam_med3d_moe.train_common import threshold
 from shared.atomic import atomic_path
 from shared.cli import (
     check_output_dir,

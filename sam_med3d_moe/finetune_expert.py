@@ -19,15 +19,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
 from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
+from sam_med3d_moe.model import load_sam
 from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import (
-    CONFIG_NAMES,
     add_common_args,
     batches,
     check_common_args,
-    load_general,
     prepare_data,
     resume_step,
     sam_config_dict,
@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
     entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
-    model, info = load_general(args.general, config=args.config)
+    model, info = load_sam(args.general, config_by_name(args.config))
     train_box = (not info["box_trained"] and args.box_prob > 0) if args.train_box is None else args.train_box
     # this decoder answers boxes if it was trained on box steps with trained embeddings, or inherits both
     box_trained = info["box_trained"] or (train_box and args.box_prob > 0)

@@ -27,12 +27,12 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from sam_med3d_moe.config import SELECTOR_MODES
+from sam_med3d_moe.config import CONFIG_NAMES, SELECTOR_MODES
 from sam_med3d_moe.inference import MAX_CROPS, segment_box, segment_clicks, segment_label
 from sam_med3d_moe.predictor import Predictor
 from sam_med3d_moe.preprocess import CT_CLAMP, to_model_grid
 from sam_med3d_moe.prompts import check_inside, prompt_set_from_flags, read_prompt_file
-from sam_med3d_moe.train_common import CONFIG_NAMES, threshold
+from sam_med3d_moe.train_common import threshold
 from shared.cli import (
     check_output_dir,
     check_output_file,

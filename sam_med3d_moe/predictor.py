@@ -6,11 +6,10 @@ import dataclasses
 
 import torch
 
-from sam_med3d_moe.config import GateConfig
-from sam_med3d_moe.model import build_model, config_from_dict, load_weights
+from sam_med3d_moe.config import GateConfig, config_by_name
+from sam_med3d_moe.model import KINDS, build_model, config_from_dict, load_weights
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.tasks import ExpertTask
-from sam_med3d_moe.train_common import KINDS, config_by_name
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError
 

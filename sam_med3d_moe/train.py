@@ -16,16 +16,14 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
 from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
-from sam_med3d_moe.model import build_model
+from sam_med3d_moe.model import build_model, load_sam
 from sam_med3d_moe.train_common import (
-    CONFIG_NAMES,
     add_common_args,
     batches,
     check_common_args,
-    config_by_name,
-    load_general,
     prepare_data,
     resume_step,
     sam_config_dict,
@@ -79,7 +77,7 @@ def main(argv=None) -> None:
     entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     init_box_trained = False
     if args.init:
-        model, info = load_general(args.init, config=args.config)
+        model, info = load_sam(args.init, config_by_name(args.config))
         init_box_trained = info["box_trained"]
     else:
         model = build_model(config_by_name(args.config))

@@ -10,17 +10,13 @@ from pathlib import Path
 
 import torch
 
-from sam_med3d_moe.config import SamConfig, small_config
+from sam_med3d_moe.config import SamConfig
 from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases
-from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
 from shared.atomic import atomic_path
 from shared.augment import BatchAugmentation
 from shared.checkpoint import (
-    describe_checkpoint,
-    load_checkpoint,
     load_run_checkpoint,
     plain_args,
-    require_run_checkpoint,
     restore_run,
     save_checkpoint,
 )
@@ -127,65 +123,6 @@ def read_run(path, kind: str, hint: str) -> dict:
     """A run checkpoint of this package of `kind` (read with weights_only=True); a plain state_dict or another
     program's file is refused with one sentence ending in `hint` (what to pass instead)."""
     return load_run_checkpoint(path, kind=kind, hint=hint, keys=("model", "config"))
-
-
-def general_box_trained(ckpt: dict) -> bool:
-    """Whether the general decoder of a run checkpoint was trained together with its box-corner embeddings.
-
-    Runs record it ("box_trained": a bool for a single model, {"general": bool, "experts": [bool]} for the MoE);
-    a checkpoint without the record is taken as untrained, never assumed trained.
-    """
-    record = ckpt.get("box_trained", False)
-    return bool(record["general"] if isinstance(record, dict) else record)
-
-
-def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
-    """The SAM-Med3D to start from: a run of this package, or a converted plain state_dict (`--config` names its
-    architecture: "vit_b_ori" for official weights).
-
-    Returns:
-        the model and info {"kind", "box_trained"}. A plain state_dict never counts as box-trained: official
-        SAM-Med3D has no box embeddings, so they are freshly initialised here (from the seeded global RNG).
-    """
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("kind") is not None:  # a run: of this package, else refused by name
-        require_run_checkpoint(ckpt, path, kind=KINDS, keys=("model", "config"))
-        cfg = config_from_dict(ckpt["config"]["sam"])
-        weights = ckpt["model"]
-        if ckpt["kind"] == "sam_med3d_moe":
-            weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
-        model = build_model(cfg)
-        load_weights(model, weights, source=str(path), allow_new=False)
-        return model, {"kind": ckpt["kind"], "box_trained": general_box_trained(ckpt)}
-    if not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
-        raise InputError(f"{path} is {describe_checkpoint(ckpt)}: pass a run checkpoint of this package or a "
-                         "state_dict written by python -m sam_med3d_moe.convert_checkpoint.")  # fmt: skip
-    cfg = config_by_name(config or "vit_b_ori", box_prompts=True)
-    model = build_model(cfg)
-    load_weights(model, ckpt, source=str(path), allow_new=True)
-    return model, {"kind": "state_dict", "box_trained": False}
-
-
-def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:
-    """ "vit_b_ori" (official default), "small" (CPU demos) or "tiny" (tests: 32^3 input, patch 4, width 48)."""
-    if name == "vit_b_ori":
-        return SamConfig(box_prompts=box_prompts)
-    if name == "small":
-        return small_config(box_prompts=box_prompts)
-    if name == "tiny":
-        return small_config(
-            image_size=32,
-            patch_size=4,
-            encoder_dim=48,
-            encoder_depth=2,
-            global_attn_indexes=(1,),
-            prompt_dim=48,
-            mask_in_chans=8,
-            decoder_mlp_dim=64,
-            iou_head_hidden_dim=16,
-            box_prompts=box_prompts,
-        )
-    raise InputError(f"--config must be vit_b_ori, small or tiny, got {name!r}.")
 
 
 def save_run(

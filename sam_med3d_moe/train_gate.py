@@ -21,19 +21,17 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.config import SELECTOR_MODES, GateConfig
+from sam_med3d_moe.config import CONFIG_NAMES, SELECTOR_MODES, GateConfig, config_by_name
 from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import train_interaction
 from sam_med3d_moe.losses import gate_loss
-from sam_med3d_moe.model import build_model, load_weights
+from sam_med3d_moe.model import build_model, load_sam, load_weights
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.tasks import ExpertTask, check_disjoint, expected_expert
 from sam_med3d_moe.train_common import (
-    CONFIG_NAMES,
     add_common_args,
     batches,
     check_common_args,
-    load_general,
     prepare_data,
     read_run,
     resume_step,
@@ -100,7 +98,7 @@ def assemble(general_path, expert_paths, config: str, tau: float, selector: str)
     Returns:
         the MoE and {"expert_tasks": [ExpertTask], "box_trained": {"general": bool, "experts": [bool]}}.
     """
-    sam, info = load_general(general_path, config=config)
+    sam, info = load_sam(general_path, config_by_name(config))
     general_weights = sam.state_dict()
     experts, tasks, boxes, box_trained = [], [], [], []
     for path in expert_paths:

@@ -16,8 +16,8 @@ import pytest
 import torch
 
 from sam_med3d_moe import convert_checkpoint, evaluate, finetune_expert, predict, train, train_gate
+from sam_med3d_moe.config import config_by_name
 from sam_med3d_moe.model import build_model
-from sam_med3d_moe.train_common import config_by_name
 from shared.checkpoint import load_checkpoint, save_checkpoint
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
