@@ -10,7 +10,7 @@ from sam_med3d_moe.config import GateConfig, config_by_name
 from sam_med3d_moe.model import KINDS, build_model, config_from_dict, load_weights
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.tasks import ExpertTask
-from shared.checkpoint import load_checkpoint
+from shared.checkpoint import describe_checkpoint, load_checkpoint, require_run_checkpoint
 from shared.errors import InputError
 
 
@@ -38,11 +38,15 @@ class Predictor:
         ckpt = load_checkpoint(path, map_location="cpu")
         self.path = str(path)
         self.kind = ckpt.get("kind", "state_dict")
-        if self.kind in KINDS:
+        if self.kind in KINDS or ckpt.get("kind") is not None:  # a run: of this package, else refused by name
+            require_run_checkpoint(ckpt, path, kind=KINDS, keys=("model", "config"))
             cfg = config_from_dict(ckpt["config"]["sam"])
             weights = ckpt["model"]
-        else:
+        elif ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
             cfg, weights = config_by_name(config, box_prompts=True), ckpt
+        else:
+            raise InputError(f"{path} is {describe_checkpoint(ckpt)}: pass a run checkpoint of this package or a "
+                             "state_dict written by python -m sam_med3d_moe.convert_checkpoint.")  # fmt: skip
         torch.manual_seed(seed)
         sam = build_model(cfg)
         self.moe = None

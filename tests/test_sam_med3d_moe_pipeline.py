@@ -418,3 +418,12 @@ def test_resume_only_continues_the_same_run_and_experts_must_be_runs(runs, tmp_p
     save_checkpoint(plain, **load_checkpoint(runs["expert"] / "checkpoint.pt")["model"])
     with pytest.raises(InputError, match="is a plain state_dict .* pass the checkpoint.pt of a sam_med3d_moe.finetune"):
         train_gate.assemble(runs["general"] / "checkpoint.pt", [plain], "tiny", 0.5, "weighted")
+    # another package's run checkpoint is refused by name where a model is expected
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, kind="mome", model={}, config={})
+    image = sorted(Path(runs["tumour"], "imagesTr").glob("*_0003.nii.gz"))[0]
+    with pytest.raises(
+        InputError, match="is a mome checkpoint, expected sam_med3d or sam_med3d_expert or sam_med3d_moe"
+    ):
+        predict.main(["--model", str(other), "--image", str(image), "--point", "12", "12", "12", "--output",
+                      str(tmp_path / "m.nii.gz"), "--device", "cpu"])  # fmt: skip
