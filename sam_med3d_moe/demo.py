@@ -5,7 +5,8 @@
 1. general model: a small SAM-Med3D trained from scratch on the anatomical structures (phantom anatomy, T1;
    csf, grey matter, white matter, deep grey matter: the "other classes", i.e. the original tasks);
 2. full fine-tuning: the whole general model trained further on a new task, whole lesions of the tumour phantom
-   (T1 and FLAIR): the plain fine-tuning that forgets (`train --init`);
+   (T1 and FLAIR), every part at the expert's lr and for the expert's steps: the plain fine-tuning that forgets
+   (`train --init`);
 3. task expert: only a copy of the general mask decoder fine-tuned on the lesions, encoders frozen (Table 1's
    "FT-expert"; the "fine-tuned classes");
 4. SAM-Med3D-MoE: general + expert + gate, the gate trained on both tasks.
@@ -36,7 +37,7 @@ def main(argv=None) -> None:
     parser.add_argument("--general-steps", type=positive_int, default=400, help="steps of the general model")
     parser.add_argument("--finetune-steps", type=positive_int, default=150, help="steps of the full fine-tuning")
     parser.add_argument("--expert-steps", type=positive_int, default=150, help="steps of the task expert")
-    parser.add_argument("--gate-steps", type=positive_int, default=200, help="steps of the gate")
+    parser.add_argument("--gate-steps", type=positive_int, default=300, help="steps of the gate")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--threads", type=non_negative_int, default=0, help="CPU threads for torch (0: torch's "
                         "default); 1 avoids the slow-down of multi-threaded small ops on a shared CPU")  # fmt: skip
@@ -59,8 +60,8 @@ def main(argv=None) -> None:
                 "--lr", "4e-4", "--weight-decay", "0.01", "--out", str(general), *common])  # fmt: skip
     stage("2. full fine-tuning of the general model on the lesions (new task)")
     full = runs / "finetune_full"
-    train.main([*lesion, "--init", str(general / "checkpoint.pt"), "--steps", str(args.finetune_steps),
-                "--lr", "4e-4", "--weight-decay", "0.01", "--out", str(full), *common])  # fmt: skip
+    train.main([*lesion, "--init", str(general / "checkpoint.pt"), "--steps", str(args.finetune_steps), "--lr", "4e-4",
+                "--decoder-lr-scale", "1", "--weight-decay", "0.01", "--out", str(full), *common])  # fmt: skip
     stage("3. expert decoder fine-tuned on the lesions (new task)")
     expert = runs / "expert_lesion"
     finetune_expert.main(["--general", str(general / "checkpoint.pt"), *lesion, "--steps", str(args.expert_steps),

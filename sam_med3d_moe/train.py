@@ -30,7 +30,7 @@ from sam_med3d_moe.train_common import (
     save_run,
 )
 from shared.checkpoint import prepare_run_dir
-from shared.cli import make_parser, run_cli
+from shared.cli import make_parser, positive_float, run_cli
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,
@@ -59,6 +59,8 @@ def parse_args(argv=None):
         help="architecture: vit_b_ori (official), small (CPU demos) or tiny (tests); with --init a plain state_dict's",
     )
     g.add_argument("--init", help="start from these weights (a run of this package or a converted state_dict)")
+    g.add_argument("--decoder-lr-scale", type=positive_float, default=0.1, help="lr of the prompt encoder and "
+                   "mask decoder as a share of --lr (official parameter groups: 0.1)")  # fmt: skip
     add_common_args(parser, lr=8e-4, steps=2000)
     args = parser.parse_args(argv)
     check_common_args(args)
@@ -92,8 +94,8 @@ def main(argv=None) -> None:
         )
     groups = [
         {"params": model.image_encoder.parameters(), "scale": 1.0},
-        {"params": model.prompt_encoder.parameters(), "scale": 0.1},
-        {"params": model.mask_decoder.parameters(), "scale": 0.1},
+        {"params": model.prompt_encoder.parameters(), "scale": args.decoder_lr_scale},
+        {"params": model.mask_decoder.parameters(), "scale": args.decoder_lr_scale},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
