@@ -1,4 +1,5 @@
-"""What the three training entry points share: flags, the case split, data, model loading and checkpoints.
+"""What the three training entry points share: their flags, the case split, the data and batches, and the run
+checkpoint (with the flags `--resume` compares). `threshold` also validates the --tau of predict and evaluate.
 
 The loops themselves stay inline in `train.py` (general model), `finetune_expert.py` and `train_gate.py`.
 """
@@ -33,10 +34,6 @@ from shared.dataset import split_dataset
 from shared.errors import InputError
 from shared.loader import add_loader_args, default_workers, training_batches
 
-KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
-
-
-CONFIG_NAMES = ("vit_b_ori", "small", "tiny")
 fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
 fold_count = number_in(int, "an integer >= 2", low=2)
 threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
