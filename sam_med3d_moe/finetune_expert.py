@@ -93,8 +93,8 @@ def main(argv=None) -> None:
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
-    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     model, info = load_sam(args.general, config_by_name(args.config))
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     train_box = (not info["box_trained"] and args.box_prob > 0) if args.train_box is None else args.train_box
     # this decoder answers boxes if it was trained on box steps with trained embeddings, or inherits both
     box_trained = info["box_trained"] or (train_box and args.box_prob > 0)

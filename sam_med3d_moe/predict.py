@@ -191,6 +191,8 @@ def predict_one(predictor: Predictor, args, path, prompt, rng) -> tuple[np.ndarr
         lab = read_nifti(args.label)
         if lab.data.shape != vol.data.shape:
             raise InputError(f"--label {args.label}: shape {lab.data.shape} differs from the image's {vol.data.shape}.")
+        if not np.allclose(lab.affine, vol.affine, atol=1e-3):
+            raise InputError(f"--label {args.label}: its affine differs from the image's (another grid).")
         gt, _, _, _ = to_model_grid((lab.data > 0).astype(np.uint8), lab.affine, args.spacing, order=0)
         if not gt.any():
             raise InputError(f"--label {args.label}: the mask is empty after resampling to {args.spacing} mm.")

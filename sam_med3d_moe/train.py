@@ -76,13 +76,13 @@ def main(argv=None) -> None:
     ckpt_path = out / "checkpoint.pt"
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     init_box_trained = False
     if args.init:
         model, info = load_sam(args.init, config_by_name(args.config))
         init_box_trained = info["box_trained"]
     else:
         model = build_model(config_by_name(args.config))
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
     # the box embeddings learn only from box steps (--box-prob > 0), or were learned before --init
     box_trained = args.box_prob > 0 or init_box_trained
     model = model.to(device).train()

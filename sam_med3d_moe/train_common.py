@@ -90,21 +90,21 @@ def split_cases(data_dirs, fold: int, folds: int) -> dict:
 
 
 def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> tuple[list, list]:
-    """Write OUT/split.json (rank 0), build or reuse the caches, and list the targets of `part`.
+    """Build or reuse the caches, list the targets of `part`, then write OUT/split.json (rank 0): a dataset that
+    is refused leaves nothing in OUT.
 
     Returns:
         the cached cases (`shared.cache.CachedCase`) and the targets (`data.Target`) of every dataset.
     """
     split = split_cases(args.data, args.fold, args.folds)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(split, indent=1))
     ids = {name: s[part] for name, s in split.items()}
     entries = load_cases(args.data, ids, args.modalities, args.spacing, args.ct_clamp, cache_root=args.cache,
                          processes=max(1, args.workers or 1))  # fmt: skip
     targets = build_targets(entries, union=args.union, labels=getattr(args, "labels", None),
                             min_voxels=args.min_voxels)  # fmt: skip
+    if is_main:
+        with atomic_path(out / "split.json") as tmp:
+            tmp.write_text(json.dumps(split, indent=1))
     return entries, targets
 
 
