@@ -51,7 +51,9 @@ def ritm_click(logits: torch.Tensor, gt: torch.Tensor, rng: np.random.Generator,
     """Next click from the larger error region's interior (official `get_next_click3D_torch_ritm`, clicks 1-2
     of the old validation): Euclidean distance transforms of the false-negative and false-positive masks (with
     a 1-voxel zero border, so the volume edge counts as outside), keep the error type with the larger maximum
-    distance, and draw uniformly among its voxels farther than half that maximum.
+    distance, and draw uniformly among its voxels farther than half that maximum. On a tie (common: a
+    prediction shifted by one voxel leaves false-negative and false-positive slabs of equal depth) the false
+    positives are chosen and the click is negative, as the official `fn_max_dist > fp_max_dist`.
 
     Args and Returns as `random_click`.
     """
@@ -65,7 +67,7 @@ def ritm_click(logits: torch.Tensor, gt: torch.Tensor, rng: np.random.Generator,
         inner = (slice(1, -1),) * 3
         dist_fn = ndimage.distance_transform_edt(np.pad(fn, 1))[inner]
         dist_fp = ndimage.distance_transform_edt(np.pad(fp, 1))[inner]
-        positive = dist_fn.max() >= dist_fp.max()
+        positive = dist_fn.max() > dist_fp.max()  # official: strict, a tie clicks the false positives
         dist = dist_fn if positive else dist_fp
         point = _uniform_voxel(dist > dist.max() / 2, rng)
         coords.append(point)

@@ -2,6 +2,8 @@
 
 from dataclasses import dataclass, field
 
+from shared.errors import InputError
+
 
 @dataclass
 class SamConfig:
@@ -78,6 +80,31 @@ def small_config(**overrides) -> SamConfig:
     )
     values.update(overrides)
     return SamConfig(**values)
+
+
+CONFIG_NAMES = ("vit_b_ori", "small", "tiny")  # the architectures a --config flag names
+
+
+def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:
+    """ "vit_b_ori" (official default), "small" (CPU demos) or "tiny" (tests: 32^3 input, patch 4, width 48)."""
+    if name == "vit_b_ori":
+        return SamConfig(box_prompts=box_prompts)
+    if name == "small":
+        return small_config(box_prompts=box_prompts)
+    if name == "tiny":
+        return small_config(
+            image_size=32,
+            patch_size=4,
+            encoder_dim=48,
+            encoder_depth=2,
+            global_attn_indexes=(1,),
+            prompt_dim=48,
+            mask_in_chans=8,
+            decoder_mlp_dim=64,
+            iou_head_hidden_dim=16,
+            box_prompts=box_prompts,
+        )
+    raise InputError(f"--config must be vit_b_ori, small or tiny, got {name!r}.")
 
 
 SELECTOR_MODES = ("weighted", "avg", "aft_weight", "general", "top1")

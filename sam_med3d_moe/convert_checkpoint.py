@@ -8,20 +8,19 @@ is what --trust-pickle states. The output holds only the `model_state_dict` tens
 shape by shape against the official `vit_b_ori` architecture, and loads everywhere with weights_only=True.
 """
 
-import argparse
 from pathlib import Path
 
 import torch
 
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
 from sam_med3d_moe.model import build_model, load_weights
-from sam_med3d_moe.train_common import config_by_name
 from shared.checkpoint import save_checkpoint, strip_prefix
-from shared.cli import run_cli
+from shared.cli import check_output_file, make_parser, run_cli
 from shared.errors import InputError
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--input", required=True, help="official checkpoint file (.pth)")
     parser.add_argument("--output", required=True, help="plain state_dict file to write")
     parser.add_argument(
@@ -32,6 +31,7 @@ def parse_args(argv=None):
     parser.add_argument("--force", action="store_true", help="overwrite --output if it exists")
     parser.add_argument(
         "--config",
+        choices=CONFIG_NAMES,
         default="vit_b_ori",
         help="architecture to check against: vit_b_ori (official), small or tiny (tests)",
     )
@@ -67,9 +67,11 @@ def convert(path, trust_pickle: bool, config: str = "vit_b_ori") -> dict:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    out = Path(args.output)
+    out = check_output_file(args.output, "--output")
     if out.exists() and not args.force:
         raise InputError(f"--output {out} exists; pass --force to overwrite it.")
+    if Path(args.input).resolve() == out.resolve():
+        raise InputError(f"--output {out} is the --input file; write the state_dict to another file.")
     state_dict = convert(args.input, args.trust_pickle, config=args.config)
     save_checkpoint(out, **state_dict)
     n = sum(v.numel() for k, v in state_dict.items() if "gaussian" not in k)

@@ -3,10 +3,13 @@
 
     python -m sam_med3d_moe.finetune_expert --general runs/general/checkpoint.pt --data LESION_DATASET \
         --union --out runs/expert_lesion
+    python -m sam_med3d_moe.finetune_expert --general ... --data ANATOMY_DATASET --labels 3 5 --out runs/expert_35
 
 The image encoder and the prompt encoder stay frozen; only the decoder copy (and, with --train-box, the new
 box-corner embeddings) is trained with the interactive recipe. The checkpoint holds the whole fine-tuned model,
-which is the "FT-expert" row of the paper's Table 1, and names its task: the first --data folder.
+which is the "FT-expert" row of the paper's Table 1, and records its task (`tasks.ExpertTask`): every --data
+folder and, with --labels, the label values it was fine-tuned on (the paper's experts for weak classes).
+train_gate routes exactly these targets to it.
 """
 
 import argparse
@@ -16,18 +19,22 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
+from sam_med3d_moe.model import load_sam
+from sam_med3d_moe.tasks import ExpertTask
 from sam_med3d_moe.train_common import (
     add_common_args,
+    batches,
     check_common_args,
-    load_general,
     prepare_data,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
 )
-from shared.cli import run_cli
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, positive_int, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -46,21 +53,33 @@ KIND = "sam_med3d_expert"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("expert")
     g.add_argument(
         "--general", required=True, help="general model: a sam_med3d_moe.train run or a converted official state_dict"
     )
-    g.add_argument("--config", default="vit_b_ori", help="architecture of a plain state_dict: vit_b_ori, small or tiny")
+    g.add_argument("--config", choices=CONFIG_NAMES, default="vit_b_ori", help="architecture of a plain state_dict")
+    g.add_argument(
+        "--labels",
+        type=positive_int,
+        nargs="+",
+        metavar="VALUE",
+        help="fine-tune only on these label values of the --data datasets (default: every target)",
+    )
     g.add_argument(
         "--train-box",
         action=argparse.BooleanOptionalAction,
         default=None,
-        help="train the box-corner embeddings too (default: only if the general model never trained them)",
+        help="train the box-corner embeddings too (default: only if the general model never trained them and "
+        "--box-prob > 0)",
     )
     add_common_args(parser, lr=1e-4, steps=1000)
     args = parser.parse_args(argv)
     check_common_args(args)
+    if args.labels is not None and args.union is not None:
+        raise InputError("--labels picks label values and --union merges them: give one of the two.")
+    if args.train_box and args.box_prob == 0:
+        raise InputError("--train-box needs --box-prob > 0: with no box steps the box embeddings get no gradient.")
     return args
 
 
@@ -71,13 +90,14 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
-    task = Path(args.data[0]).name  # the gate recognises a task by its dataset folder
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
+    task = ExpertTask(datasets=tuple(Path(d).name for d in args.data), labels=args.labels)
 
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
-    model, info = load_general(args.general, config=args.config)
-    train_box = (not info["box_trained"]) if args.train_box is None else args.train_box
+    model, info = load_sam(args.general, config_by_name(args.config))
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
+    train_box = (not info["box_trained"] and args.box_prob > 0) if args.train_box is None else args.train_box
+    # this decoder answers boxes if it was trained on box steps with trained embeddings, or inherits both
+    box_trained = info["box_trained"] or (train_box and args.box_prob > 0)
     model.requires_grad_(False)
     model.mask_decoder.requires_grad_(True)
     box = model.prompt_encoder.box_corner_embeddings
@@ -87,30 +107,29 @@ def main(argv=None) -> None:
     trainable = [p for p in model.parameters() if p.requires_grad]
     if dist_info.is_main:
         print(
-            f"expert for task {task}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
-            f"(box embeddings {'trained' if train_box else 'frozen'}) on {len(samples)} targets"
+            f"expert for task {task.name}: {sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters "
+            f"(box embeddings {'trained' if train_box else 'frozen'}) on {len(targets)} targets"
         )
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
+    start = resume_step(
+        resumed, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
+    )
     forward_model = wrap_ddp(InteractiveSam(model, frozen_encoder=True), dist_info, find_unused_parameters=True)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 
-    bar = tqdm(range(start, stop), desc=f"expert {task}", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, model.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="expert", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, running, count = time.time(), 0.0, 0
-    for step in bar:
+    for step, batch in bar:
         lr = args.lr  # constant, as the paper
-        image, gt, _ = draw_batch(samples, args.batch_size, model.cfg.image_size, rng)
-        image, gt = image.to(device), gt.to(device)
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
         with autocast_context(device, enabled=args.amp):
-            loss, _ = forward_model(image, gt, rng, **protocol)
+            loss, _ = forward_model(image, gt, click_rng(args.seed, dist_info.rank, step), **protocol)
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -133,15 +152,15 @@ def main(argv=None) -> None:
                     ckpt_path,
                     kind=KIND,
                     model=model,
-                    config={"sam": sam_config_dict(model.cfg), "task": task},
+                    config={"sam": sam_config_dict(model.cfg), "task": task.name, "expert_task": task.to_dict()},
                     optimizer=optimizer,
                     scaler=scaler,
                     step=done,
                     args=args,
                     rng=rng_states,
                     general=str(args.general),
-                    box_trained=bool(train_box or info["box_trained"]),
-                    trained_box=bool(train_box),
+                    box_trained=bool(box_trained),
+                    box_prob=args.box_prob,
                 )
             running, count = 0.0, 0
 

@@ -5,6 +5,12 @@ Compatibility detail kept on purpose: a windowed block zero-pads the token grid 
 (8^3 -> one 14^3 window for vit_b_ori) and attends over the padded window *without a mask*, so the padded
 tokens (zeros after norm1, hence keys/values equal to the qkv bias) take part in every softmax. The released
 weights were trained that way; plain global attention over the 8^3 tokens gives different outputs.
+
+Speed without changing the numbers: when the grid fits in one window (every configuration of this package),
+`Attention.forward_padded` computes that same softmax for the 512 real queries only, and sums the 2,232 padded
+keys in closed form (they share one key and one value vector, and their relative-position terms factorise), so
+a windowed block costs about what a global block costs. `Block3D.literal_padding = True` runs the official
+computation literally instead; the parity tests compare the two and `tests/bench_sam_med3d_moe.py` times them.
 """
 
 import torch
@@ -78,6 +84,73 @@ class Attention(nn.Module):
         out = out.permute(0, 2, 3, 4, 1, 5).reshape(B, D, H, W, C)  # heads back into channels
         return self.proj(out)
 
+    def forward_padded(self, x: torch.Tensor, window: int) -> torch.Tensor:
+        """The official windowed attention of a grid zero-padded into one window, for the real tokens only.
+
+        Equals `forward(F.pad(x, ...to window^3...))[:, :s, :s, :s]` (the official `window_partition3D` ->
+        attention -> `window_unpartition3D` for a grid of side s <= window S) up to float rounding, at the
+        cost of attention over s^3 + 1 keys instead of S^3. The padded tokens are zeros, so each has query,
+        key and value equal to the qkv bias (b_q, b_k, b_v). For a real query (i, j, l), with the official
+        bias (class docstring) and q(i, j, t) = b_q for t >= s:
+            padded key (m, n, o):  logit = scale q(i,j,l).b_k + T_d(o) + T_h(m, o) + T_w(n, o),
+            T_d(o) = q(i,j,l).R_d[i - o],  T_h(m, o) = q(i,j,m).R_h[j - o],  T_w(n, o) = q(i,j,n).R_w[n - o].
+        All padded keys carry the value b_v, so only the sum of their softmax weights matters. For fixed o the
+        sum over (m, n) factorises into sums over m and over n; the padded set {(m, n, o)} = S^3 minus the real
+        s^3 is the disjoint union of {o >= s}, {o < s, m >= s} and {o < s, m < s, n >= s}, so
+            log Z_pad = scale q.b_k + logsumexp_o [T_d(o) + log F(o)],
+            F(o) = H_all W_all (o >= s),   F(o) = H_hi W_all + H_lo W_hi (o < s),
+        where H_lo/H_hi/H_all = sum of exp T_h(m, o) over m < s / m >= s / all m, and W likewise over n. The
+        padded keys then act as one extra key with logit log Z_pad and value b_v: softmax over s^3 + 1 logits.
+
+        Args:
+            x: (B, s, s, s, C) normalised real tokens, s < window.
+            window: the window side S the official code pads to.
+        Returns:
+            (B, s, s, s, C).
+        """
+        B, s, _, _, C = x.shape
+        S, nh = window, self.num_heads
+        if not (x.shape[1] == x.shape[2] == x.shape[3] < S == (self.rel_pos_d.shape[0] + 1) // 2):
+            raise ValueError(f"padded attention needs a cubic grid smaller than its window {S}, got {x.shape[1:4]}")
+        N = s**3
+        qkv = self.qkv(x).reshape(B, N, 3, nh, -1).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.reshape(3, B * nh, N, -1).unbind(0)  # each (B*nh, N, hd), real tokens only
+        hd = q.shape[-1]
+        b_q, b_k, b_v = self.qkv.bias.view(3, 1, nh, hd).expand(3, B, nh, hd).reshape(3, B * nh, hd)
+        q = q.reshape(-1, s, s, s, hd)  # (B*nh, d, h, w, hd)
+        # queries along the w axis extended into the padding (the official h/w terms read q at key indices)
+        q_ext = torch.cat([q, b_q[:, None, None, None].expand(-1, s, s, S - s, hd)], dim=3)  # (B*nh, s, s, S, hd)
+        coords = torch.arange(S, device=x.device)
+        idx_ext = coords[:s, None] - coords[None, :] + S - 1  # (s, S): real query index - any key index
+        idx_all = coords[:, None] - coords[None, :] + S - 1  # (S, S)
+        t_d = torch.einsum("bdhwc,dkc->bdhwk", q, self.rel_pos_d[idx_ext])  # (B*nh, s, s, s, S): T_d(o)
+        t_h = torch.einsum("bdhtc,hkc->bdhtk", q_ext, self.rel_pos_h[idx_ext])  # (B*nh, s, s, S m, S o)
+        t_w = torch.einsum("bdhtc,tkc->bdhtk", q_ext, self.rel_pos_w[idx_all])  # (B*nh, s, s, S n, S o)
+
+        # real keys: exactly the official logits restricted to the s^3 block
+        logits = ((q * self.scale).reshape(-1, N, hd) @ k.transpose(-2, -1)).view(-1, s, s, s, s, s, s)
+        logits = (
+            logits
+            + t_d[:, :, :, :, None, None, :s]
+            + t_h[:, :, :, None, :s, None, :s]
+            + t_w[:, :, :, None, None, :s, :s]
+        ).view(-1, N, N)
+
+        # padded keys: log of their summed exp-logits, in closed form
+        h_lo, h_hi = t_h[:, :, :, :s].logsumexp(dim=3), t_h[:, :, :, s:].logsumexp(dim=3)  # (B*nh, s, s, S o)
+        w_lo, w_hi = t_w[:, :, :, :s].logsumexp(dim=3), t_w[:, :, :, s:].logsumexp(dim=3)
+        h_all, w_all = torch.logaddexp(h_lo, h_hi), torch.logaddexp(w_lo, w_hi)
+        log_f = torch.cat(
+            [torch.logaddexp(h_hi + w_all, h_lo + w_hi)[..., :s], (h_all + w_all)[..., s:]], dim=-1
+        )  # (B*nh, s, s, S o)
+        content = self.scale * (q @ b_k[:, None, None, :, None])[..., 0]  # (B*nh, s, s, s): q.b_k
+        log_z = content + (t_d + log_f[:, :, :, None, :]).logsumexp(dim=-1)  # (B*nh, s, s, s)
+
+        attn = torch.cat([logits, log_z.reshape(-1, N, 1)], dim=-1).softmax(dim=-1)  # (B*nh, N, N + 1)
+        out = attn[..., :N] @ v + attn[..., N:] * b_v[:, None, :]  # (B*nh, N, hd)
+        out = out.view(B, nh, s, s, s, hd).permute(0, 2, 3, 4, 1, 5).reshape(B, s, s, s, C)
+        return self.proj(out)
+
 
 def window_partition(x: torch.Tensor, window: int) -> tuple[torch.Tensor, int]:
     """Zero-pad a (B, S, S, S, C) grid to a multiple of `window` and cut it into windows.
@@ -113,12 +186,17 @@ class Block3D(nn.Module):
         self.attn = Attention(dim, num_heads, grid=window if window > 0 else grid)
         self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = MLPBlock(dim, int(dim * mlp_ratio))
+        # True: pad and attend over every padded token as the official code does (same numbers, ~5x slower);
+        # False: `Attention.forward_padded` whenever the grid fits in one window
+        self.literal_padding = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Args: x (B, S, S, S, C). Returns: (B, S, S, S, C)."""
         shortcut, size = x, x.shape[1]
         x = self.norm1(x)
-        if self.window > 0:
+        if self.window > size and not self.literal_padding:
+            x = self.attn.forward_padded(x, self.window)
+        elif self.window > 0:
             windows, padded = window_partition(x, self.window)
             x = window_unpartition(self.attn(windows), self.window, padded, size)
         else:

@@ -16,11 +16,12 @@ from sam_med3d_moe.config import SamConfig
 from sam_med3d_moe.image_encoder import ImageEncoderViT3D
 from sam_med3d_moe.mask_decoder import MaskDecoder3D
 from sam_med3d_moe.prompt_encoder import PromptEncoder3D
-from shared.checkpoint import load_checkpoint, strip_prefix
+from shared.checkpoint import describe_checkpoint, load_checkpoint, require_run_checkpoint, strip_prefix
 from shared.errors import InputError
 
 # keys we add that no official checkpoint holds; they keep their fresh initialisation when missing
 NEW_KEYS = ("prompt_encoder.box_corner_embeddings.weight",)
+KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")  # run checkpoints: general model, expert, MoE
 
 
 class SamMed3D(nn.Module):
@@ -115,25 +116,52 @@ def build_sam_med3d(checkpoint=None, cfg: SamConfig | None = None) -> SamMed3D:
     """The official default SAM-Med3D `vit_b_ori` (or `cfg`), optionally with weights, in eval mode.
 
     Args:
-        checkpoint: a plain state_dict written by `convert_checkpoint`, or a training checkpoint of this package
-            (a dict with "model" and "config"); read with weights_only=True.
-        cfg: architecture; default `SamConfig()` = vit_b_ori (a training checkpoint supplies its own config).
+        checkpoint: a plain state_dict written by `convert_checkpoint`, or a run checkpoint of this package (its
+            own architecture; the general model of an MoE run); read with weights_only=True.
+        cfg: architecture of a plain state_dict or of the random model; default `SamConfig()` = vit_b_ori.
     Returns:
         The model on the CPU.
     """
-    payload = None
-    if checkpoint is not None:
-        payload = load_checkpoint(checkpoint, map_location="cpu")
-        if "model" in payload and "config" in payload:  # a run of this package: its general model
-            cfg = config_from_dict(payload["config"]["sam"])
-            weights = payload["model"]
-            if payload.get("kind") == "sam_med3d_moe":
-                weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
-            payload = weights
-    model = build_model(cfg or SamConfig())
-    if payload is not None:
-        load_weights(model, payload, source=str(checkpoint))
+    cfg = cfg or SamConfig()
+    model = build_model(cfg) if checkpoint is None else load_sam(checkpoint, cfg)[0]
     return model.eval()
+
+
+def general_box_trained(ckpt: dict) -> bool:
+    """Whether the general decoder of a run checkpoint was trained together with its box-corner embeddings.
+
+    Runs record it ("box_trained": a bool for a single model, {"general": bool, "experts": [bool]} for the MoE);
+    a checkpoint without the record is taken as untrained, never assumed trained.
+    """
+    record = ckpt.get("box_trained", False)
+    return bool(record["general"] if isinstance(record, dict) else record)
+
+
+def load_sam(path, plain_cfg: SamConfig) -> tuple[SamMed3D, dict]:
+    """A SAM-Med3D from a run of this package (its general model, for an MoE run) or from a plain state_dict
+    (official weights converted by `convert_checkpoint`), whose architecture `plain_cfg` names.
+
+    Returns:
+        the model and info {"kind", "box_trained"}. A plain state_dict never counts as box-trained: official
+        SAM-Med3D has no box embeddings; with `plain_cfg.box_prompts` they are freshly initialised here (from the
+        global RNG, which every entry point seeds).
+    """
+    ckpt = load_checkpoint(path, map_location="cpu")
+    if ckpt.get("kind") is not None:  # a run: of this package, else refused by name
+        require_run_checkpoint(ckpt, path, kind=KINDS, keys=("model", "config"))
+        cfg = config_from_dict(ckpt["config"]["sam"])
+        weights = ckpt["model"]
+        if ckpt["kind"] == "sam_med3d_moe":
+            weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
+        model = build_model(cfg)
+        load_weights(model, weights, source=str(path), allow_new=False)
+        return model, {"kind": ckpt["kind"], "box_trained": general_box_trained(ckpt)}
+    if not ckpt or not all(torch.is_tensor(v) for v in ckpt.values()):
+        raise InputError(f"{path} is {describe_checkpoint(ckpt)}: pass a run checkpoint of this package or a "
+                         "state_dict written by python -m sam_med3d_moe.convert_checkpoint.")  # fmt: skip
+    model = build_model(plain_cfg)
+    load_weights(model, ckpt, source=str(path), allow_new=True)
+    return model, {"kind": "state_dict", "box_trained": False}
 
 
 def config_from_dict(values: dict) -> SamConfig:

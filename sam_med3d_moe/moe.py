@@ -14,7 +14,12 @@ from sam_med3d_moe.selector import select, top_expert
 
 
 class SamMed3DMoE(nn.Module):
-    """`sam` (encoders + general decoder), `experts` (one MaskDecoder3D per task of `gate_cfg.tasks`) and `gate`."""
+    """`sam` (encoders + general decoder), `experts` (one MaskDecoder3D per task of `gate_cfg.tasks`) and `gate`.
+
+    Box prompts: each decoder keeps the box-corner embeddings it was trained with. The general decoder (and the
+    gate) use `sam.prompt_encoder`'s; expert k uses `expert_boxes[k]` (copied from its fine-tuning run, where
+    they may have been trained with it). Points and masks share the one prompt encoder, frozen for all.
+    """
 
     def __init__(self, sam: SamMed3D, experts: list[MaskDecoder3D], gate_cfg: GateConfig) -> None:
         super().__init__()
@@ -24,6 +29,8 @@ class SamMed3DMoE(nn.Module):
             raise ValueError(f"gate width {gate_cfg.dim} differs from the prompt width {sam.cfg.prompt_dim}")
         self.sam = sam
         self.experts = nn.ModuleList(experts)
+        own = sam.prompt_encoder.box_corner_embeddings
+        self.expert_boxes = nn.ModuleList(copy.deepcopy(own) for _ in experts) if own is not None else None
         self.gate = GatingNetwork(gate_cfg)
         self.gate_cfg = gate_cfg
 
@@ -50,11 +57,14 @@ class SamMed3DMoE(nn.Module):
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
         pe = sam.prompt_encoder.get_dense_pe()
 
-        def run(decoder):
+        def run(decoder, k=None):
+            tokens = sparse
+            if boxes is not None and k is not None:  # expert k reads the box through its own corner embeddings
+                tokens, _ = sam.prompt_encoder(points=points, boxes=boxes, box_corners=self.expert_boxes[k].weight)
             low_res, _ = decoder(
                 image_embeddings=image_embeddings,
                 image_pe=pe,
-                sparse_prompt_embeddings=sparse,
+                sparse_prompt_embeddings=tokens,
                 dense_prompt_embeddings=dense,
                 multimask_output=False,
             )
@@ -65,9 +75,9 @@ class SamMed3DMoE(nn.Module):
         scores = logits.softmax(dim=-1)
         _, index = top_expert(scores)
         if len(self.experts) == 1:
-            top = run(self.experts[0])
+            top = run(self.experts[0], 0)
         else:  # each sample gets its own top-1 expert; only that one receives a gradient
-            outs = torch.stack([run(e) for e in self.experts], dim=0)  # (K, B, 1, s, s, s)
+            outs = torch.stack([run(e, k) for k, e in enumerate(self.experts)], dim=0)  # (K, B, 1, s, s, s)
             top = outs[index, torch.arange(index.shape[0], device=index.device)]
         fused = select(
             general, top, scores, mode=mode or self.gate_cfg.selector, tau=self.gate_cfg.tau if tau is None else tau

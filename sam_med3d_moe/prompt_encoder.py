@@ -91,20 +91,24 @@ class PromptEncoder3D(nn.Module):
         pe = pe + is_neg * self.point_embeddings[0].weight + is_pos * self.point_embeddings[1].weight
         return pe
 
-    def _embed_boxes(self, boxes: torch.Tensor) -> torch.Tensor:
-        """Args: boxes (B, 6) = (min corner, max corner) voxel indices. Returns: (B, 2, dim)."""
-        if self.box_corner_embeddings is None:
-            raise ValueError(
-                "this prompt encoder has no box embeddings (official vit_b_ori); build it with box_prompts=True"
-            )
-        corners = boxes.float().reshape(-1, 2, 3) + 0.5  # (B, 6) -> (B, 2 corners, 3)
-        return self.pe_layer.points(corners, self.image_size) + self.box_corner_embeddings.weight
+    def _embed_boxes(self, boxes: torch.Tensor, corners: torch.Tensor | None = None) -> torch.Tensor:
+        """Args: boxes (B, 6) = (min corner, max corner) voxel indices; corners (2, dim) corner embeddings to use
+        instead of `box_corner_embeddings` (a task expert's own, in the MoE). Returns: (B, 2, dim)."""
+        if corners is None:
+            if self.box_corner_embeddings is None:
+                raise ValueError(
+                    "this prompt encoder has no box embeddings (official vit_b_ori); build it with box_prompts=True"
+                )
+            corners = self.box_corner_embeddings.weight
+        xyz = boxes.float().reshape(-1, 2, 3) + 0.5  # (B, 6) -> (B, 2 corners, 3)
+        return self.pe_layer.points(xyz, self.image_size) + corners
 
     def forward(
         self,
         points: tuple[torch.Tensor, torch.Tensor] | None = None,
         boxes: torch.Tensor | None = None,
         masks: torch.Tensor | None = None,
+        box_corners: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Embed the prompts of a batch.
 
@@ -112,6 +116,7 @@ class PromptEncoder3D(nn.Module):
             points: (coords (B, N, 3), labels (B, N)) in the model's input grid, tensor-axis order.
             boxes: (B, 6) min and max corners, or None.
             masks: (B, 1, 4g, 4g, 4g) low-resolution logits of the previous step, or None.
+            box_corners: (2, dim) box-corner embeddings replacing `box_corner_embeddings` (None: the own).
         Returns:
             sparse: (B, N_tokens, dim) point/box embeddings (a padding point is added when boxes is None).
             dense: (B, dim, g, g, g) mask embedding (`no_mask_embed` broadcast when masks is None).
@@ -127,7 +132,7 @@ class PromptEncoder3D(nn.Module):
         if points is not None:
             sparse = torch.cat([sparse, self._embed_points(points[0], points[1], pad=boxes is None)], dim=1)
         if boxes is not None:
-            sparse = torch.cat([sparse, self._embed_boxes(boxes)], dim=1)
+            sparse = torch.cat([sparse, self._embed_boxes(boxes, box_corners)], dim=1)
         if masks is not None:
             dense = self.mask_downscaling(masks)
         else:

@@ -10,28 +10,27 @@ official MultiStepLR [120, 180] is epoch-based). On the phantom demo this is the
 anatomical structures, i.e. the "original tasks".
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import InteractiveSam
-from sam_med3d_moe.model import build_model
+from sam_med3d_moe.model import build_model, load_sam
 from sam_med3d_moe.train_common import (
     add_common_args,
+    batches,
     check_common_args,
-    config_by_name,
-    load_general,
     prepare_data,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
 )
-from shared.cli import run_cli
-from shared.errors import InputError
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, positive_float, run_cli
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,
@@ -51,12 +50,17 @@ KIND = "sam_med3d"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("model")
     g.add_argument(
-        "--config", default="small", help="architecture: vit_b_ori (official), small (CPU demos) or tiny (tests)"
+        "--config",
+        choices=CONFIG_NAMES,
+        default="small",
+        help="architecture: vit_b_ori (official), small (CPU demos) or tiny (tests); with --init a plain state_dict's",
     )
     g.add_argument("--init", help="start from these weights (a run of this package or a converted state_dict)")
+    g.add_argument("--decoder-lr-scale", type=positive_float, default=0.1, help="lr of the prompt encoder and "
+                   "mask decoder as a share of --lr (official parameter groups: 0.1)")  # fmt: skip
     add_common_args(parser, lr=8e-4, steps=2000)
     args = parser.parse_args(argv)
     check_common_args(args)
@@ -70,33 +74,37 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
+    init_box_trained = False
     if args.init:
-        model, _ = load_general(args.init, config=args.config)
+        model, info = load_sam(args.init, config_by_name(args.config))
+        init_box_trained = info["box_trained"]
     else:
         model = build_model(config_by_name(args.config))
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
+    # the box embeddings learn only from box steps (--box-prob > 0), or were learned before --init
+    box_trained = args.box_prob > 0 or init_box_trained
     model = model.to(device).train()
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(samples)} targets")
+        print(
+            f"general SAM-Med3D ({n_params / 1e6:.2f} M parameters) on {len(targets)} targets, box embeddings "
+            f"{'trained' if args.box_prob > 0 else 'not trained (--box-prob 0)'}"
+        )
     groups = [
         {"params": model.image_encoder.parameters(), "scale": 1.0},
-        {"params": model.prompt_encoder.parameters(), "scale": 0.1},
-        {"params": model.mask_decoder.parameters(), "scale": 0.1},
+        {"params": model.prompt_encoder.parameters(), "scale": args.decoder_lr_scale},
+        {"params": model.mask_decoder.parameters(), "scale": args.decoder_lr_scale},
     ]
     optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
-        if dist_info.is_main:
-            print(f"resumed {ckpt_path} at step {start}")
+    start = resume_step(
+        resumed, kind=KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng, device=device
+    )
+    if resumed is not None and dist_info.is_main:
+        print(f"resumed {ckpt_path} at step {start}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
     encode, _ = maybe_compile(model.image_encoder, use_compile)
     # box embeddings and the mask-only steps leave some parameters without gradient in some steps
@@ -105,16 +113,17 @@ def main(argv=None) -> None:
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
 
-    bar = tqdm(range(start, stop), desc="general", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, model.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="general", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, running, count = time.time(), 0.0, 0
-    for step in bar:
+    for step, batch in bar:
         lr = cosine_lr(step, args.steps, args.lr)
         for group in optimizer.param_groups:
             group["lr"] = lr * group["scale"]
-        image, gt, _ = draw_batch(samples, args.batch_size, model.cfg.image_size, rng)
-        image, gt = image.to(device), gt.to(device)
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
         with autocast_context(device, enabled=args.amp):
-            loss, _ = forward_model(image, gt, rng, **protocol)
+            loss, _ = forward_model(image, gt, click_rng(args.seed, dist_info.rank, step), **protocol)
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
@@ -143,7 +152,8 @@ def main(argv=None) -> None:
                     step=done,
                     args=args,
                     rng=rng_states,
-                    box_trained=True,
+                    box_trained=box_trained,
+                    box_prob=args.box_prob,
                 )
             running, count = 0.0, 0
 

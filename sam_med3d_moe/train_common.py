@@ -1,4 +1,5 @@
-"""What the three training entry points share: flags, the case split, data, model loading and checkpoints.
+"""What the three training entry points share: their flags, the case split, the data and batches, and the run
+checkpoint (with the flags `--resume` compares). `threshold` also validates the --tau of predict and evaluate.
 
 The loops themselves stay inline in `train.py` (general model), `finetune_expert.py` and `train_gate.py`.
 """
@@ -10,19 +11,37 @@ from pathlib import Path
 
 import torch
 
-from sam_med3d_moe.config import SamConfig, small_config
-from sam_med3d_moe.data import load_samples
-from sam_med3d_moe.model import SamMed3D, build_model, config_from_dict, load_weights
-from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
-from shared.cli import add_run_args
+from sam_med3d_moe.config import SamConfig
+from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases
+from shared.atomic import atomic_path
+from shared.augment import BatchAugmentation
+from shared.checkpoint import (
+    load_run_checkpoint,
+    plain_args,
+    restore_run,
+    save_checkpoint,
+)
+from shared.cli import (
+    add_run_args,
+    non_negative_float,
+    non_negative_int,
+    number_in,
+    positive_float,
+    positive_int,
+    probability,
+)
 from shared.dataset import split_dataset
 from shared.errors import InputError
+from shared.loader import add_loader_args, default_workers, training_batches
 
-KINDS = ("sam_med3d", "sam_med3d_expert", "sam_med3d_moe")
+fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
+fold_count = number_in(int, "an integer >= 2", low=2)
+threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -> None:
-    """Flags of every training entry point: data, split, prompts, optimisation, run harness."""
+def add_common_args(parser: argparse.ArgumentParser, *, lr: float | None, steps: int) -> None:
+    """Flags of every training entry point: data, split, prompts, optimisation, run harness (`lr` None: no
+    --lr flag, for an entry point with its own learning-rate flags). Every value is checked at parse time."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
     g.add_argument("--modalities", nargs="+", help="channels to use (default: every channel of each dataset)")
@@ -33,42 +52,36 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, steps: int) -
         help="one target per case = all labels > 0 (e.g. whole "
         "lesion) instead of one per label value; for every dataset, or only the named folders",
     )
-    g.add_argument("--fold", type=int, default=0, help="held-out fold of each dataset; -1 trains on all cases")
-    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits per dataset")
-    g.add_argument("--spacing", type=float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
-    g.add_argument("--min-voxels", type=int, default=10, help="skip targets smaller than this after resampling")
+    g.add_argument("--fold", type=fold_index, default=0, help="held-out fold of each dataset; -1 trains on all cases")
+    g.add_argument("--folds", type=fold_count, default=5, help="number of deterministic k-fold splits per dataset")
+    g.add_argument("--spacing", type=positive_float, default=1.5, help="isotropic resampling in mm (official: 1.5)")
+    g.add_argument("--min-voxels", type=positive_int, default=10, help="skip smaller targets (voxels after resampling)")
+    g.add_argument("--ct-clamp", action="store_true", help="clamp intensities to [-1000, 1000] (official for CT)")
+    add_loader_args(g)
     g = parser.add_argument_group("prompts")
-    g.add_argument("--num-clicks", type=int, default=11, help="interaction steps per batch (official: 11)")
-    g.add_argument("--box-prob", type=float, default=0.5, help="probability that a batch starts from a box prompt")
-    g.add_argument("--jitter", type=int, default=2, help="largest shift (voxels) of each box coordinate")
+    g.add_argument("--num-clicks", type=positive_int, default=11, help="interaction steps per batch (official: 11)")
+    g.add_argument("--box-prob", type=probability, default=0.5, help="probability that a batch starts from a box")
+    g.add_argument("--jitter", type=non_negative_int, default=2, help="largest shift (voxels) of each box coordinate")
     g.add_argument(
         "--dice-only", action="store_true", help="Dice loss only (the official CE term was 0 before MONAI 1.3)"
     )
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, default=steps, help="optimizer steps")
-    g.add_argument("--batch-size", type=int, default=2, help="crops per step and process")
-    g.add_argument("--lr", type=float, default=lr, help="AdamW learning rate")
-    g.add_argument("--weight-decay", type=float, default=0.1, help="AdamW weight decay (official: 0.1)")
-    g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping (0: off)")
+    g.add_argument("--steps", type=positive_int, default=steps, help="optimizer steps")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="crops per step and process")
+    if lr is not None:
+        g.add_argument("--lr", type=positive_float, default=lr, help="AdamW learning rate")
+    g.add_argument("--weight-decay", type=non_negative_float, default=0.1, help="AdamW weight decay (official: 0.1)")
+    g.add_argument("--clip", type=non_negative_float, default=1.0, help="gradient-norm clipping (0: off)")
     g = parser.add_argument_group("run")
     add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json", unit="steps", compiled="the image encoder")
-    g.add_argument("--save-every", type=int, default=100, help="write the checkpoint every this many steps")
+    g.add_argument("--save-every", type=positive_int, default=100, help="write the checkpoint every this many steps")
 
 
 def check_common_args(args) -> None:
-    """Refuse bad flag values with one sentence each."""
+    """The checks argparse cannot make: every --data folder is an nnU-Net dataset."""
     for path in args.data:
         if not Path(path, "dataset.json").is_file():
             raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
-    for name in ("steps", "batch_size", "num_clicks", "save_every"):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}.")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
-    if not 0.0 <= args.box_prob <= 1.0:
-        raise InputError(f"--box-prob must lie in [0, 1], got {args.box_prob}.")
-    if args.spacing <= 0 or args.jitter < 0:
-        raise InputError(f"--spacing must be positive and --jitter non-negative, got {args.spacing}, {args.jitter}.")
 
 
 def split_cases(data_dirs, fold: int, folds: int) -> dict:
@@ -76,73 +89,44 @@ def split_cases(data_dirs, fold: int, folds: int) -> dict:
     return {Path(root).name: split_dataset(root, fold, folds) for root in data_dirs}
 
 
-def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> list:
-    """Write OUT/split.json (rank 0) and load the samples of `part` of every dataset."""
+def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> tuple[list, list]:
+    """Build or reuse the caches, list the targets of `part`, then write OUT/split.json (rank 0): a dataset that
+    is refused leaves nothing in OUT.
+
+    Returns:
+        the cached cases (`shared.cache.CachedCase`) and the targets (`data.Target`) of every dataset.
+    """
     split = split_cases(args.data, args.fold, args.folds)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "split.json").write_text(json.dumps(split, indent=1))
     ids = {name: s[part] for name, s in split.items()}
-    return load_samples(
-        args.data, ids, modalities=args.modalities, spacing=args.spacing, union=args.union, min_voxels=args.min_voxels
-    )
+    entries = load_cases(args.data, ids, args.modalities, args.spacing, args.ct_clamp, cache_root=args.cache,
+                         processes=max(1, args.workers or 1))  # fmt: skip
+    targets = build_targets(entries, union=args.union, labels=getattr(args, "labels", None),
+                            min_voxels=args.min_voxels)  # fmt: skip
+    if is_main:
+        with atomic_path(out / "split.json") as tmp:
+            tmp.write_text(json.dumps(split, indent=1))
+    return entries, targets
 
 
-def read_run(path, expect_kind: str | None = None) -> dict:
-    """A checkpoint of this package (kind in KINDS), read with weights_only=True."""
-    ckpt = load_checkpoint(path, map_location="cpu", expect_kind=expect_kind)
-    if ckpt.get("kind") not in KINDS:
-        raise InputError(
-            f"{path}: not a SAM-Med3D(-MoE) run checkpoint (kind {ckpt.get('kind')!r}); convert "
-            "official files with python -m sam_med3d_moe.convert_checkpoint."
-        )
-    return ckpt
+def batches(args, entries, targets, size: int, rank: int, start: int, stop: int, device):
+    """The training batches of steps [start, stop) on `device`, flipped (`shared.loader.training_batches`)."""
+    workers = default_workers(device) if args.workers is None else args.workers
+    draw = DrawBatch(entries, targets, args.batch_size, size)
+    return training_batches(draw, seed=args.seed, rank=rank, start=start, stop=stop, workers=workers, device=device,
+                            augment=BatchAugmentation(AUGMENTATION, (size,) * 3))  # fmt: skip
 
 
-def load_general(path, config: str | None = None) -> tuple[SamMed3D, dict]:
-    """The SAM-Med3D to start from: a run of this package, or a converted plain state_dict (`--config` names its
-    architecture: "vit_b_ori" for official weights). Returns the model and info {"kind", "box_trained"}."""
-    ckpt = load_checkpoint(path, map_location="cpu")
-    if ckpt.get("kind") in KINDS:
-        cfg = config_from_dict(ckpt["config"]["sam"])
-        weights = ckpt["model"]
-        if ckpt["kind"] == "sam_med3d_moe":
-            weights = {k[len("sam.") :]: v for k, v in weights.items() if k.startswith("sam.")}
-        model = build_model(cfg)
-        load_weights(model, weights, source=str(path), allow_new=False)
-        return model, {"kind": ckpt["kind"], "box_trained": bool(ckpt.get("box_trained", True))}
-    cfg = config_by_name(config or "vit_b_ori", box_prompts=True)
-    model = build_model(cfg)
-    missing = load_weights(model, ckpt, source=str(path), allow_new=True)
-    return model, {"kind": "state_dict", "box_trained": not missing}
-
-
-def config_by_name(name: str, box_prompts: bool = True) -> SamConfig:
-    """ "vit_b_ori" (official default), "small" (CPU demos) or "tiny" (tests: 32^3 input, patch 4, width 48)."""
-    if name == "vit_b_ori":
-        return SamConfig(box_prompts=box_prompts)
-    if name == "small":
-        return small_config(box_prompts=box_prompts)
-    if name == "tiny":
-        return small_config(
-            image_size=32,
-            patch_size=4,
-            encoder_dim=48,
-            encoder_depth=2,
-            global_attn_indexes=(1,),
-            prompt_dim=48,
-            mask_in_chans=8,
-            decoder_mlp_dim=64,
-            iou_head_hidden_dim=16,
-            box_prompts=box_prompts,
-        )
-    raise InputError(f"--config must be vit_b_ori, small or tiny, got {name!r}.")
+def read_run(path, kind: str, hint: str) -> dict:
+    """A run checkpoint of this package of `kind` (read with weights_only=True); a plain state_dict or another
+    program's file is refused with one sentence ending in `hint` (what to pass instead)."""
+    return load_run_checkpoint(path, kind=kind, hint=hint, keys=("model", "config"))
 
 
 def save_run(
     path, *, kind: str, model: torch.nn.Module, config: dict, optimizer, scaler, step: int, args, rng, **extra
 ) -> None:
-    """Atomically write what is needed to use or resume a run (the un-compiled, un-wrapped model)."""
+    """Atomically write what is needed to use or resume a run (the un-compiled, un-wrapped model) and the flags
+    that `--resume` compares (`shared.checkpoint.check_same_run`)."""
     save_checkpoint(
         path,
         kind=kind,
@@ -152,14 +136,17 @@ def save_run(
         scaler=scaler.state_dict(),
         step=step,
         rng=rng,
-        args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        args=plain_args(args),
         **extra,
     )
 
 
-def resume_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> int:
-    """Load model/optimizer/scaler/RNG state of a run; returns the step to continue from."""
-    return int(restore_run(path, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
+def resume_step(ckpt: dict | None, *, kind: str, model, optimizer, scaler, generator, device) -> int:
+    """Load the checkpoint `prepare_run_dir` returned into model/optimizer/scaler/RNG; the step to continue from
+    (0 for a fresh run)."""
+    if ckpt is None:
+        return 0
+    return int(restore_run(ckpt, kind=kind, model=model, optimizer=optimizer, scaler=scaler, generator=generator,
                            device=device)["step"])  # fmt: skip
 
 

@@ -4,13 +4,15 @@
         --experts runs/expert_lesion/checkpoint.pt --data ANATOMY_DIR LESION_DIR --out runs/moe
 
 Shared frozen image and prompt encoders and the frozen general decoder come from --general; expert k's decoder
-from --experts[k]. Each step runs the interaction with the MoE (`SamMed3DMoE.step`: general decoder, gate,
-top-1 expert, mask selector) and minimises, summed over the clicks, DiceCE of the fused mask + cross-entropy of
-the gate on the task identity (class k + 1 for expert k's task, 0 for any other dataset). Only the top-1 expert
-of each sample receives a gradient (paper: lr 1e-4 experts, 1e-6 gate, AdamW; --expert-lr 0 freezes the experts).
+and its own box-corner embeddings from --experts[k], which must have been fine-tuned from that general model.
+Each step runs the interaction with the MoE (`SamMed3DMoE.step`: general decoder, gate, top-1 expert, mask
+selector) and minimises, summed over the clicks, DiceCE of the fused mask + cross-entropy of the gate on the
+task identity: class k + 1 for a target that expert k was fine-tuned on (its datasets and, if it was trained
+with --labels, only those label values; `tasks.expected_expert`), 0 for every other target. Only the top-1
+expert of each sample receives a gradient (paper: lr 1e-4 experts, 1e-6 gate, AdamW; --expert-lr 0 freezes
+the experts). The checkpoint records, per decoder, whether its box embeddings were trained.
 """
 
-import argparse
 import dataclasses
 import time
 from pathlib import Path
@@ -19,23 +21,26 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from sam_med3d_moe.config import SELECTOR_MODES, GateConfig
-from sam_med3d_moe.data import draw_batch
+from sam_med3d_moe.config import CONFIG_NAMES, SELECTOR_MODES, GateConfig, config_by_name
+from sam_med3d_moe.data import click_rng
 from sam_med3d_moe.interaction import train_interaction
 from sam_med3d_moe.losses import gate_loss
-from sam_med3d_moe.model import build_model, load_weights
+from sam_med3d_moe.model import build_model, load_sam, load_weights
 from sam_med3d_moe.moe import SamMed3DMoE
+from sam_med3d_moe.tasks import ExpertTask, check_disjoint, expected_expert
 from sam_med3d_moe.train_common import (
     add_common_args,
+    batches,
     check_common_args,
-    load_general,
     prepare_data,
     read_run,
-    resume_run,
+    resume_step,
     sam_config_dict,
     save_run,
+    threshold,
 )
-from shared.cli import run_cli
+from shared.checkpoint import prepare_run_dir
+from shared.cli import make_parser, non_negative_float, positive_float, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -54,49 +59,73 @@ KIND = "sam_med3d_moe"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("MoE")
     g.add_argument("--general", required=True, help="general model (sam_med3d_moe.train run or converted state_dict)")
-    g.add_argument("--config", default="vit_b_ori", help="architecture of a plain state_dict: vit_b_ori, small or tiny")
+    g.add_argument("--config", choices=CONFIG_NAMES, default="vit_b_ori", help="architecture of a plain state_dict")
     g.add_argument("--experts", nargs="+", required=True, help="sam_med3d_moe.finetune_expert checkpoints")
-    g.add_argument("--gate-lr", type=float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
-    g.add_argument("--expert-lr", type=float, default=1e-4, help="AdamW lr of the experts (paper: 1e-4; 0 freezes)")
-    g.add_argument("--tau", type=float, default=0.5, help="selector threshold on the top expert score")
+    g.add_argument("--gate-lr", type=positive_float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
+    g.add_argument(
+        "--expert-lr", type=non_negative_float, default=1e-4, help="AdamW lr of the experts (paper: 1e-4; 0 freezes)"
+    )
+    g.add_argument("--tau", type=threshold, default=0.5, help="selector threshold on the top expert score")
     g.add_argument("--selector", choices=SELECTOR_MODES, default="weighted", help="mask selector (Table 2 variants)")
-    add_common_args(parser, lr=1e-4, steps=1000)
+    add_common_args(parser, lr=None, steps=1000)  # two learning rates: --gate-lr and --expert-lr
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.gate_lr <= 0 or args.expert_lr < 0:
-        raise InputError(
-            f"--gate-lr must be positive and --expert-lr non-negative, got {args.gate_lr}, {args.expert_lr}."
-        )
     return args
 
 
-def assemble(general_path, expert_paths, config: str, tau: float, selector: str) -> SamMed3DMoE:
-    """Build the MoE from a general model and expert runs (each expert's mask decoder and task name)."""
-    sam, info = load_general(general_path, config=config)
-    experts, tasks = [], []
+BOX_KEY = "prompt_encoder.box_corner_embeddings.weight"
+
+
+def check_fine_tuned_from(expert_weights: dict, general_weights: dict, expert_path, general_path) -> None:
+    """Refuse an expert whose frozen parts (image encoder, prompt encoder except the box corners, which an expert
+    may train) differ from the general model's: it was fine-tuned from another model."""
+    for key, value in general_weights.items():
+        if key.startswith("mask_decoder.") or key == BOX_KEY:
+            continue
+        if key not in expert_weights or not torch.equal(expert_weights[key].cpu(), value.cpu()):
+            raise InputError(
+                f"--experts {expert_path} was not fine-tuned from --general {general_path}: {key} differs."
+            )
+
+
+def assemble(general_path, expert_paths, config: str, tau: float, selector: str) -> tuple[SamMed3DMoE, dict]:
+    """Build the MoE from a general model and expert runs (each expert's mask decoder, box-corner embeddings and
+    task).
+
+    Returns:
+        the MoE and {"expert_tasks": [ExpertTask], "box_trained": {"general": bool, "experts": [bool]}}.
+    """
+    sam, info = load_sam(general_path, config_by_name(config))
+    general_weights = sam.state_dict()
+    experts, tasks, boxes, box_trained = [], [], [], []
     for path in expert_paths:
-        ckpt = read_run(path, expect_kind="sam_med3d_expert")
+        ckpt = read_run(path, "sam_med3d_expert", hint="pass the checkpoint.pt of a sam_med3d_moe.finetune_expert run")
         if ckpt["config"]["sam"] != sam_config_dict(sam.cfg):
             raise InputError(f"--experts {path}: its architecture differs from the general model's.")
         weights = ckpt["model"]
+        check_fine_tuned_from(weights, general_weights, path, general_path)
         decoder = build_model(sam.cfg).mask_decoder
         prefix = "mask_decoder."
         load_weights(decoder, {k[len(prefix) :]: v for k, v in weights.items() if k.startswith(prefix)}, str(path))
-        key = "prompt_encoder.box_corner_embeddings.weight"
-        if not info["box_trained"] and ckpt.get("trained_box") and key in weights:
-            # the general model's boxes were never trained: take the corner embeddings of this expert
-            sam.prompt_encoder.box_corner_embeddings.weight.data.copy_(weights[key])
-            info["box_trained"] = True
         experts.append(decoder)
-        tasks.append(ckpt["config"]["task"])
+        boxes.append(weights.get(BOX_KEY))
+        box_trained.append(bool(ckpt.get("box_trained", False)))
+        if "expert_task" not in ckpt["config"]:
+            raise InputError(f"--experts {path}: records no task; fine-tune it again with this version.")
+        tasks.append(ExpertTask.from_dict(ckpt["config"]["expert_task"]))
+    check_disjoint(tasks, [str(p) for p in expert_paths])
     try:
-        gate_cfg = GateConfig(tasks=tuple(tasks), dim=sam.cfg.prompt_dim, tau=tau, selector=selector)
+        gate_cfg = GateConfig(tasks=tuple(t.name for t in tasks), dim=sam.cfg.prompt_dim, tau=tau, selector=selector)
     except ValueError as err:
         raise InputError(f"--experts/--tau/--selector: {err}.") from err
-    return SamMed3DMoE(sam, experts, gate_cfg)
+    moe = SamMed3DMoE(sam, experts, gate_cfg)
+    if moe.expert_boxes is not None:
+        for k, weight in enumerate(boxes):  # each expert keeps the box embeddings it was fine-tuned with
+            moe.expert_boxes[k].weight.data.copy_(weight)
+    return moe, {"expert_tasks": tasks, "box_trained": {"general": info["box_trained"], "experts": box_trained}}
 
 
 class InteractiveMoE(torch.nn.Module):
@@ -127,14 +156,15 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    moe = assemble(args.general, args.experts, args.config, args.tau, args.selector)
-    samples = prepare_data(args, out, is_main=dist_info.is_main)
-    tasks = moe.gate_cfg.tasks
-    if not any(s.task in tasks for s in samples):
-        raise InputError(f"--data holds no dataset of the experts' tasks {list(tasks)}.")
+    moe, info = assemble(args.general, args.experts, args.config, args.tau, args.selector)
+    expert_tasks = info["expert_tasks"]
+    entries, targets = prepare_data(args, out, is_main=dist_info.is_main)
+    # the gate target of each target: the expert fine-tuned on its class, else 0 (the general expert)
+    expert_of = torch.tensor([expected_expert(expert_tasks, t.dataset, t.label) for t in targets])
+    if not expert_of.any():
+        raise InputError(f"--data holds no target of the experts' tasks {[t.name for t in expert_tasks]}.")
     moe.requires_grad_(False)
     moe.gate.requires_grad_(True)
     groups = [{"params": list(moe.gate.parameters()), "lr": args.gate_lr}]
@@ -145,31 +175,33 @@ def main(argv=None) -> None:
     trainable = [p for g in groups for p in g["params"]]
     if dist_info.is_main:
         print(
-            f"MoE: general + {len(tasks)} experts {list(tasks)}, gate over {moe.gate_cfg.num_classes} classes, "
-            f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, {len(samples)} targets"
+            f"MoE: general + {len(expert_tasks)} experts {list(moe.gate_cfg.tasks)}, gate over "
+            f"{moe.gate_cfg.num_classes} classes, "
+            f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, {len(targets)} targets"
         )
     optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
-    if args.resume and ckpt_path.exists():
-        start = resume_run(
-            ckpt_path, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device
-        )
+    start = resume_step(resumed, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device)
     forward_model = wrap_ddp(InteractiveMoE(moe), dist_info, find_unused_parameters=True)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
-    config = {"sam": sam_config_dict(moe.sam.cfg), "gate": dataclasses.asdict(moe.gate_cfg)}
+    config = {
+        "sam": sam_config_dict(moe.sam.cfg),
+        "gate": dataclasses.asdict(moe.gate_cfg),
+        "expert_tasks": [t.to_dict() for t in expert_tasks],
+    }
 
-    bar = tqdm(range(start, stop), desc="gate", disable=not dist_info.is_main, leave=False)
+    stream = batches(args, entries, targets, moe.sam.cfg.image_size, dist_info.rank, start, stop, device)
+    bar = tqdm(zip(range(start, stop), stream), total=stop - start, desc="gate", disable=not dist_info.is_main,
+               leave=False)  # fmt: skip
     t0, sums, count = time.time(), np.zeros(3), 0
-    for step in bar:
-        image, gt, picked = draw_batch(samples, args.batch_size, moe.sam.cfg.image_size, rng)
-        target = torch.tensor([tasks.index(t) + 1 if t in tasks else 0 for t in picked], device=device)
-        image, gt = image.to(device), gt.to(device)
+    for step, batch in bar:
+        image, gt = batch["image"].to(device), batch["label"][:, None].to(device, torch.float32)
+        target = expert_of[batch["target"].cpu()].to(device)
         with autocast_context(device, enabled=args.amp):
-            seg, ce = forward_model(image, gt, target, rng, **protocol)
+            seg, ce = forward_model(image, gt, target, click_rng(args.seed, dist_info.rank, step), **protocol)
             loss = seg + ce
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
@@ -201,6 +233,7 @@ def main(argv=None) -> None:
                     step=done,
                     args=args,
                     rng=rng_states,
+                    box_trained=info["box_trained"],
                 )
             sums, count = np.zeros(3), 0
 

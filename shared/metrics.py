@@ -1,4 +1,4 @@
-"""Segmentation metrics shared by the four methods: voxel-wise overlap, HD95, CScore, BraTS regions, MoME averaging.
+"""Segmentation metrics shared by the four methods: overlap, HD95, NSD, CScore, BraTS regions, MoME averaging.
 
 Masks are numpy arrays, non-zero = foreground; `pred` and `gt` must have the same shape. Lesion-wise metrics
 (connected components) live in `shared.lesion_metrics`; `case_metrics` gathers both for one case.
@@ -97,6 +97,44 @@ def hd95(pred, gt, spacing=(1.0, 1.0, 1.0)) -> float:
     pred_to_gt = cKDTree(gt_points).query(pred_points, k=1)[0]
     gt_to_pred = cKDTree(pred_points).query(gt_points, k=1)[0]
     return float(max(np.percentile(pred_to_gt, 95), np.percentile(gt_to_pred, 95)))
+
+
+def normalized_surface_dice(pred, gt, spacing=(1.0, 1.0, 1.0), tolerance: float = 1.0) -> float:
+    """Normalised surface Dice (NSD, Nikolov et al. 2021): the share of both surfaces lying within `tolerance` mm
+    of the other surface,
+
+        NSD = (|{p in S_P : d(p, S_G) <= tol}| + |{g in S_G : d(g, S_P) <= tol}|) / (|S_P| + |S_G|),
+
+    with S the surface voxels of `surface_voxels` (6-neighbour border, volume edge = background) and d the
+    Euclidean distance between voxel centres scaled by `spacing`. Every surface voxel weighs 1, as MONAI's
+    `compute_surface_dice` (default `use_subvoxels=False`); DeepMind's `surface-distance` package, which
+    SAM-Med3D's MedIM evaluation calls at 1 mm, weighs each surface element by its area instead, so the two
+    agree closely but not exactly.
+
+    Args:
+        pred, gt: (X, Y, Z) binary masks, same shape.
+        spacing: voxel size in mm along each axis.
+        tolerance: largest distance (mm) that still counts as agreement (SAM-Med3D: 1 mm); >= 0.
+
+    Returns:
+        NSD in [0, 1]. Both empty -> 1.0; exactly one empty -> 0.0 (MONAI and MedIM give NaN for both empty).
+    """
+    pred, gt = binary_pair(pred, gt)
+    spacing = check_spacing(spacing, ndim=pred.ndim)
+    if not np.isfinite(tolerance) or tolerance < 0:
+        raise InputError(f"tolerance must be a finite distance >= 0 mm, got {tolerance}.")
+    has_pred, has_gt = bool(pred.any()), bool(gt.any())
+    if not has_pred and not has_gt:
+        return 1.0
+    if not (has_pred and has_gt):
+        return 0.0
+    # both surfaces lie inside this box, so distances to the nearest surface voxel are exact within it
+    box = _bounding_box(pred | gt, margin=1)
+    pred_surface, gt_surface = surface_voxels(pred[box]), surface_voxels(gt[box])
+    to_gt = ndimage.distance_transform_edt(~gt_surface, sampling=spacing)  # mm to the nearest gt surface voxel
+    to_pred = ndimage.distance_transform_edt(~pred_surface, sampling=spacing)
+    agree = np.count_nonzero(to_gt[pred_surface] <= tolerance) + np.count_nonzero(to_pred[gt_surface] <= tolerance)
+    return float(agree / (np.count_nonzero(pred_surface) + np.count_nonzero(gt_surface)))
 
 
 def _bounding_box(mask: np.ndarray, margin: int) -> tuple:

@@ -99,6 +99,19 @@ def test_ritm_click_lands_in_the_interior_of_the_larger_error():
         assert labels.item() == 1 and all(4 <= c <= 6 for c in coords[0, 0].tolist())
 
 
+def test_ritm_click_tie_goes_to_the_false_positives_as_the_official_code():
+    # a prediction shifted by one voxel along the first axis: a 1-voxel false-negative slab (x = 2) and a
+    # 1-voxel false-positive slab (x = 9), both of EDT depth 1, so the official `fn_max > fp_max` is False
+    gt = _gt(size=12, lo=2, hi=9)
+    logits = torch.roll(torch.where(gt > 0, 5.0, -5.0), shifts=1, dims=2)
+    fn, fp = (gt > 0) & (logits <= 0.5), (gt == 0) & (logits > 0.5)
+    assert fn[0, 0, 2, 2:9, 2:9].all() and fn.sum() == 49 and fp[0, 0, 9, 2:9, 2:9].all() and fp.sum() == 49
+    rng = np.random.default_rng(0)
+    for _ in range(10):
+        coords, labels = ritm_click(logits, gt, rng)
+        assert labels.item() == 0 and fp[0, 0][tuple(coords[0, 0])]
+
+
 def test_box_from_mask_is_the_bounding_box():
     gt = torch.zeros(1, 1, 10, 10, 10)
     gt[0, 0, 2:5, 3:8, 1:2] = 1
@@ -199,3 +212,48 @@ def test_gate_learns_the_task_identity_with_cross_entropy():
         opt.step()
     assert loss.item() < 0.1 * first
     assert (gate(emb, pe, sparse).argmax(1) == task).all()
+
+
+def test_each_expert_reads_a_box_through_its_own_corner_embeddings():
+    import copy
+
+    moe = _tiny_moe(num_experts=2)
+    with torch.no_grad():
+        for k in range(2):
+            moe.expert_boxes[k].weight.normal_()  # as if each expert had trained its own box embeddings
+            for p in moe.experts[k].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        moe.gate.fc2.bias.copy_(torch.tensor([0.0, 0.0, 5.0]))  # expert 2 ranks first
+    emb, box, masks = torch.randn(1, 48, 8, 8, 8), torch.tensor([[2, 3, 4, 20, 21, 22]]), torch.zeros(1, 1, 32, 32, 32)
+    with torch.no_grad():
+        out = moe.step(emb, boxes=box, masks=masks)
+        own = copy.deepcopy(moe.sam)
+        own.prompt_encoder.box_corner_embeddings.weight.copy_(moe.expert_boxes[1].weight)
+        want_top = own.decode(emb, boxes=box, masks=masks, decoder=moe.experts[1])
+        with_general_corners = moe.sam.decode(emb, boxes=box, masks=masks, decoder=moe.experts[1])
+        general = moe.sam.decode(emb, boxes=box, masks=masks)
+    assert out["top_index"].item() == 1
+    assert torch.allclose(out["top"], want_top, atol=1e-6) and not torch.allclose(out["top"], with_general_corners)
+    assert torch.allclose(out["general"], general, atol=1e-6)  # the general decoder keeps the shared corners
+
+
+def test_expert_tasks_name_every_dataset_and_route_their_targets():
+    from sam_med3d_moe.tasks import ExpertTask, check_disjoint, expected_expert
+    from shared.errors import InputError
+
+    lesion = ExpertTask(datasets=("Tumour", "Stroke"))
+    weak = ExpertTask(datasets=("Anatomy",), labels=(5, 3))
+    assert lesion.name == "Stroke+Tumour" and weak.name == "Anatomy:labels3,5"
+    assert ExpertTask.from_dict(weak.to_dict()) == weak
+    tasks = [lesion, weak]
+    # gate target: class k + 1 of the covering expert, 0 (general) otherwise; union targets have label None
+    cases = {("Tumour", None): 1, ("Stroke", 2): 1, ("Anatomy", 3): 2, ("Anatomy", 5): 2, ("Anatomy", 4): 0,
+             ("Anatomy", None): 0, ("Other", 3): 0}  # fmt: skip
+    for (dataset, label), want in cases.items():
+        assert expected_expert(tasks, dataset, label) == want, (dataset, label)
+    check_disjoint([weak, ExpertTask(datasets=("Anatomy",), labels=(1, 2))], ["a", "b"])  # disjoint classes: fine
+    for other in (ExpertTask(datasets=("Anatomy",), labels=(2, 5)), ExpertTask(datasets=("Anatomy", "X"))):
+        with pytest.raises(InputError, match="both cover targets of Anatomy"):
+            check_disjoint([weak, other], ["a.pt", "b.pt"])
+    with pytest.raises(InputError, match="label values >= 1"):
+        ExpertTask(datasets=("Anatomy",), labels=(0,))

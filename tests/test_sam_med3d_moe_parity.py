@@ -1,4 +1,5 @@
-"""SAM-Med3D checkpoint compatibility on numbers: our modules vs the official ones (uni-medical/SAM-Med3D f3de1fa).
+"""SAM-Med3D checkpoint compatibility on numbers: our modules vs the official ones (uni-medical/SAM-Med3D f3de1fa),
+and our fast padded-window attention vs the literal official computation.
 
 Run: pytest tests/test_sam_med3d_moe_parity.py
 
@@ -269,6 +270,56 @@ def test_padded_window_differs_from_plain_global_attention():
     plain.load_state_dict({k: v[6:21] if "rel_pos" in k else v for k, v in weights.items()})
     with torch.no_grad():
         assert (windowed(x) - plain(x)).abs().max() > 1e-3
+
+
+def _random_block(dim, heads, window, grid, seed):
+    """A block with every parameter random (rel-pos tables and qkv biases included, so every term matters)."""
+    block = Block3D(dim, heads, 4.0, window=window, grid=grid)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in block.parameters():
+            scale = 0.3 if p.dim() < 2 else p.shape[-1] ** -0.5
+            p.copy_(scale * torch.randn(p.shape, generator=gen))
+    return block
+
+
+@pytest.mark.parametrize("dim,heads,window,grid", [(48, 4, 6, 4), (24, 2, 5, 3), (32, 4, 14, 8)])
+def test_fast_padded_window_equals_the_literal_official_computation(dim, heads, window, grid):
+    # the default path (real queries only, padded keys in closed form) against padding + attention over every
+    # padded token (the official computation; the fixture test above checks the full-size 14^3 block too):
+    # outputs, input gradients and parameter gradients
+    block = _random_block(dim, heads, window, grid, seed=window)
+    x = torch.randn(2, grid, grid, grid, dim, generator=torch.Generator().manual_seed(1))
+    results = []
+    for literal in (False, True):
+        block.literal_padding = literal
+        block.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_(True)
+        out = block(xi)
+        (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+        results.append((out.detach(), xi.grad, {n: p.grad.clone() for n, p in block.named_parameters()}))
+    (fast, fast_dx, fast_dp), (lit, lit_dx, lit_dp) = results
+    _assert_close("output", fast, lit, atol=1e-5)
+    _assert_close("input gradient", fast_dx, lit_dx, atol=1e-5)
+    for name in lit_dp:
+        _assert_close(f"gradient of {name}", fast_dp[name], lit_dp[name], atol=1e-4)
+
+
+def test_default_path_skips_the_padded_window_and_literal_padding_uses_it(monkeypatch):
+    import sam_med3d_moe.image_encoder as encoder
+
+    block = _random_block(24, 2, 5, 3, seed=0)
+    x = torch.randn(1, 3, 3, 3, 24)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("window_partition called")
+
+    monkeypatch.setattr(encoder, "window_partition", refuse)
+    with torch.no_grad():
+        block(x)  # the fast path never builds the 5^3 padded window
+        block.literal_padding = True
+        with pytest.raises(AssertionError, match="window_partition called"):
+            block(x)
 
 
 def test_live_against_official_checkout():
