@@ -9,7 +9,6 @@ z-normalisation over the crop's voxels > 0 (per sample; the official training po
 flips of each axis with probability 1/2 (the `sam_flips` augmentation, torchio `RandomFlip(axes=(0, 1, 2))`).
 """
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,8 +181,3 @@ def click_rng(seed: int, rank: int, step: int) -> np.random.Generator:
     """The Generator of step t's simulated clicks and boxes: seeded from (seed, rank, t) like the batch, as a
     stream of its own, so a resumed run continues bit-identically with no state saved."""
     return np.random.default_rng([int(seed), int(rank), int(step), 1])
-
-
-def case_properties(entry: CachedCase) -> dict:
-    """The cache's properties of a case (native grid, orientation), stored beside its image as <case>.json."""
-    return json.loads(Path(entry.image).with_suffix(".json").read_text())

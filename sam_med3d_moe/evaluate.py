@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from sam_med3d_moe.config import CONFIG_NAMES, SELECTOR_MODES
-from sam_med3d_moe.data import build_targets, case_properties, load_cases, read_target
+from sam_med3d_moe.data import build_targets, load_cases, read_target
 from sam_med3d_moe.interaction import dice_score, evaluate_box, evaluate_points
 from sam_med3d_moe.predictor import Predictor
 from sam_med3d_moe.preprocess import paste_at
@@ -123,7 +123,7 @@ class NativeGrid:
 
     def scores(self, entry, target, mask: np.ndarray, start, tolerance: float) -> tuple[float, float]:
         """(Dice, NSD at `tolerance` mm) of a (S, S, S) crop mask in the case's native grid."""
-        props = case_properties(entry)
+        props = entry.properties()
         if self.key != (entry.dataset, entry.case_id):
             self.key = (entry.dataset, entry.case_id)
             self.label = read_nifti(self.label_files[self.key], dtype=np.int32).data

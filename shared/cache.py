@@ -111,6 +111,10 @@ class CachedCase:
             raise InputError(f"case {self.case_id} of {self.dataset} has no label file.")
         return np.load(self.label, mmap_mode="r")
 
+    def properties(self) -> dict:
+        """Everything `preprocess_case` recorded: native shape, spacing and affine, orientation, sources, classes."""
+        return json.loads(Path(self.image).with_suffix(".json").read_text())
+
     def class_locations(self, value: int) -> np.ndarray:
         """The stored voxels (n, 3) of class `value` (empty when the class is absent)."""
         info = self.classes.get(int(value))
