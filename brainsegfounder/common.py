@@ -5,25 +5,17 @@ The training loops themselves stay inline in `pretrain.py` and `finetune.py`.
 
 import argparse
 import dataclasses
-from pathlib import Path
-
-import torch
 
 from brainsegfounder.model import SIZES
 from brainsegfounder.transfer import describe_transfer, transfer_encoder
+from brainsegfounder.weights import describe_weights, read_weights, resolve_legacy_merging
 from shared import cli
-from shared.checkpoint import load_checkpoint, save_checkpoint
+from shared.checkpoint import save_checkpoint
+from shared.dataset import canonical_modality
 from shared.errors import InputError
 
 SSL_KIND = "brainsegfounder_ssl"
 SEG_KIND = "brainsegfounder_seg"
-ARCH_FIELDS = (
-    "feature_size",
-    "depths",
-    "num_heads",
-    "window_size",
-    "legacy_merging",
-)  # what the encoder transfer must keep
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -35,11 +27,14 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--num-heads", type=int, nargs=4, default=(3, 6, 12, 24), help="attention heads per stage")
     g.add_argument("--window-size", type=int, default=7,
                    help="attention window side (paper: 7; smaller only for quick CPU runs)")  # fmt: skip
-    g.add_argument("--legacy-merging", action="store_true",
-                   help="MONAI < 1.5 patch-merging order (needed by the released BrainSegFounder weights)")  # fmt: skip
+    g.add_argument("--legacy-merging", action=argparse.BooleanOptionalAction, default=None,
+                   help="patch-merging order of MONAI < 1.5 (the released Tang and BrainSegFounder weights); default: "
+                   "as recorded in --init, assumed legacy for foreign --init weights, the MONAI >= 1.5 order from "
+                   "scratch")  # fmt: skip
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing of the Swin blocks")
-    g.add_argument("--init", help="checkpoint whose Swin encoder starts this stage (ours, MONAI/BrainSegFounder "
-                   "or Swin-UNETR weights; a 'module.' prefix is stripped)")  # fmt: skip
+    g.add_argument("--init", help="weights whose Swin encoder starts this stage: a run of this package, Swin-UNETR's "
+                   "model_swinvit.pt (Tang et al.), a BrainSegFounder or MONAI SSLHead / SwinUNETR state dict, or "
+                   "a file from brainsegfounder.convert_checkpoint (format detected and reported)")  # fmt: skip
     g.add_argument("--init-channels", nargs="+",
                    help="modalities of the --init encoder's inputs (needed for foreign checkpoints)")  # fmt: skip
     g.add_argument("--patch-embed-init", choices=("kaiming", "default"), default="kaiming",
@@ -76,47 +71,34 @@ def check_run_args(args) -> None:
         raise InputError(f"--patch {args.patch}: one side must be at least 64 (the 1/32 bottleneck needs two voxels).")
 
 
-def read_init(path) -> tuple[dict, dict | None, list | None]:
-    """(state_dict, architecture or None, channel names or None) of an --init checkpoint.
-
-    Ours carry the architecture and channel names; foreign files (`{"state_dict": ...}` or a bare state dict)
-    carry neither.
-    """
-    ckpt = load_checkpoint(path)
-    if ckpt.get("kind") in (SSL_KIND, SEG_KIND):
-        arch = {
-            k: list(v) if isinstance(v, (list, tuple)) else v for k, v in ckpt["config"].items() if k in ARCH_FIELDS
-        }
-        return ckpt["model"], arch, list(ckpt["channels"])
-    if ckpt.get("kind") is not None:
-        raise InputError(f"--init {path} is a {ckpt['kind']} checkpoint, not a BrainSegFounder or SwinUNETR one.")
-    state = ckpt.get("state_dict", ckpt.get("model", ckpt))
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise InputError(f"--init {path}: found no state dict of tensors (looked at 'state_dict', 'model', top level).")
-    return state, None, None
-
-
 def resolve_architecture(args) -> tuple[dict, dict | None]:
     """Encoder layout and the --init weights.
 
     Returns:
-        arch: {feature_size, depths, num_heads, legacy_merging}, from --init when it is one of ours (overriding
-            the flags, and said so), else from the flags.
-        init: None without --init, else {"state": state dict, "channels": its input modalities}.
+        arch: {feature_size, depths, num_heads, window_size, legacy_merging}: read off the --init weights when
+            given (overriding the flags, and said so), else from the flags.
+        init: None without --init, else {"state": state dict with our key names, "channels": its input
+            modalities (recorded, or --init-channels)}.
     """
+    legacy = bool(args.legacy_merging)
     arch = {"feature_size": args.feature_size, "depths": list(SIZES[args.size]), "num_heads": list(args.num_heads),
-            "window_size": args.window_size, "legacy_merging": args.legacy_merging}  # fmt: skip
+            "window_size": args.window_size, "legacy_merging": legacy}  # fmt: skip
     if not args.init:
         return arch, None
-    state, init_arch, init_channels = read_init(args.init)
-    if init_arch is not None:
-        if init_arch != arch:
-            print(f"using the encoder layout of --init {args.init}: {init_arch}")
-        arch = dict(init_arch)
-    channels = args.init_channels or init_channels
+    weights = read_weights(args.init, flag="--init")
+    legacy, merging_note = resolve_legacy_merging(weights, args.legacy_merging, flag="--init")
+    print(describe_weights(weights, merging_note))
+    init_arch = {**weights.arch, "legacy_merging": legacy}
+    if init_arch != arch:
+        print(f"using the encoder layout of --init {args.init}: {init_arch}")
+    channels = args.init_channels or weights.channels
     if not channels:
-        raise InputError(f"--init {args.init} does not record its input channels; name them with --init-channels.")
-    return arch, {"state": state, "channels": list(channels)}
+        raise InputError(f"--init {args.init} does not record its input channels; name its "
+                         f"{weights.in_channels} channel(s) with --init-channels.")  # fmt: skip
+    if len(channels) != weights.in_channels:
+        raise InputError(f"--init-channels names {len(channels)} channel(s) but --init {args.init} has "
+                         f"{weights.in_channels}.")  # fmt: skip
+    return init_arch, {"state": weights.state, "channels": [canonical_modality(c) for c in channels]}
 
 
 def init_encoder(encoder, init: dict, args, channels, is_main: bool) -> dict:
@@ -134,11 +116,3 @@ def save_run(path, *, kind: str, model, cfg, channels, optimizer, scaler, step: 
     save_checkpoint(path, kind=kind, config=dataclasses.asdict(cfg), channels=list(channels),
                     model=model.state_dict(), optimizer=optimizer.state_dict(), scaler=scaler.state_dict(),
                     step=step, args=plain_args, rng=rng, **extra)  # fmt: skip
-
-
-def check_fresh_out(out: Path, resume: bool) -> Path:
-    """The run's checkpoint path; refuse to overwrite an existing run unless resuming."""
-    path = out / "checkpoint.pt"
-    if path.exists() and not resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
-    return path

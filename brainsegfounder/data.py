@@ -10,9 +10,9 @@ import math
 import numpy as np
 import torch
 
-from shared.dataset import canonical_modality, kfold_splits, list_cases, load_case
+from brainsegfounder.regions import region_targets
+from shared.dataset import canonical_modality, kfold_splits, list_cases, load_case, read_split_file, split_dataset
 from shared.errors import InputError
-from shared.metrics import brats_regions
 from shared.transforms import random_flip, sample_patch, scale_shift_intensity, zscore
 
 
@@ -52,12 +52,13 @@ def load_channels(case, channels, intensity: str) -> tuple:
     return image[[present.index(m) for m in channels]], label, reference
 
 
-def segmentation_target(label: np.ndarray, target: str, brats_labels=(1, 2, 3)) -> np.ndarray:
-    """Multi-label target (K, X, Y, Z) float32: BraTS [TC, WT, ET] (K=3) or a binary lesion label > 0 (K=1)."""
+def segmentation_target(label: np.ndarray, target: str, brats_labels=None) -> np.ndarray:
+    """Multi-label target (K, X, Y, Z) float32: BraTS [TC, WT, ET] of the (necrosis, edema, enhancing) values
+    `brats_labels` (K=3, see `brainsegfounder.regions`), or a binary lesion label > 0 (K=1)."""
     if target == "brats":
-        necrosis, edema, enhancing = brats_labels
-        regions = brats_regions(label, necrosis=necrosis, edema=edema, enhancing=enhancing)
-        return np.stack([regions["TC"], regions["WT"], regions["ET"]]).astype(np.float32)
+        if brats_labels is None:
+            raise ValueError("a brats target needs the (necrosis, edema, enhancing) label values.")
+        return region_targets(label, brats_labels)
     if target == "binary":
         return (label > 0)[None].astype(np.float32)
     raise InputError(f"--target {target!r} is not one of brats, binary.")
@@ -68,43 +69,89 @@ def parse_channels(names) -> list[str]:
     return [canonical_modality(n) for n in names]
 
 
-def unlabeled_cases(data_dirs, channels) -> list:
-    """Every case (imagesTr and imagesTs) of the given datasets that has all `channels`, for pretraining."""
-    cases = []
-    for root in data_dirs:
-        for split in ("Tr", "Ts"):
-            try:
-                listed = list_cases(root, split)
-            except InputError:
-                if split == "Ts":  # imagesTs is optional
-                    continue
-                raise
-            cases += [c for c in listed if all(c.images.get(m) is not None for m in channels)]
-    if not cases:
-        raise InputError(f"--data {list(map(str, data_dirs))} holds no case with all channels {list(channels)}.")
-    return cases
+def held_out_split(data_dir, *, fold: int, folds: int, split_file=None, holdout: int = 0,
+                   holdout_seed: int = 12345) -> dict:  # fmt: skip
+    """{"train": ids, "val": ids} of the labelled cases of one dataset: what fine-tuning trains and validates on,
+    and what Stage-2 pretraining must not see (the validation cases).
+
+    In order of precedence: a split file (`shared.dataset.read_split_file`: nnU-Net's splits_final.json, a BSF
+    fold list, a plain split) with `fold`; a fixed held-out set of `holdout` cases drawn with `holdout_seed`
+    (the paper's ATLAS recipe: 100 held-out training images); the deterministic k-fold split (`fold` -1: none).
+    """
+    ids = [c.case_id for c in list_cases(data_dir, "Tr") if c.label is not None]
+    if split_file is not None:
+        return read_split_file(split_file, ids, fold=fold)
+    if holdout:
+        if not 0 < holdout < len(ids):
+            raise InputError(f"--holdout {holdout} must lie in [1, {len(ids)}) for the {len(ids)} labelled cases of "
+                             f"{data_dir}.")  # fmt: skip
+        val = set(np.random.default_rng(holdout_seed).choice(ids, size=holdout, replace=False).tolist())
+        return {"train": [c for c in ids if c not in val], "val": sorted(val)}
+    return split_dataset(data_dir, fold=fold, folds=folds)
 
 
-def split_labeled(data_dir, fold: int, folds: int) -> tuple[list, list]:
-    """(train, validation) labelled cases of one dataset by the deterministic k-fold split; fold -1: all train."""
-    cases = [c for c in list_cases(data_dir, "Tr") if c.label is not None]
-    if len(cases) < 2:
-        raise InputError(f"--data {data_dir} has {len(cases)} labelled case(s); fine-tuning needs at least 2.")
-    if fold == -1:
-        return cases, []
-    if not 0 <= fold < folds or folds > len(cases):
-        raise InputError(f"--fold {fold} / --folds {folds} do not fit {len(cases)} labelled cases.")
-    val_ids = set(kfold_splits([c.case_id for c in cases], k=folds)[fold][1])
-    return [c for c in cases if c.case_id not in val_ids], [c for c in cases if c.case_id in val_ids]
+def pretraining_split(data_dir, *, fold: int, folds: int, split_file=None, holdout: int = 0,
+                      transductive: bool = False) -> dict:  # fmt: skip
+    """{"train": ids, "val": ids, "imagesTs": ids} of one dataset for self-supervised pretraining.
+
+    Default (no leakage): every imagesTr case except the held-out cases of `held_out_split`, which become the
+    SSL validation set (paper Fig. 4), and nothing of imagesTs; unlabelled imagesTr cases (no label file) are
+    never held out by fine-tuning, so they are trained on. A dataset without any label file (UK Biobank) is
+    split by the k-fold rule over all its cases. `transductive`: every image of imagesTr and imagesTs is trained
+    on and nothing is held out, the behaviour before this split existed (the test images are seen, unlabelled;
+    fair only when they are never used to score the fine-tuned model).
+    """
+    cases = list_cases(data_dir, "Tr")
+    ids = [c.case_id for c in cases]
+    if transductive:
+        try:
+            test = [c.case_id for c in list_cases(data_dir, "Ts")]
+        except InputError:  # imagesTs is optional
+            test = []
+        return {"train": ids, "val": [], "imagesTs": test}
+    if any(c.label is not None for c in cases):
+        val = held_out_split(data_dir, fold=fold, folds=folds, split_file=split_file, holdout=holdout)["val"]
+    elif split_file is not None:
+        val = read_split_file(split_file, ids, fold=fold)["val"]
+    elif fold == -1:
+        val = []
+    else:
+        val = split_ids(ids, fold, folds, str(data_dir))
+    return {"train": [c for c in ids if c not in set(val)], "val": sorted(val), "imagesTs": []}
 
 
-def few_shot_subset(cases: list, fraction: float, seed: int) -> list:
-    """ceil(fraction * N) training cases drawn without replacement with a fixed seed (one per repeat)."""
+def split_ids(ids: list, fold: int, folds: int, where: str) -> list:
+    """The validation ids of fold `fold` of the k-fold rule (`shared.dataset.kfold_splits`) over `ids`."""
+    if not 0 <= fold < folds or folds > len(ids):
+        raise InputError(f"--fold {fold} / --folds {folds} do not fit the {len(ids)} cases of {where}.")
+    return kfold_splits(ids, k=folds)[fold][1]
+
+
+def run_seed(seed: int, fraction: float, repeat: int, purpose: int) -> int:
+    """A seed for one (fraction, repeat) run, the same in every arm of a study: `purpose` 0 draws the training
+    subset, 1 seeds the model initialisation and the batches."""
+    return int(np.random.default_rng([seed, round(fraction * 1_000_000), repeat, purpose]).integers(2**31))
+
+
+def few_shot_subsets(case_ids: list, fraction: float, seed: int, repeats: int) -> list[list]:
+    """One training subset of ceil(fraction * N) cases per repeat (paper Fig. 5: 5 random subsets per fraction).
+
+    Repeat r draws from (seed, fraction, r) alone, redrawing (up to 100 times) while its subset equals that of
+    an earlier repeat, so small pools still give distinct subsets where they exist. Every arm of a study that
+    uses the same seed therefore trains on the same subsets, whatever its number of repeats.
+    """
     if not 0.0 < fraction <= 1.0:
         raise InputError(f"--train-fraction must lie in (0, 1], got {fraction}.")
-    n = max(1, math.ceil(fraction * len(cases)))
-    picked = np.random.default_rng(seed).choice(len(cases), size=n, replace=False)
-    return [cases[i] for i in sorted(picked)]
+    n = max(1, math.ceil(fraction * len(case_ids) - 1e-9))  # - 1e-9: 0.1 * 30 is 3.0000000000000004
+    subsets: list[list] = []
+    for repeat in range(repeats):
+        rng = np.random.default_rng(run_seed(seed, fraction, repeat, 0))
+        for _ in range(100):
+            subset = sorted(case_ids[i] for i in rng.choice(len(case_ids), size=n, replace=False))
+            if subset not in subsets:
+                break
+        subsets.append(subset)
+    return subsets
 
 
 def ssl_batch(volumes: list, batch_size: int, crops: int, patch, rng: np.random.Generator) -> torch.Tensor:
@@ -115,7 +162,7 @@ def ssl_batch(volumes: list, batch_size: int, crops: int, patch, rng: np.random.
 
 
 def segmentation_batch(samples: list, batch_size: int, patch, rng: np.random.Generator, target: str,
-                       fg_prob: float = 0.33, brats_labels=(1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+                       fg_prob: float = 0.33, brats_labels=None) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
     """Random (image, label) crops with flips and intensity scale/shift (the BSF fine-tuning augmentation).
 
     Args:

@@ -8,13 +8,26 @@ Each step draws `--batch-size` volumes x `--crops` random crops, makes two rotat
 crop and trains the SSL head on rotation CE + NT-Xent (t = 0.5) + L1 inpainting (Tang et al. Eq. 4, weights 1).
 Stage 2 (`--init`) starts from the Stage-1 encoder with channel adaptation by modality name; the SSL heads
 start fresh. Modality restriction (paper Table 5): `--channels T1 T1` in both stages.
+
+Which images: by default the training cases of each dataset only. The cases that fine-tuning holds out
+(`--fold/--folds`, `--split-file` or `--holdout`, exactly as `brainsegfounder.finetune` reads them) are the SSL
+validation set, and imagesTs is never read, so Stage 2 on the target dataset sees no image that the
+fine-tuned model is scored on. `--transductive` restores the earlier behaviour: every image of imagesTr and
+imagesTs is trained on, nothing is validated (the test images are seen without labels; fair only when they
+never score the fine-tuned model). Every `--val-every` steps the SSL losses of fixed crops and views of each
+validation volume are logged (paper Fig. 4) and the checkpoint with the lowest validation inpainting L1 is
+kept as best.pt (the official `model_bestValRMSE.pt`). OUT/split.json lists the cases.
 """
 
 import argparse
+import dataclasses
+import json
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from brainsegfounder.augment import two_views
@@ -22,16 +35,17 @@ from brainsegfounder.common import (
     SSL_KIND,
     add_model_args,
     add_run_args,
-    check_fresh_out,
     check_run_args,
     init_encoder,
     resolve_architecture,
     save_run,
 )
-from brainsegfounder.data import load_channels, parse_channels, ssl_batch, unlabeled_cases
+from brainsegfounder.data import load_channels, parse_channels, pretraining_split, ssl_batch
 from brainsegfounder.losses import ssl_loss
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
-from shared.checkpoint import restore_run
+from shared.atomic import atomic_path
+from shared.checkpoint import restore_run, save_checkpoint
+from shared.dataset import list_cases
 from shared.errors import InputError, run_cli
 from shared.harness import (
     MetricsLogger,
@@ -47,6 +61,7 @@ from shared.harness import (
     warmup_cosine_lr,
     wrap_ddp,
 )
+from shared.transforms import sample_patch
 
 
 def parse_args(argv=None):
@@ -61,6 +76,18 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=int, default=1, help="volumes per step and process")
     g.add_argument("--crops", type=int, default=2, help="random crops per volume (official sw_batch_size: 2)")
     g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
+    g = parser.add_argument_group("cases (the held-out cases of fine-tuning are the SSL validation set)")
+    g.add_argument("--fold", type=int, default=0, help="fold held out of each dataset; -1: none (no validation)")
+    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits")
+    g.add_argument("--split-file", help="folds from a file (one --data only), as brainsegfounder.finetune reads it")
+    g.add_argument("--holdout", type=int, default=0, help="a fixed held-out set of N cases instead of a fold")
+    g.add_argument(
+        "--transductive",
+        action="store_true",
+        help="train on every image of imagesTr and imagesTs, validate on none (sees the test images)",
+    )
+    g.add_argument("--val-every", type=int, default=0,
+                   help="SSL validation every N steps, best.pt kept by inpainting L1 (0: only at the end)")  # fmt: skip
     add_model_args(parser)
     add_run_args(parser, lr=4e-4, steps=100_000, warmup=500, weight_decay=0.1)
     args = parser.parse_args(argv)
@@ -72,7 +99,65 @@ def parse_args(argv=None):
     if len(set(args.patch[1:])) != 1 or max(args.patch) < 64:
         raise InputError(f"--patch {args.patch}: the last two sides must be equal (90-degree rotations) and one "
                          f"side at least 64 (two bottleneck tokens).")  # fmt: skip
+    if args.split_file and len(args.data) > 1:
+        raise InputError("--split-file names the cases of one dataset; give one --data with it.")
+    if args.val_every < 0:
+        raise InputError(f"--val-every must be 0 or positive, got {args.val_every}.")
     return args
+
+
+def pretraining_cases(args) -> tuple[list, list, dict]:
+    """(training cases, validation cases, split record) over the --data datasets (see the module docstring).
+
+    Cases without every requested channel are left out of both, and counted in the log.
+    """
+    train, val, record, skipped = [], [], {}, 0
+    for root in args.data:
+        split = pretraining_split(root, fold=args.fold, folds=args.folds, split_file=args.split_file,
+                                  holdout=args.holdout, transductive=args.transductive)  # fmt: skip
+        cases = list_cases(root, "Tr") + (list_cases(root, "Ts") if split["imagesTs"] else [])
+        usable = [c for c in cases if all(c.images.get(m) is not None for m in args.channels)]
+        skipped += len(cases) - len(usable)
+        train += [c for c in usable if c.case_id in set(split["train"]) | set(split["imagesTs"])]
+        val += [c for c in usable if c.case_id in set(split["val"])]
+        record[Path(root).name] = split
+    if not train:
+        raise InputError(f"--data {list(map(str, args.data))} holds no training case with all channels "
+                         f"{list(args.channels)}.")  # fmt: skip
+    if skipped:
+        print(f"left out {skipped} case(s) without all of the channels {list(args.channels)}")
+    return train, val, record
+
+
+@torch.no_grad()
+def validate(model, cases, args, device) -> dict:
+    """Mean SSL losses over the validation volumes (paper Fig. 4), one volume in memory at a time.
+
+    Volume i always gets the same max(2, --crops) crops and views (drawn from (seed, i)), so the curve measures
+    the model, not the draw. Each rank scores its share; the sums are reduced over ranks.
+    """
+    model.eval()
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    keys = ("loss", "inpaint", "contrast", "rotation")
+    sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
+    for i in range(rank, len(cases), world):
+        rng = np.random.default_rng([args.seed, i])
+        volume = load_channels(cases[i], args.channels, args.intensity)[0]
+        crops = torch.from_numpy(np.stack([sample_patch(volume, None, args.patch, rng)[0]
+                                           for _ in range(max(2, args.crops))]))  # fmt: skip
+        views = {k: v.to(device) for k, v in two_views(crops, rng).items()}
+        n = crops.shape[0]
+        with autocast_context(device, enabled=args.amp):
+            rot_logits, z, reconstruction = model(views["inputs"])
+            losses = ssl_loss(rot_logits.float(), views["labels"], z[:n].float(), z[n:].float(),
+                              reconstruction.float(), views["targets"], temperature=args.temperature)  # fmt: skip
+        sums += torch.tensor([float(losses[k]) for k in keys] + [1.0], dtype=torch.float64)
+    if dist.is_initialized():
+        sums = sums.to(device)
+        dist.all_reduce(sums)
+        sums = sums.cpu()
+    model.train()
+    return {k: float(sums[j] / sums[-1]) for j, k in enumerate(keys)}
 
 
 def main(argv=None) -> None:
@@ -81,9 +166,11 @@ def main(argv=None) -> None:
     device = dist_info.device
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
-    ckpt_path = check_fresh_out(out, args.resume)
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.exists() and not args.resume:
+        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
-    cases = unlabeled_cases(args.data, args.channels)
+    cases, val_cases, record = pretraining_cases(args)
     volumes = [load_channels(c, args.channels, args.intensity)[0] for c in tqdm(cases, desc="load", disable=None)]
     arch, init = resolve_architecture(args)
     cfg = SSLConfig(in_channels=len(args.channels), use_checkpoint=args.checkpointing, **arch)
@@ -93,14 +180,21 @@ def main(argv=None) -> None:
         init_encoder(model.swinViT, init, args, args.channels, dist_info.is_main)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(f"SSL pretraining: {n_params:,} parameters, {len(volumes)} volumes, channels {args.channels}")
+        print(
+            f"SSL pretraining: {n_params:,} parameters, {len(cases)} training and {len(val_cases)} validation "
+            f"volumes{' (transductive: imagesTs included)' * args.transductive}, channels {args.channels}"
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out / "split.json") as tmp:
+            tmp.write_text(json.dumps(record, indent=1))
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
-    start = 0
+    start, best = 0, {"inpaint": float("inf"), "step": 0}
     if resuming:
-        start = int(restore_run(ckpt_path, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler,
-                                generator=rng, device=device)["step"])  # fmt: skip
+        ckpt = restore_run(ckpt_path, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
+                           device=device)  # fmt: skip
+        start, best = int(ckpt["step"]), dict(ckpt.get("best", best))
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at step {start}")
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -123,7 +217,7 @@ def main(argv=None) -> None:
             losses = ssl_loss(rot_logits.float(), views["labels"], z[:n].float(), z[n:].float(),
                               reconstruction.float(), views["targets"], temperature=args.temperature)  # fmt: skip
         loss = losses["loss"]
-        check_finite_loss(loss, step, checkpoint_path=ckpt_path)
+        check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if args.grad_clip > 0:
@@ -135,17 +229,39 @@ def main(argv=None) -> None:
             sums[key] += float(losses[key].detach())
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
-        if done % args.log_every == 0 or done == stop:
-            count = done - max(start, (done - 1) // args.log_every * args.log_every)
+        val = {}
+        if val_cases and (done == args.steps or (args.val_every and done % args.val_every == 0)):
+            val = validate(raw_model, val_cases, args, device)
+            if val["inpaint"] < best["inpaint"]:
+                best = {**val, "step": done}
+                if dist_info.is_main:
+                    save_checkpoint(out / "best.pt", kind=SSL_KIND, config=dataclasses.asdict(cfg),
+                                    channels=list(args.channels), model=raw_model.state_dict(), step=done,
+                                    validation=val)  # fmt: skip
+        if done % args.log_every == 0 or done == stop or val:
+            count = max(1, done - max(start, (done - 1) // args.log_every * args.log_every))
             means = {k: all_reduce_mean(v / count) for k, v in sums.items()}
-            logger.log(step=done, lr=lr, seconds=time.time() - t0, **means)
+            logger.log(step=done, lr=lr, seconds=time.time() - t0, **means, **{f"val_{k}": v for k, v in val.items()})
             sums, t0 = dict.fromkeys(sums, 0.0), time.time()
+        if done % args.log_every == 0 or done == stop:
             rng_states = gather_rng_state(rng)
             if dist_info.is_main:
-                save_run(ckpt_path, kind=SSL_KIND, model=raw_model, cfg=cfg, channels=args.channels,
-                         optimizer=optimizer, scaler=scaler, step=done, args=args, rng=rng_states)  # fmt: skip
+                save_run(
+                    ckpt_path,
+                    kind=SSL_KIND,
+                    model=raw_model,
+                    cfg=cfg,
+                    channels=args.channels,
+                    optimizer=optimizer,
+                    scaler=scaler,
+                    step=done,
+                    args=args,
+                    rng=rng_states,
+                    best=best,
+                )
     if dist_info.is_main:
-        print(f"saved {ckpt_path} at step {stop}")
+        print(f"saved {ckpt_path} at step {stop}" + (f"; best validation inpainting L1 {best['inpaint']:.4f} at step "
+              f"{best['step']} in {out / 'best.pt'}" if best["step"] else ""))  # fmt: skip
 
 
 if __name__ == "__main__":

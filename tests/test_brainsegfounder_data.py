@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from brainsegfounder.data import few_shot_subsets, held_out_split, pretraining_split
 from shared.dataset import read_split_file
 from shared.errors import InputError
 
@@ -52,3 +53,47 @@ def test_plain_and_run_split_files_are_checked(tmp_path):
     path.write_text("{")
     with pytest.raises(InputError, match="not a readable JSON"):
         read_split_file(path, IDS)
+
+
+def _dataset(root, n_labelled=6, n_unlabelled=0, n_test=2):
+    """A dataset.json plus empty-named channel files: list_cases only reads names (nothing here loads images)."""
+    for folder in ("imagesTr", "labelsTr", "imagesTs"):
+        (root / folder).mkdir(parents=True)
+    (root / "dataset.json").write_text(json.dumps({"channel_names": {"0": "T1"}, "labels": {"background": 0, "x": 1},
+                                                   "file_ending": ".nii.gz"}))  # fmt: skip
+    for i in range(n_labelled + n_unlabelled):
+        (root / "imagesTr" / f"c{i:02d}_0000.nii.gz").touch()
+        if i < n_labelled:
+            (root / "labelsTr" / f"c{i:02d}.nii.gz").touch()
+    for i in range(n_test):
+        (root / "imagesTs" / f"t{i:02d}_0000.nii.gz").touch()
+    return root
+
+
+def test_pretraining_never_sees_what_finetuning_holds_out(tmp_path):
+    root = _dataset(tmp_path / "Dataset001_X", n_labelled=6, n_unlabelled=2)
+    for kwargs in ({"fold": 1, "folds": 3}, {"fold": 0, "folds": 5, "holdout": 2}):
+        tune = held_out_split(root, **kwargs)
+        ssl = pretraining_split(root, **kwargs)
+        assert ssl["val"] == tune["val"] and len(tune["val"]) == 2 and ssl["imagesTs"] == []
+        assert set(ssl["train"]) == set(tune["train"]) | {"c06", "c07"}  # unlabelled cases: never held out
+        assert not set(ssl["train"]) & set(tune["val"])
+    assert held_out_split(root, fold=0, folds=5, holdout=2) == held_out_split(root, fold=3, folds=5, holdout=2)
+    everything = pretraining_split(root, fold=0, folds=5, transductive=True)
+    assert len(everything["train"]) == 8 and everything["imagesTs"] == ["t00", "t01"] and everything["val"] == []
+    unlabelled = _dataset(tmp_path / "Dataset002_UKB", n_labelled=0, n_unlabelled=5)
+    split = pretraining_split(unlabelled, fold=2, folds=5)
+    assert len(split["val"]) == 1 and len(split["train"]) == 4
+    assert pretraining_split(unlabelled, fold=-1, folds=5)["val"] == []
+
+
+def test_few_shot_subsets():
+    ids = [f"c{i:02d}" for i in range(30)]
+    subsets = few_shot_subsets(ids, 0.1, seed=0, repeats=5)
+    assert [len(s) for s in subsets] == [3] * 5  # ceil(0.1 * 30) = 3 despite 0.1 * 30 = 3.0000000000000004
+    assert len({tuple(s) for s in subsets}) == 5 and all(set(s) <= set(ids) for s in subsets)
+    assert few_shot_subsets(ids, 0.1, seed=0, repeats=2) == subsets[:2]  # repeat r does not depend on --repeats
+    assert few_shot_subsets(ids, 0.1, seed=1, repeats=1) != subsets[:1]
+    small = few_shot_subsets(ids[:4], 0.5, seed=0, repeats=6)  # C(4, 2) = 6: all distinct where they exist
+    assert len({tuple(s) for s in small}) == 6
+    assert few_shot_subsets(ids[:3], 0.05, seed=0, repeats=1)[0][0] in ids[:3]  # at least one case
