@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from brainsegfounder import convert_checkpoint, predict
+from brainsegfounder import convert_checkpoint, finetune, predict
 from brainsegfounder.common import init_encoder, resolve_architecture
 from brainsegfounder.data import load_channels
 from brainsegfounder.model import SwinUNETR
@@ -159,3 +159,62 @@ def test_predict_takes_a_whole_swinunetr_state_dict(tmp_path, capsys):
     expected = regions_to_labels(probs > 0.5, (1, 2, 3))  # the phantom's names: necrosis 1, edema 2, enhancing 3
     written = np.asarray(nib.load(tmp_path / "p" / f"{case.case_id}.nii.gz").dataobj)
     assert np.array_equal(written, expected) and expected.any()
+
+
+def test_finetune_cli_takes_the_tang_layout(tmp_path, capsys):
+    data = write_phantom_datasets(tmp_path, datasets=["tumour"], cases=3, shape=(64, 32, 32), seed=5)[0]
+    tang_file(tmp_path / "model_swinvit.pt", feature_size=12, in_channels=1)
+    finetune.main(
+        [
+            "--data",
+            str(data),
+            "--channels",
+            "T1",
+            "FLAIR",
+            "--init",
+            str(tmp_path / "model_swinvit.pt"),
+            "--init-channels",
+            "T1",
+            "--no-legacy-merging",
+            "--patch",
+            "64",
+            "32",
+            "32",
+            "--batch-size",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--fold",
+            "-1",
+            "--out",
+            str(tmp_path / "ft"),
+            "--device",
+            "cpu",
+        ]
+    )
+    printed = capsys.readouterr().out
+    assert "Tang et al." in printed and "T1 <- T1, FLAIR <- new (kaiming init)" in printed
+    assert "window 7" in printed and "MONAI >= 1.5 order, as --no-legacy-merging says" in printed
+    with pytest.raises(InputError, match="does not record its input channels; name its 1 channel"):
+        finetune.main(
+            [
+                "--data",
+                str(data),
+                "--channels",
+                "T1",
+                "--init",
+                str(tmp_path / "model_swinvit.pt"),
+                "--patch",
+                "64",
+                "32",
+                "32",
+                "--fold",
+                "-1",
+                "--out",
+                str(tmp_path / "ft2"),
+                "--device",
+                "cpu",
+            ]
+        )
