@@ -22,8 +22,9 @@ from brainsegfounder.weights import (
     segmentation_target,
 )
 from shared.checkpoint import save_checkpoint
+from shared.cli import run_cli
 from shared.dataset import canonical_modality
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 
 
 def main(argv=None) -> None:

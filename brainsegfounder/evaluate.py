@@ -18,7 +18,8 @@ import nibabel as nib
 import numpy as np
 
 from brainsegfounder.regions import HINT, dataset_beside, describe, labels_from_dataset
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.evaluate import evaluate_folders, list_cases, summary_path, write_csv_atomic
 
 COLUMNS = {

@@ -20,7 +20,8 @@ import argparse
 import json
 from pathlib import Path
 
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.evaluate import summary_path, write_csv_atomic
 from shared.stats import holm, mean_std, wilcoxon_signed_rank
 

@@ -60,8 +60,9 @@ from brainsegfounder.predict import predict_probabilities
 from brainsegfounder.regions import REGIONS, describe, labels_from_dataset
 from shared.atomic import atomic_path
 from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
+from shared.cli import run_cli
 from shared.dataset import list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

@@ -28,8 +28,9 @@ from brainsegfounder.weights import (
     resolve_legacy_merging,
     segmentation_target,
 )
+from shared.cli import run_cli
 from shared.dataset import canonical_modality, list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import autocast_context, pick_device
 from shared.nifti import write_nifti
 from shared.sliding_window import sliding_window_inference

@@ -45,8 +45,9 @@ from brainsegfounder.losses import ssl_loss
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
 from shared.atomic import atomic_path
 from shared.checkpoint import restore_run, save_checkpoint
+from shared.cli import run_cli
 from shared.dataset import list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

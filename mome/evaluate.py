@@ -22,8 +22,9 @@ import numpy as np
 import torch
 
 from mome.predict import load_mome
+from shared.cli import run_cli
 from shared.dataset import list_cases, load_case
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.geometry import crop_or_pad
 from shared.metrics import aggregate_levels, case_metrics
