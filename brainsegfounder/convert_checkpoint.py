@@ -14,6 +14,7 @@ a whole `torch.save(model)`); that runs code from the file, so use it only for f
 import argparse
 from pathlib import Path
 
+from brainsegfounder.train_common import patch_size
 from brainsegfounder.weights import (
     CONVERTED_KIND,
     describe_weights,
@@ -21,6 +22,7 @@ from brainsegfounder.weights import (
     resolve_legacy_merging,
     segmentation_target,
 )
+from shared import cli
 from shared.checkpoint import save_checkpoint
 from shared.cli import run_cli
 from shared.dataset import canonical_modality
@@ -28,24 +30,21 @@ from shared.errors import InputError
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.convert_checkpoint")
     parser.add_argument("source", help="weights file (.pt / .pth / .ckpt)")
     parser.add_argument("--out", required=True, help="plain output file (.pt)")
     parser.add_argument("--channels", nargs="+", help="input modalities in channel order (BSF BraTS: FLAIR T1ce T1 T2)")
     parser.add_argument("--legacy-merging", action=argparse.BooleanOptionalAction, default=None,
                         help="patch-merging order the weights were trained with: MONAI < 1.5 (legacy) or not "
                         "(default: as recorded, else legacy, as the released weights)")  # fmt: skip
-    parser.add_argument("--patch", type=int, nargs=3, help="sliding-window patch recorded for predict (e.g. 128 ...)")
+    parser.add_argument("--patch", type=patch_size, nargs=3, help="sliding-window patch recorded for predict (e.g. "
+                        "128 128 128)")  # fmt: skip
     parser.add_argument("--trust-pickle", action="store_true",
                         help="unpickle Python objects in the source (runs its code: trusted files only)")  # fmt: skip
     args = parser.parse_args(argv)
-    out = Path(args.out)
-    if out.is_dir():
-        raise InputError(f"--out {out} is a folder; give a file name ending in .pt.")
+    out = cli.check_output_file(args.out, "--out", suffixes=(".pt", ".pth"))
     if out.resolve() == Path(args.source).resolve():
         raise InputError(f"--out {out} is the source file; write the plain copy beside it.")
-    if args.patch and any(p < 32 or p % 32 for p in args.patch):
-        raise InputError(f"--patch {args.patch}: every side must be a positive multiple of 32.")
     weights = read_weights(args.source, flag="source", trust_pickle=args.trust_pickle)
     legacy, merging_note = resolve_legacy_merging(weights, args.legacy_merging, flag="source")
     channels = [canonical_modality(c) for c in args.channels] if args.channels else weights.channels

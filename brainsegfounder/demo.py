@@ -13,11 +13,11 @@ The budgets are tiny, so the pretrained encoders are weak and the arms are expec
 own gains at 5-40 % of BraTS are 0.1-0.9 Dice points. The numbers are what the runs give, whatever they say.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 from brainsegfounder import fewshot, finetune, pretrain
+from shared import cli
 from shared.cli import run_cli
 from shared.phantom import write_phantom_datasets
 
@@ -27,14 +27,14 @@ RUN = ["--device", "cpu", "--log-every", "25", "--resume"]  # --resume: a rerun 
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.demo")
     parser.add_argument("--data", default="data/demo", help="folder of the phantom datasets (written if absent)")
     parser.add_argument("--runs", default="runs/brainsegfounder", help="folder for the run folders")
-    parser.add_argument("--ssl-steps", type=int, default=150, help="steps of each SSL stage")
-    parser.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps of each run")
-    parser.add_argument("--train-fraction", type=float, nargs="+", default=[0.3, 1.0],
+    parser.add_argument("--ssl-steps", type=cli.positive_int, default=150, help="steps of each SSL stage")
+    parser.add_argument("--finetune-steps", type=cli.positive_int, default=150, help="fine-tuning steps of each run")
+    parser.add_argument("--train-fraction", type=cli.fraction, nargs="+", default=[0.3, 1.0],
                         help="fractions of the tumour training cases")  # fmt: skip
-    parser.add_argument("--repeats", type=int, default=2, help="random training subsets per fraction")
+    parser.add_argument("--repeats", type=cli.positive_int, default=2, help="random training subsets per fraction")
     parser.add_argument("--one-stage", action="store_true", help="add the Stage-1-only arm (about 1.5x the time)")
     args = parser.parse_args(argv)
     t0 = time.time()

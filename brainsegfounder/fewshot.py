@@ -16,10 +16,10 @@ optimistic). Writes `--out` (one row per arm, fraction and repeat), `<stem>_summ
 fraction) and `<stem>_tests.csv`.
 """
 
-import argparse
 import json
 from pathlib import Path
 
+from shared import cli
 from shared.cli import run_cli
 from shared.errors import InputError
 from shared.evaluate import summary_path, write_csv_atomic
@@ -142,7 +142,7 @@ def format_tests(tests) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.fewshot")
     parser.add_argument("arms", nargs="+", help="finetune --out folders, one per arm (two or more)")
     parser.add_argument("--baseline", help="arm the others are tested against (default: scratch, else the first)")
     parser.add_argument("--score", choices=("final", "best"), default="final",
@@ -151,8 +151,8 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if len(args.arms) < 2:
         raise InputError("give the --out folders of at least two arms to compare.")
-    if args.out and Path(args.out).is_dir():
-        raise InputError(f"--out {args.out} is a folder; give a file name ending in .csv.")
+    if args.out:
+        cli.check_output_file(args.out, "--out", suffixes=(".csv",))
     arms, scores, keys = collect(args.arms, args.score)
     baseline = args.baseline or ("scratch" if "scratch" in arms else arms[0])
     if baseline not in arms:

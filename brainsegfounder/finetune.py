@@ -25,7 +25,6 @@ BraTS targets are the [TC, WT, ET] regions of the label values named in dataset.
 overrides). `--freeze-encoder` trains only the patch embedding and the decoder (BSF's option).
 """
 
-import argparse
 import dataclasses
 import json
 import time
@@ -36,15 +35,6 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from brainsegfounder.common import (
-    SEG_KIND,
-    add_model_args,
-    add_run_args,
-    check_run_args,
-    init_encoder,
-    resolve_architecture,
-    save_run,
-)
 from brainsegfounder.data import (
     few_shot_subsets,
     held_out_split,
@@ -58,8 +48,20 @@ from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
 from brainsegfounder.regions import REGIONS, describe, labels_from_dataset
+from brainsegfounder.train_common import (
+    SEG_KIND,
+    add_model_args,
+    add_run_args,
+    add_split_args,
+    check_run_args,
+    init_encoder,
+    patch_size,
+    resolve_architecture,
+    save_run,
+)
+from shared import cli
 from shared.atomic import atomic_path
-from shared.checkpoint import load_checkpoint, restore_run, save_checkpoint
+from shared.checkpoint import check_same_run, load_checkpoint, prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
 from shared.dataset import list_cases
 from shared.errors import InputError
@@ -82,54 +84,46 @@ from shared.stats import mean_std
 
 LOSSES = {"dice": dice_loss, "dicece": dice_bce_loss}
 TARGET_REGIONS = {"brats": REGIONS, "binary": ("lesion",)}
+dropout_rate = cli.number_in(float, "a rate in [0, 1)", low=0.0, high=1.0, high_open=True)
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.finetune")
     g = parser.add_argument_group("data")
     g.add_argument("--data", required=True, help="labelled nnU-Net raw dataset folder")
     g.add_argument("--channels", nargs="+", required=True, help="input modalities in channel order")
     g.add_argument("--target", choices=sorted(TARGET_REGIONS), default="brats",
                    help="brats: TC/WT/ET sigmoid channels; binary: one lesion channel (label > 0)")  # fmt: skip
-    g.add_argument("--brats-labels", type=int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENH"),
+    g.add_argument("--brats-labels", type=cli.positive_int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENH"),
                    help="label values of the BraTS classes, overriding the dataset.json names")  # fmt: skip
-    g.add_argument("--fold", type=int, default=0, help="validation fold held out; -1 trains on all (no validation)")
-    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits")
-    g.add_argument("--split-file", help="folds from a file: nnU-Net splits_final.json, a BrainSegFounder fold list "
-                   "(brats21_folds.json) or {'train': [...], 'val': [...]}; --fold picks the fold")  # fmt: skip
-    g.add_argument("--holdout", type=int, default=0,
-                   help="a fixed held-out set of N random cases instead of a fold (paper ATLAS: 100)")  # fmt: skip
-    g.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128), help="training crop (BSF: 128^3)")
-    g.add_argument("--batch-size", type=int, default=2, help="crops per step and process")
+    add_split_args(g)
+    g.add_argument("--patch", type=patch_size, nargs=3, default=(128, 128, 128), help="training crop (BSF: 128^3)")
+    g.add_argument("--batch-size", type=cli.positive_int, default=2, help="crops per step and process")
     g.add_argument("--loss", choices=sorted(LOSSES), default="dice", help="sigmoid Dice (BSF) or Dice + BCE")
-    g.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap of the validation")
+    g.add_argument("--overlap", type=cli.overlap_fraction, default=0.5, help="sliding-window overlap of the validation")
     g = parser.add_argument_group("few-shot study")
-    g.add_argument("--train-fraction", type=float, nargs="+", default=[1.0],
+    g.add_argument("--train-fraction", type=cli.fraction, nargs="+", default=[1.0],
                    help="fractions of the training cases, one run per fraction and repeat (paper: 0.05 0.1 0.2 "
                    "0.4)")  # fmt: skip
-    g.add_argument("--repeats", type=int, default=1, help="random training subsets per fraction (paper: 5)")
-    g.add_argument("--arm", help="name of this arm in the study table (default: scratch, or the --init file name)")
-    g.add_argument("--val-every", type=int, default=0,
+    g.add_argument(
+        "--repeats", type=cli.positive_int, default=1, help="random training subsets per fraction (paper: 5)"
+    )
+    g.add_argument("--arm", help="name of this arm in the study table (default: scratch, or the --init run's name)")
+    g.add_argument("--val-every", type=cli.non_negative_int, default=0,
                    help="validate every N steps and keep the best checkpoint (0: only at the end)")  # fmt: skip
     add_model_args(parser)
     g = parser.add_argument_group("regularisation")
-    g.add_argument("--dropout", type=float, default=0.0, help="dropout in the Swin blocks (paper ATLAS: 0.1)")
+    g.add_argument("--dropout", type=dropout_rate, default=0.0, help="dropout in the Swin blocks (paper ATLAS: 0.1)")
     g.add_argument("--freeze-encoder", action="store_true",
                    help="train only the patch embedding and the decoder (needs --init)")  # fmt: skip
-    add_run_args(parser, lr=1e-4, steps=30_000, warmup=500, weight_decay=1e-5)
+    add_run_args(parser, lr=1e-4, steps=30_000, warmup=500, weight_decay=1e-5,
+                 out_holds="summary.json, split.json, fraction_F/repeat_R/{checkpoint.pt, best.pt, log.csv, "
+                 "split.json}")  # fmt: skip
     args = parser.parse_args(argv)
     check_run_args(args)
     args.channels = parse_channels(args.channels)
-    for name in ("repeats",):
-        if getattr(args, name) < 1:
-            raise InputError(f"--{name} must be at least 1, got {getattr(args, name)}.")
-    if args.val_every < 0:
-        raise InputError(f"--val-every must be 0 or positive, got {args.val_every}.")
-    bad = [f for f in args.train_fraction if not 0.0 < f <= 1.0]
-    if bad or len(set(args.train_fraction)) != len(args.train_fraction):
-        raise InputError(f"--train-fraction {args.train_fraction}: each must lie in (0, 1], without repeats.")
-    if not 0.0 <= args.dropout < 1.0:
-        raise InputError(f"--dropout must lie in [0, 1), got {args.dropout}.")
+    if len(set(args.train_fraction)) != len(args.train_fraction):
+        raise InputError(f"--train-fraction {' '.join(map(str, args.train_fraction))}: a fraction is repeated.")
     if args.freeze_encoder and not args.init:
         raise InputError("--freeze-encoder needs --init: a randomly initialised encoder has nothing to keep.")
     args.arm = args.arm or default_arm(args.init)
@@ -190,11 +184,10 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
     device = dist_info.device
     out = run_folder(Path(args.out), fraction, repeat)
     ckpt_path = out / "checkpoint.pt"
-    resuming = args.resume and ckpt_path.exists()
-    if resuming:
-        previous = load_checkpoint(ckpt_path, expect_kind=SEG_KIND)
-        if previous["step"] == args.steps and "result" in previous:
-            return previous["result"]  # this run already finished
+    previous = prepare_run_dir(out, resume=args.resume, args=args, kind=SEG_KIND, is_main=dist_info.is_main)
+    resuming = previous is not None
+    if resuming and previous["step"] == args.steps and "result" in previous:
+        return previous["result"]  # this run already finished
     by_id = {c.case_id: c for c in list_cases(args.data, "Tr")}
     subset = few_shot_subsets(pool, fraction, seed=args.seed, repeats=repeat + 1)[repeat]
     samples = [load_channels(by_id[c], args.channels, "zscore")[:2] for c in subset]
@@ -218,7 +211,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
     scaler = make_grad_scaler(device, pick_amp_dtype(device, enabled=args.amp))
     start, best = 0, {"mean": -1.0, "step": 0}
     if resuming:
-        ckpt = restore_run(ckpt_path, kind=SEG_KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
+        ckpt = restore_run(previous, kind=SEG_KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
                            device=device)  # fmt: skip
         start, best = int(ckpt["step"]), dict(ckpt.get("best", best))
     use_compile = device.type == "cuda" if args.compile is None else args.compile
@@ -303,13 +296,20 @@ def summarise(args, results: list) -> dict:
             "fractions": fractions, "runs": results}  # fmt: skip
 
 
+def check_existing_runs(out: Path, args) -> None:
+    """Before any work: refuse a folder that holds runs unless resuming, and runs of other flags when resuming."""
+    out = cli.check_output_dir(out, "--out")
+    existing = sorted(out.glob("fraction_*/repeat_*/checkpoint.pt"))
+    if (existing or (out / "summary.json").exists()) and not args.resume:
+        raise InputError(f"--out {out} already holds runs; pass --resume to continue them or pick a new folder.")
+    for path in existing:  # each run is checked again when it starts; this refuses before anything is written
+        check_same_run(load_checkpoint(path).get("args"), args, path=path)
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     out = Path(args.out)
-    if (out / "summary.json").exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a finished study; pass --resume or pick a new folder.")
-    if any(out.glob("fraction_*/repeat_*/checkpoint.pt")) and not args.resume:
-        raise InputError(f"--out {out} already holds runs; pass --resume to continue them or pick a new folder.")
+    check_existing_runs(out, args)
     dist_info = init_distributed(args.device)
     values = None
     if args.target == "brats":
@@ -320,9 +320,9 @@ def main(argv=None) -> None:
                            holdout=args.holdout)  # fmt: skip
     by_id = {c.case_id: c for c in list_cases(args.data, "Tr")}
     val_cases = [by_id[c] for c in split["val"]]
+    arch, init = resolve_architecture(args)
     if dist_info.is_main:
         write_split(out / "split.json", args.data, split["train"], split["val"])
-    arch, init = resolve_architecture(args)
     results = []
     for fraction in args.train_fraction:
         for repeat in range(args.repeats):

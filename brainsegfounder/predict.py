@@ -1,17 +1,22 @@
 """Segment with a fine-tuned BrainSegFounder SwinUNETR: nnU-Net raw cases in, label maps in the input's grid out.
 
-    python -m brainsegfounder.predict --model runs/finetune/repeat_0/checkpoint.pt --data DATASET_DIR \
+    python -m brainsegfounder.predict --model runs/finetune/fraction_1/repeat_0/best.pt --input DATASET_DIR \
         --split Ts --output preds/
+    python -m brainsegfounder.predict --model bsf_brats.pt --input scans/ --output preds/   # CASE_XXXX files
+
+`--input` is a NIfTI file, a folder of them (CASE_0000.nii.gz ... grouped by case, channel i = the model's
+modality i) or an nnU-Net dataset folder (channels matched by dataset.json names, `--split`, `--cases`).
 
 `--model` may also be a converted file (`brainsegfounder.convert_checkpoint`) or a whole SwinUNETR state dict
 as MONAI and BrainSegFounder save it (`--channels` names its inputs, e.g. FLAIR T1ce T1 T2 for BSF's BraTS
 model). Sliding-window inference over the whole volume (Gaussian blending), sigmoid > 0.5 per channel.
 BraTS targets are written as labels as the official `test.py` does: WT -> edema, then TC -> necrosis, then
-ET -> enhancing (later regions overwrite earlier ones), with the label values of `--data`'s dataset.json
-names (else the model's fine-tuning data, or `--brats-labels`); a binary target is written as 1.
+ET -> enhancing (later regions overwrite earlier ones), with the label values of the `--input` dataset's
+dataset.json names (else the model's fine-tuning data, or `--brats-labels`); a binary target is written as 1.
 """
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +26,7 @@ from tqdm import tqdm
 from brainsegfounder.data import load_channels
 from brainsegfounder.model import SwinUNETR, SwinUNETRConfig, build_swinunetr
 from brainsegfounder.regions import HINT, describe, labels_from_dataset, regions_to_labels
+from brainsegfounder.train_common import patch_size
 from brainsegfounder.weights import (
     describe_weights,
     load_model_state,
@@ -28,10 +34,12 @@ from brainsegfounder.weights import (
     resolve_legacy_merging,
     segmentation_target,
 )
+from shared import cli
 from shared.cli import run_cli
-from shared.dataset import canonical_modality, list_cases
+from shared.dataset import canonical_modality
 from shared.errors import InputError
 from shared.harness import autocast_context, pick_device
+from shared.inputs import add_input_args, inputs_from_args
 from shared.nifti import write_nifti
 from shared.sliding_window import sliding_window_inference
 
@@ -118,17 +126,14 @@ def probabilities_to_labels(probs: np.ndarray, target: str, brats_labels=None) -
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.predict")
     parser.add_argument(
         "--model",
         required=True,
         help="a brainsegfounder.finetune checkpoint (best.pt or "
         "checkpoint.pt), a convert_checkpoint file, or a whole SwinUNETR state dict (MONAI, BSF)",
     )
-    parser.add_argument("--data", required=True, help="nnU-Net raw dataset folder holding the cases to segment")
-    parser.add_argument("--split", choices=("Tr", "Ts"), default="Ts", help="imagesTr or imagesTs")
-    parser.add_argument("--cases", nargs="+", help="only these case ids")
-    parser.add_argument("--output", required=True, help="folder for the label maps CASE.nii.gz")
+    add_input_args(parser)
     parser.add_argument("--channels", nargs="+", help="input modalities of a --model that does not record them")
     parser.add_argument(
         "--legacy-merging",
@@ -136,41 +141,36 @@ def main(argv=None) -> None:
         default=None,
         help="patch-merging order of a foreign --model (default: as recorded, else MONAI < 1.5)",
     )
-    parser.add_argument(
-        "--brats-labels",
-        type=int,
-        nargs=3,
-        metavar=("NECROSIS", "EDEMA", "ENH"),
-        help="label values to write (default: from --data's dataset.json names, else the model's)",
-    )
-    parser.add_argument("--patch", type=int, nargs=3, help="sliding-window patch (default: the training patch, "
-                        f"else {' '.join(map(str, DEFAULT_PATCH))})")  # fmt: skip
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--tiles-per-batch", type=int, default=1, help="tiles per forward call")
+    parser.add_argument("--brats-labels", type=cli.positive_int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENH"),
+                        help="label values to write (default: the --input dataset's dataset.json names, else the "
+                        "model's)")  # fmt: skip
+    parser.add_argument("--patch", type=patch_size, nargs=3, help="sliding-window patch, sides multiples of 32 "
+                        f"(default: the training patch, else {' '.join(map(str, DEFAULT_PATCH))})")  # fmt: skip
+    parser.add_argument("--overlap", type=cli.overlap_fraction, default=0.5, help="sliding-window overlap")
+    parser.add_argument("--tiles-per-batch", type=cli.positive_int, default=1, help="tiles per forward call")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap must lie in [0, 1), got {args.overlap}.")
-    if args.patch and any(p < 32 or p % 32 for p in args.patch):
-        raise InputError(f"--patch {args.patch}: every side must be a positive multiple of 32.")
-    cases = list_cases(args.data, args.split)
-    if args.cases:
-        unknown = sorted(set(args.cases) - {c.case_id for c in cases})
-        if unknown:
-            raise InputError(f"--cases {unknown} are not in {args.data}/images{args.split}.")
-        cases = [c for c in cases if c.case_id in set(args.cases)]
+    cases = inputs_from_args(args)
     device = pick_device(args.device)
     model, info = load_segmenter(args.model, device, channels=args.channels, legacy_merging=args.legacy_merging)
     print(info["report"])
     values = None
     if info["target"] == "brats":
-        values, source = output_labels(args.brats_labels, args.data, info["brats_labels"])
+        dataset = Path(args.input) if (Path(args.input) / "dataset.json").is_file() else None
+        values, source = output_labels(args.brats_labels, dataset, info["brats_labels"])
         print(describe(values, source))
     patch = tuple(args.patch or info["patch"] or DEFAULT_PATCH)
+    unique = list(dict.fromkeys(info["channels"]))  # a modality fed to several channels is one file
+    for case in cases:  # every case has each modality before any work
+        missing = [m for m, path in case.images(unique).items() if path is None]
+        if missing:
+            raise InputError(f"case {case.case_id} of {case.dataset} has no {' '.join(missing)} image; the model "
+                             f"takes {' '.join(info['channels'])}.")  # fmt: skip
     out = Path(args.output)
     for case in tqdm(cases, desc="predict", disable=None):
-        image, _, reference = load_channels(case, info["channels"], "zscore")
+        source_case = dataclasses.replace(case.as_case(unique), label=None)  # the label is not read
+        image, _, reference = load_channels(source_case, info["channels"], "zscore")
         probs = predict_probabilities(model, image, patch_size=patch, overlap=args.overlap,
                                       tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
         labels = probabilities_to_labels(probs, info["target"], values)

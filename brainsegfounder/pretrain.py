@@ -19,7 +19,6 @@ validation volume are logged (paper Fig. 4) and the checkpoint with the lowest v
 kept as best.pt (the official `model_bestValRMSE.pt`). OUT/split.json lists the cases.
 """
 
-import argparse
 import dataclasses
 import json
 import time
@@ -31,20 +30,23 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from brainsegfounder.augment import two_views
-from brainsegfounder.common import (
-    SSL_KIND,
-    add_model_args,
-    add_run_args,
-    check_run_args,
-    init_encoder,
-    resolve_architecture,
-    save_run,
-)
 from brainsegfounder.data import load_channels, parse_channels, pretraining_split, ssl_batch
 from brainsegfounder.losses import ssl_loss
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
+from brainsegfounder.train_common import (
+    SSL_KIND,
+    add_model_args,
+    add_run_args,
+    add_split_args,
+    check_run_args,
+    init_encoder,
+    patch_size,
+    resolve_architecture,
+    save_run,
+)
+from shared import cli
 from shared.atomic import atomic_path
-from shared.checkpoint import restore_run, save_checkpoint
+from shared.checkpoint import prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
 from shared.dataset import list_cases
 from shared.errors import InputError
@@ -66,44 +68,40 @@ from shared.transforms import sample_patch
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.pretrain")
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (labels are not used)")
     g.add_argument("--channels", nargs="+", required=True,
                    help="input modalities in channel order; repeat one to feed it to several channels")  # fmt: skip
     g.add_argument("--intensity", choices=("percentile", "ct", "zscore"), default="percentile",
                    help="intensity scaling (official code: ct, a CT window applied to MRI)")  # fmt: skip
-    g.add_argument("--patch", type=int, nargs=3, default=(96, 96, 96), help="crop size (paper: 96^3)")
-    g.add_argument("--batch-size", type=int, default=1, help="volumes per step and process")
-    g.add_argument("--crops", type=int, default=2, help="random crops per volume (official sw_batch_size: 2)")
-    g.add_argument("--temperature", type=float, default=0.5, help="NT-Xent temperature")
-    g = parser.add_argument_group("cases (the held-out cases of fine-tuning are the SSL validation set)")
-    g.add_argument("--fold", type=int, default=0, help="fold held out of each dataset; -1: none (no validation)")
-    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits")
-    g.add_argument("--split-file", help="folds from a file (one --data only), as brainsegfounder.finetune reads it")
-    g.add_argument("--holdout", type=int, default=0, help="a fixed held-out set of N cases instead of a fold")
+    g.add_argument("--patch", type=patch_size, nargs=3, default=(96, 96, 96), help="crop size (paper: 96^3)")
+    g.add_argument("--batch-size", type=cli.positive_int, default=1, help="volumes per step and process")
+    g.add_argument("--crops", type=cli.positive_int, default=2, help="random crops per volume (official sw_batch_size)")
+    g.add_argument("--temperature", type=cli.positive_float, default=0.5, help="NT-Xent temperature")
+    g = parser.add_argument_group("cases (the cases fine-tuning holds out are the SSL validation set)")
+    add_split_args(g)
     g.add_argument(
         "--transductive",
         action="store_true",
         help="train on every image of imagesTr and imagesTs, validate on none (sees the test images)",
     )
-    g.add_argument("--val-every", type=int, default=0,
+    g.add_argument("--val-every", type=cli.non_negative_int, default=0,
                    help="SSL validation every N steps, best.pt kept by inpainting L1 (0: only at the end)")  # fmt: skip
     add_model_args(parser)
-    add_run_args(parser, lr=4e-4, steps=100_000, warmup=500, weight_decay=0.1)
+    add_run_args(parser, lr=4e-4, steps=100_000, warmup=500, weight_decay=0.1,
+                 out_holds="checkpoint.pt, best.pt, log.csv, split.json")  # fmt: skip
     args = parser.parse_args(argv)
     check_run_args(args)
     args.channels = parse_channels(args.channels)
-    if args.crops < 1 or args.batch_size * args.crops < 2:
+    if args.batch_size * args.crops < 2:
         raise InputError(f"--batch-size x --crops must be at least 2 (contrastive negatives), got "
                          f"{args.batch_size} x {args.crops}.")  # fmt: skip
-    if len(set(args.patch[1:])) != 1 or max(args.patch) < 64:
-        raise InputError(f"--patch {args.patch}: the last two sides must be equal (90-degree rotations) and one "
-                         f"side at least 64 (two bottleneck tokens).")  # fmt: skip
+    if len(set(args.patch[1:])) != 1:
+        raise InputError(f"--patch {' '.join(map(str, args.patch))}: the last two sides must be equal (90-degree "
+                         "rotations in their plane).")  # fmt: skip
     if args.split_file and len(args.data) > 1:
         raise InputError("--split-file names the cases of one dataset; give one --data with it.")
-    if args.val_every < 0:
-        raise InputError(f"--val-every must be 0 or positive, got {args.val_every}.")
     return args
 
 
@@ -168,15 +166,14 @@ def main(argv=None) -> None:
     rng = seed_everything(args.seed, rank=dist_info.rank)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
+    previous = prepare_run_dir(out, resume=args.resume, args=args, kind=SSL_KIND, is_main=dist_info.is_main)
 
     cases, val_cases, record = pretraining_cases(args)
     volumes = [load_channels(c, args.channels, args.intensity)[0] for c in tqdm(cases, desc="load", disable=None)]
     arch, init = resolve_architecture(args)
     cfg = SSLConfig(in_channels=len(args.channels), use_checkpoint=args.checkpointing, **arch)
     model = build_ssl_head(cfg).to(device)
-    resuming = args.resume and ckpt_path.exists()
+    resuming = previous is not None
     if init is not None and not resuming:
         init_encoder(model.swinViT, init, args, args.channels, dist_info.is_main)
     if dist_info.is_main:
@@ -193,7 +190,7 @@ def main(argv=None) -> None:
     scaler = make_grad_scaler(device, amp_dtype)
     start, best = 0, {"inpaint": float("inf"), "step": 0}
     if resuming:
-        ckpt = restore_run(ckpt_path, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
+        ckpt = restore_run(previous, kind=SSL_KIND, model=model, optimizer=optimizer, scaler=scaler, generator=rng,
                            device=device)  # fmt: skip
         start, best = int(ckpt["step"]), dict(ckpt.get("best", best))
         if dist_info.is_main:

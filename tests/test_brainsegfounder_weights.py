@@ -14,12 +14,12 @@ import pytest
 import torch
 
 from brainsegfounder import convert_checkpoint, finetune, predict
-from brainsegfounder.common import init_encoder, resolve_architecture
 from brainsegfounder.data import load_channels
 from brainsegfounder.model import SwinUNETR
 from brainsegfounder.predict import predict_probabilities
 from brainsegfounder.regions import regions_to_labels
 from brainsegfounder.ssl_head import SSLHead
+from brainsegfounder.train_common import init_encoder, resolve_architecture
 from brainsegfounder.weights import read_weights, resolve_legacy_merging
 from shared.dataset import list_cases
 from shared.errors import InputError
@@ -146,7 +146,7 @@ def test_predict_takes_a_whole_swinunetr_state_dict(tmp_path, capsys):
     trained = SwinUNETR(4, 3, feature_size=12, window_size=4, legacy_merging=True).eval()
     torch.save({"epoch": 1, "state_dict": {f"module.{k}": v for k, v in trained.state_dict().items()}},
                tmp_path / "model.pt")  # fmt: skip
-    common = ["--model", str(tmp_path / "model.pt"), "--data", str(data), "--split", "Tr", "--device", "cpu",
+    common = ["--model", str(tmp_path / "model.pt"), "--input", str(data), "--split", "Tr", "--device", "cpu",
               "--patch", "64", "32", "32"]  # fmt: skip
     with pytest.raises(InputError, match="does not record its input modalities; name its 4 channel"):
         predict.main([*common, "--output", str(tmp_path / "p")])
