@@ -33,21 +33,23 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from shared.augment import PIPELINES, AugmentationPipeline, initial_patch_size
 from tqdm import tqdm
 
 from brainsegfounder.data import (
-    few_shot_subsets,
-    held_out_split,
-    load_channels,
+    SegAugment,
+    SegDraw,
+    cache_cases,
     parse_channels,
-    run_seed,
-    segmentation_batch,
+    preprocessing,
+    read_volume,
     segmentation_target,
 )
 from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
-from brainsegfounder.regions import REGIONS, describe, labels_from_dataset
+from brainsegfounder.regions import REGIONS, describe, labels_from_dataset, region_channels
+from brainsegfounder.splits import few_shot_subsets, held_out_split, run_seed
 from brainsegfounder.train_common import (
     SEG_KIND,
     add_model_args,
@@ -63,7 +65,6 @@ from shared import cli
 from shared.atomic import atomic_path
 from shared.checkpoint import check_same_run, load_checkpoint, prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
-from shared.dataset import list_cases
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -79,6 +80,7 @@ from shared.harness import (
     warmup_cosine_lr,
     wrap_ddp,
 )
+from shared.loader import default_workers, training_batches
 from shared.metrics import dice
 from shared.stats import mean_std
 
@@ -114,6 +116,13 @@ def parse_args(argv=None):
     add_model_args(parser)
     g = parser.add_argument_group("regularisation")
     g.add_argument("--dropout", type=dropout_rate, default=0.0, help="dropout in the Swin blocks (paper ATLAS: 0.1)")
+    g.add_argument(
+        "--rotation",
+        type=cli.probability,
+        default=0.0,
+        help="probability of a random rotation (up to 30 degrees about each axis, nnU-Net's) per patch, "
+        "added to BSF's flips and intensity scale/shift (paper ATLAS recipe: rotation; e.g. 0.2)",
+    )
     g.add_argument("--freeze-encoder", action="store_true",
                    help="train only the patch embedding and the decoder (needs --init)")  # fmt: skip
     add_run_args(parser, lr=1e-4, steps=30_000, warmup=500, weight_decay=1e-5,
@@ -152,14 +161,14 @@ def freeze_encoder(model) -> int:
 def validate(model, cases, *, channels, patch, target: str, values, overlap: float, device, amp: bool) -> dict:
     """Mean Dice of sigmoid > 0.5 per region over the validation cases (empty prediction and reference: 1).
 
-    Each rank scores its share of the cases (one volume in memory at a time); the sums are reduced over ranks.
+    Each rank scores its share of the cached cases, one volume in memory at a time; the sums are reduced.
     """
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     names = TARGET_REGIONS[target]
     sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per-region Dice sums, then the case count
     for case in cases[rank::world]:
-        image, label, _ = load_channels(case, channels, "zscore")
+        image, label = read_volume(case, channels)
         probs = predict_probabilities(model, image, patch_size=patch, overlap=overlap, device=device, amp=amp)
         truth = segmentation_target(label, target, values) > 0.5
         for k in range(len(names)):
@@ -174,12 +183,17 @@ def validate(model, cases, *, channels, patch, target: str, values, overlap: flo
     return {**means, "mean": float(np.mean(list(means.values())))}
 
 
+def augmentation(args) -> AugmentationPipeline:
+    """BrainSegFounder's fine-tuning augmentation (flips, intensity scale and shift), plus `--rotation`."""
+    return dataclasses.replace(PIPELINES["bsf_finetune"], p_rotation=args.rotation)
+
+
 def run_folder(out: Path, fraction: float, repeat: int) -> Path:
     return out / f"fraction_{fraction:g}" / f"repeat_{repeat}"
 
 
-def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, values, arch: dict, init,
-              dist_info) -> dict | None:  # fmt: skip
+def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_cases: list, values, arch: dict,
+              init, dist_info, workers: int) -> dict | None:  # fmt: skip
     """Train one (fraction, repeat) run to the end (or to --stop-after); its result, or None if stopped early."""
     device = dist_info.device
     out = run_folder(Path(args.out), fraction, repeat)
@@ -188,9 +202,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
     resuming = previous is not None
     if resuming and previous["step"] == args.steps and "result" in previous:
         return previous["result"]  # this run already finished
-    by_id = {c.case_id: c for c in list_cases(args.data, "Tr")}
     subset = few_shot_subsets(pool, fraction, seed=args.seed, repeats=repeat + 1)[repeat]
-    samples = [load_channels(by_id[c], args.channels, "zscore")[:2] for c in subset]
     seed = run_seed(args.seed, fraction, repeat, 1)
     rng = seed_everything(seed, rank=dist_info.rank)  # the same decoder initialisation in every arm
     cfg = SwinUNETRConfig(in_channels=len(args.channels), out_channels=len(TARGET_REGIONS[args.target]),
@@ -219,18 +231,23 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     loss_fn = LOSSES[args.loss]
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    total, t0, final = 0.0, time.time(), {}
+    pipeline = augmentation(args)
+    draw = SegDraw(tuple(cached[c] for c in subset), tuple(args.channels), args.batch_size, tuple(args.patch),
+                   initial_patch_size(args.patch, pipeline), pipeline)  # fmt: skip
+    batches = training_batches(draw, seed=seed, rank=dist_info.rank, start=start, stop=stop, workers=workers,
+                               device=device, augment=SegAugment(pipeline, tuple(args.patch)))  # fmt: skip
+    total, summed, t0, final = 0.0, 0, time.time(), {}
     record = {"channels": args.channels, "target": args.target, "patch": list(args.patch),
               "brats_labels": list(values) if values else None}  # fmt: skip
 
     forward_model.train()
-    bar = tqdm(range(start, stop), desc=f"finetune f{fraction:g} r{repeat}", disable=not dist_info.is_main)
-    for step in bar:
+    bar = tqdm(batches, total=stop - start, desc=f"finetune f{fraction:g} r{repeat}", disable=not dist_info.is_main)
+    for step, batch in zip(range(start, stop), bar):
         lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        x, y = segmentation_batch(samples, args.batch_size, args.patch, rng, args.target, brats_labels=values)
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        x = batch["image"]  # (B, C, *patch), augmented
+        y = region_channels(batch["label"], args.target, values)  # (B, K, *patch) from the augmented labels
         with autocast_context(device, enabled=args.amp):
             loss = loss_fn(forward_model(x).float(), y)
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
@@ -242,6 +259,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
         total += float(loss.detach())
+        summed += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         scores = {}
@@ -256,10 +274,9 @@ def train_run(args, fraction: float, repeat: int, pool: list, val_cases: list, v
             if done == args.steps:
                 final = scores
         if done % args.log_every == 0 or done == stop or scores:
-            count = max(1, done - max(start, (done - 1) // args.log_every * args.log_every))
-            logger.log(step=done, lr=lr, loss=all_reduce_mean(total / count), seconds=time.time() - t0,
+            logger.log(step=done, lr=lr, loss=all_reduce_mean(total / summed), seconds=time.time() - t0,
                        **{f"val_{k}": v for k, v in scores.items()})  # fmt: skip
-            total, t0 = 0.0, time.time()
+            total, summed, t0 = 0.0, 0, time.time()
         if done % args.log_every == 0 or done == stop:
             result = {"fraction": fraction, "repeat": repeat, "train_cases": subset, "final": final,
                       "best": best if best["mean"] >= 0 else {}}  # fmt: skip
@@ -318,15 +335,19 @@ def main(argv=None) -> None:
             print(describe(values, source))
     split = held_out_split(args.data, fold=args.fold, folds=args.folds, split_file=args.split_file,
                            holdout=args.holdout)  # fmt: skip
-    by_id = {c.case_id: c for c in list_cases(args.data, "Tr")}
-    val_cases = [by_id[c] for c in split["val"]]
     arch, init = resolve_architecture(args)
+    workers = default_workers(dist_info.device) if args.workers is None else args.workers
+    entries = cache_cases(args.data, preprocessing(args.channels, "zscore"), split["train"] + split["val"],
+                          cache_root=args.cache, processes=max(1, workers))  # fmt: skip
+    cached = {c.case_id: c for c in entries}
+    val_cases = [cached[c] for c in split["val"]]
     if dist_info.is_main:
         write_split(out / "split.json", args.data, split["train"], split["val"])
     results = []
     for fraction in args.train_fraction:
         for repeat in range(args.repeats):
-            result = train_run(args, fraction, repeat, split["train"], val_cases, values, arch, init, dist_info)
+            result = train_run(args, fraction, repeat, split["train"], cached, val_cases, values, arch, init, dist_info,
+                               workers)  # fmt: skip
             if result is None:
                 if dist_info.is_main:
                     print(f"stopped in fraction {fraction:g}, repeat {repeat}; continue with --resume")

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from brainsegfounder.data import load_channels
+from brainsegfounder.data import load_image
 from brainsegfounder.model import SwinUNETR, SwinUNETRConfig, build_swinunetr
 from brainsegfounder.regions import HINT, describe, labels_from_dataset, regions_to_labels
 from brainsegfounder.train_common import patch_size
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
     out = Path(args.output)
     for case in tqdm(cases, desc="predict", disable=None):
         source_case = dataclasses.replace(case.as_case(unique), label=None)  # the label is not read
-        image, _, reference = load_channels(source_case, info["channels"], "zscore")
+        image, reference = load_image(source_case, info["channels"])
         probs = predict_probabilities(model, image, patch_size=patch, overlap=args.overlap,
                                       tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
         labels = probabilities_to_labels(probs, info["target"], values)

@@ -29,9 +29,9 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from brainsegfounder.augment import two_views
-from brainsegfounder.data import load_channels, parse_channels, pretraining_split, ssl_batch
+from brainsegfounder.data import SSLDraw, cache_cases, parse_channels, preprocessing, ssl_validation_views
 from brainsegfounder.losses import ssl_loss
+from brainsegfounder.splits import pretraining_split
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
 from brainsegfounder.train_common import (
     SSL_KIND,
@@ -64,7 +64,7 @@ from shared.harness import (
     warmup_cosine_lr,
     wrap_ddp,
 )
-from shared.transforms import sample_patch
+from shared.loader import default_workers, training_batches
 
 
 def parse_args(argv=None):
@@ -105,32 +105,41 @@ def parse_args(argv=None):
     return args
 
 
-def pretraining_cases(args) -> tuple[list, list, dict]:
-    """(training cases, validation cases, split record) over the --data datasets (see the module docstring).
+def pretraining_cases(args, processes: int) -> tuple[list, list, dict]:
+    """(training, validation) `CachedCase` lists and the split record over the --data datasets (module docstring).
 
-    Cases without every requested channel are left out of both, and counted in the log.
+    Cases without every requested channel are left out of both, and counted in the log. Every case is read,
+    checked and cached here, before anything of the run is written.
     """
+    prep = preprocessing(args.channels, args.intensity)
     train, val, record, skipped = [], [], {}, 0
     for root in args.data:
         split = pretraining_split(root, fold=args.fold, folds=args.folds, split_file=args.split_file,
                                   holdout=args.holdout, transductive=args.transductive)  # fmt: skip
-        cases = list_cases(root, "Tr") + (list_cases(root, "Ts") if split["imagesTs"] else [])
-        usable = [c for c in cases if all(c.images.get(m) is not None for m in args.channels)]
-        skipped += len(cases) - len(usable)
-        train += [c for c in usable if c.case_id in set(split["train"]) | set(split["imagesTs"])]
-        val += [c for c in usable if c.case_id in set(split["val"])]
+        usable = {}
+        for part in ("Tr", "Ts") if split["imagesTs"] else ("Tr",):
+            cases = list_cases(root, part)
+            usable[part] = {c.case_id for c in cases if all(c.images.get(m) is not None for m in args.channels)}
+            skipped += len(cases) - len(usable[part])
+        split = {
+            key: [c for c in ids if c in usable["Ts" if key == "imagesTs" else "Tr"]] for key, ids in split.items()
+        }
+        kwargs = {"cache_root": args.cache, "processes": processes}
+        train += cache_cases(root, prep, split["train"], **kwargs)
+        train += cache_cases(root, prep, split["imagesTs"], split="Ts", **kwargs)
+        val += cache_cases(root, prep, split["val"], **kwargs)
         record[Path(root).name] = split
     if not train:
-        raise InputError(f"--data {list(map(str, args.data))} holds no training case with all channels "
-                         f"{list(args.channels)}.")  # fmt: skip
+        raise InputError(f"--data {' '.join(map(str, args.data))} holds no training case with all channels "
+                         f"{' '.join(args.channels)}.")  # fmt: skip
     if skipped:
-        print(f"left out {skipped} case(s) without all of the channels {list(args.channels)}")
+        print(f"left out {skipped} case(s) without all of the channels {' '.join(args.channels)}")
     return train, val, record
 
 
 @torch.no_grad()
 def validate(model, cases, args, device) -> dict:
-    """Mean SSL losses over the validation volumes (paper Fig. 4), one volume in memory at a time.
+    """Mean SSL losses over the validation volumes (paper Fig. 4), read from the cache one volume at a time.
 
     Volume i always gets the same max(2, --crops) crops and views (drawn from (seed, i)), so the curve measures
     the model, not the draw. Each rank scores its share; the sums are reduced over ranks.
@@ -141,11 +150,9 @@ def validate(model, cases, args, device) -> dict:
     sums = torch.zeros(len(keys) + 1, dtype=torch.float64)
     for i in range(rank, len(cases), world):
         rng = np.random.default_rng([args.seed, i])
-        volume = load_channels(cases[i], args.channels, args.intensity)[0]
-        crops = torch.from_numpy(np.stack([sample_patch(volume, None, args.patch, rng)[0]
-                                           for _ in range(max(2, args.crops))]))  # fmt: skip
-        views = {k: v.to(device) for k, v in two_views(crops, rng).items()}
-        n = crops.shape[0]
+        views = ssl_validation_views(cases[i], args.channels, args.patch, max(2, args.crops), rng)
+        views = {k: v.to(device) for k, v in views.items()}
+        n = views["inputs"].shape[0] // 2
         with autocast_context(device, enabled=args.amp):
             rot_logits, z, reconstruction = model(views["inputs"])
             losses = ssl_loss(rot_logits.float(), views["labels"], z[:n].float(), z[n:].float(),
@@ -163,13 +170,13 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     dist_info = init_distributed(args.device)
     device = dist_info.device
-    rng = seed_everything(args.seed, rank=dist_info.rank)
+    rng = seed_everything(args.seed, rank=dist_info.rank)  # model initialisation, dropout; batches: below
+    workers = default_workers(device) if args.workers is None else args.workers
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
     previous = prepare_run_dir(out, resume=args.resume, args=args, kind=SSL_KIND, is_main=dist_info.is_main)
 
-    cases, val_cases, record = pretraining_cases(args)
-    volumes = [load_channels(c, args.channels, args.intensity)[0] for c in tqdm(cases, desc="load", disable=None)]
+    cases, val_cases, record = pretraining_cases(args, processes=max(1, workers))
     arch, init = resolve_architecture(args)
     cfg = SSLConfig(in_channels=len(args.channels), use_checkpoint=args.checkpointing, **arch)
     model = build_ssl_head(cfg).to(device)
@@ -178,10 +185,9 @@ def main(argv=None) -> None:
         init_encoder(model.swinViT, init, args, args.channels, dist_info.is_main)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
-        print(
-            f"SSL pretraining: {n_params:,} parameters, {len(cases)} training and {len(val_cases)} validation "
-            f"volumes{' (transductive: imagesTs included)' * args.transductive}, channels {args.channels}"
-        )
+        print(f"SSL pretraining: {n_params:,} parameters, {len(cases)} training and {len(val_cases)} validation "
+              f"volumes{' (transductive: imagesTs included)' * args.transductive}, channels "
+              f"{' '.join(args.channels)}, {workers} loader worker(s)")  # fmt: skip
         out.mkdir(parents=True, exist_ok=True)
         with atomic_path(out / "split.json") as tmp:
             tmp.write_text(json.dumps(record, indent=1))
@@ -199,17 +205,18 @@ def main(argv=None) -> None:
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info), use_compile)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
-    sums, t0 = {"loss": 0.0, "inpaint": 0.0, "contrast": 0.0, "rotation": 0.0}, time.time()
+    draw = SSLDraw(tuple(cases), tuple(args.channels), args.batch_size, args.crops, tuple(args.patch))
+    batches = training_batches(draw, seed=args.seed, rank=dist_info.rank, start=start, stop=stop, workers=workers,
+                               device=device)  # fmt: skip
+    sums, summed, t0 = {"loss": 0.0, "inpaint": 0.0, "contrast": 0.0, "rotation": 0.0}, 0, time.time()
 
     forward_model.train()
-    bar = tqdm(range(start, stop), desc="pretrain", disable=not dist_info.is_main)
-    for step in bar:
+    bar = tqdm(batches, total=stop - start, desc="pretrain", disable=not dist_info.is_main)
+    for step, views in zip(range(start, stop), bar):  # views: (2N, C, *patch) inputs/targets, (2N,) labels
         lr = warmup_cosine_lr(step, args.steps, args.lr, args.warmup)
         for group in optimizer.param_groups:
             group["lr"] = lr
-        crops = ssl_batch(volumes, args.batch_size, args.crops, args.patch, rng)  # (N, C, *patch)
-        views = {k: v.to(device, non_blocking=True) for k, v in two_views(crops, rng).items()}
-        n = crops.shape[0]
+        n = views["inputs"].shape[0] // 2
         with autocast_context(device, enabled=args.amp):
             rot_logits, z, reconstruction = forward_model(views["inputs"])  # both views in one (2N, ...) batch
             losses = ssl_loss(rot_logits.float(), views["labels"], z[:n].float(), z[n:].float(),
@@ -225,6 +232,7 @@ def main(argv=None) -> None:
         optimizer.zero_grad(set_to_none=True)
         for key in sums:
             sums[key] += float(losses[key].detach())
+        summed += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
         done = step + 1
         val = {}
@@ -237,26 +245,15 @@ def main(argv=None) -> None:
                                     channels=list(args.channels), model=raw_model.state_dict(), step=done,
                                     validation=val)  # fmt: skip
         if done % args.log_every == 0 or done == stop or val:
-            count = max(1, done - max(start, (done - 1) // args.log_every * args.log_every))
-            means = {k: all_reduce_mean(v / count) for k, v in sums.items()}
+            means = {k: all_reduce_mean(v / summed) for k, v in sums.items()}
             logger.log(step=done, lr=lr, seconds=time.time() - t0, **means, **{f"val_{k}": v for k, v in val.items()})
-            sums, t0 = dict.fromkeys(sums, 0.0), time.time()
+            sums, summed, t0 = dict.fromkeys(sums, 0.0), 0, time.time()
         if done % args.log_every == 0 or done == stop:
             rng_states = gather_rng_state(rng)
             if dist_info.is_main:
-                save_run(
-                    ckpt_path,
-                    kind=SSL_KIND,
-                    model=raw_model,
-                    cfg=cfg,
-                    channels=args.channels,
-                    optimizer=optimizer,
-                    scaler=scaler,
-                    step=done,
-                    args=args,
-                    rng=rng_states,
-                    best=best,
-                )
+                save_run(ckpt_path, kind=SSL_KIND, model=raw_model, cfg=cfg, channels=args.channels,
+                         optimizer=optimizer, scaler=scaler, step=done, args=args, rng=rng_states,
+                         best=best)  # fmt: skip
     if dist_info.is_main:
         print(f"saved {ckpt_path} at step {stop}" + (f"; best validation inpainting L1 {best['inpaint']:.4f} at step "
               f"{best['step']} in {out / 'best.pt'}" if best["step"] else ""))  # fmt: skip

@@ -10,6 +10,7 @@ determines them, the command refuses in one sentence.
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from shared.dataset import declared_label_values, load_dataset_json
 from shared.errors import InputError
@@ -71,3 +72,14 @@ def regions_to_labels(masks: np.ndarray, values) -> np.ndarray:
     labels[tc] = necrosis
     labels[et] = enhancing
     return labels
+
+
+def region_channels(label: torch.Tensor, target: str, values=None) -> torch.Tensor:
+    """Training targets of a batch of label maps on any device: (B, X, Y, Z) int -> (B, K, X, Y, Z) float32,
+    [TC, WT, ET] of the (necrosis, edema, enhancing) `values` (K=3), or label > 0 (K=1, target "binary")."""
+    if target == "binary":
+        return (label > 0)[:, None].float()
+    necrosis, edema, enhancing = values
+    tc = (label == necrosis) | (label == enhancing)
+    wt = tc | (label == edema)
+    return torch.stack([tc, wt, label == enhancing], dim=1).float()

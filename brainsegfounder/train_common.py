@@ -13,6 +13,7 @@ from shared import cli
 from shared.checkpoint import plain_args, save_checkpoint
 from shared.dataset import canonical_modality
 from shared.errors import InputError
+from shared.loader import add_loader_args
 
 SSL_KIND = "brainsegfounder_ssl"
 SEG_KIND = "brainsegfounder_seg"
@@ -64,6 +65,7 @@ def add_run_args(parser: argparse.ArgumentParser, *, lr: float, steps: int, warm
     g = parser.add_argument_group("run")
     cli.add_run_args(g, out_holds=out_holds, unit="steps", compiled="the model")
     g.add_argument("--log-every", type=cli.positive_int, default=50, help="steps between log rows and checkpoints")
+    add_loader_args(g)
 
 
 def add_split_args(group) -> None:
@@ -86,6 +88,8 @@ fold_count = cli.number_in(int, "at least 2 folds", low=2)
 
 def check_run_args(args) -> None:
     """Checks across flags, and the model layout, before any work (one sentence each)."""
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers must be 0 or more, got {args.workers}.")
     if args.warmup >= args.steps:
         raise InputError(f"--warmup {args.warmup} must be smaller than --steps {args.steps}.")
     if max(args.patch) < 64:

@@ -1,15 +1,21 @@
-"""BrainSegFounder data choices: split files (nnU-Net, BSF fold lists, plain), leak-free pretraining cases.
+"""BrainSegFounder data: split files (nnU-Net, BSF fold lists, plain), leak-free pretraining cases, the batch draws.
 
 Run: .venv/bin/python -m pytest -q tests/test_brainsegfounder_data.py
 """
 
 import json
 
+import numpy as np
 import pytest
+import torch
 
-from brainsegfounder.data import few_shot_subsets, held_out_split, pretraining_split
+from brainsegfounder.data import SegAugment, SegDraw, SSLDraw, cache_cases, preprocessing, ssl_validation_views
+from brainsegfounder.regions import region_channels, region_targets
+from brainsegfounder.splits import few_shot_subsets, held_out_split, pretraining_split
+from shared.augment import PIPELINES
 from shared.dataset import read_split_file
 from shared.errors import InputError
+from shared.phantom import write_phantom_datasets
 
 IDS = [f"BraTS2021_{i:05d}" for i in range(5)]
 
@@ -97,3 +103,48 @@ def test_few_shot_subsets():
     small = few_shot_subsets(ids[:4], 0.5, seed=0, repeats=6)  # C(4, 2) = 6: all distinct where they exist
     assert len({tuple(s) for s in small}) == 6
     assert few_shot_subsets(ids[:3], 0.05, seed=0, repeats=1)[0][0] in ids[:3]  # at least one case
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory):
+    """Two phantom tumour cases in a fine-tuning cache and an SSL cache (64 x 32 x 32)."""
+    root = tmp_path_factory.mktemp("bsf_draw")
+    data = write_phantom_datasets(root / "data", datasets=["tumour"], cases=2, shape=(64, 32, 32), seed=2)[0]
+    seg = cache_cases(data, preprocessing(["T1", "FLAIR"], "zscore"), ["PhantomTumour_000", "PhantomTumour_001"],
+                      cache_root=root / "cache", processes=1)  # fmt: skip
+    ssl = cache_cases(data, preprocessing(["T1"], "percentile"), ["PhantomTumour_000", "PhantomTumour_001"],
+                      cache_root=root / "cache", processes=1)  # fmt: skip
+    return seg, ssl
+
+
+def test_segmentation_draw_reads_the_cache_and_centres_the_last_patch_on_tumour(cached):
+    seg, _ = cached
+    pipeline = PIPELINES["bsf_finetune"]
+    draw = SegDraw(tuple(seg), ("FLAIR", "T1", "FLAIR"), 3, (32, 32, 32), (32, 32, 32), pipeline)
+    batch = draw(np.random.default_rng(5))
+    assert batch["image"].shape == (3, 3, 32, 32, 32) and batch["label"].shape == (3, 32, 32, 32)
+    assert torch.equal(batch["image"][:, 0], batch["image"][:, 2])  # FLAIR fed to two channels
+    # forced_foreground(2, 3, 0.33): the last sample holds a stored tumour voxel (a 16^3 patch at random misses
+    # the tumour in about a third of the draws)
+    small = SegDraw(tuple(seg), ("FLAIR",), 3, (16, 16, 16), (16, 16, 16), pipeline)
+    assert all((small(np.random.default_rng(s))["label"][2] > 0).any() for s in range(20))
+    again = draw(np.random.default_rng(5))
+    assert all(torch.equal(batch[k], again[k]) for k in ("image", "label"))  # a function of the Generator
+    # the image patch is the cached z-scored volume: channel FLAIR of some case, somewhere
+    volumes = [np.load(c.image) for c in seg]
+    assert any(np.isin(batch["image"][0, 1].numpy(), v[0]).mean() > 0.99 for v in volumes)
+    augmented = SegAugment(pipeline, (32, 32, 32))(batch)
+    targets = region_channels(augmented["label"], "brats", (1, 2, 3))
+    expected = np.stack([region_targets(lab, (1, 2, 3)) for lab in augmented["label"].numpy()])
+    assert targets.shape == (3, 3, 32, 32, 32) and np.array_equal(targets.numpy(), expected)
+
+
+def test_ssl_draw_repeats_a_modality_and_validation_views_are_fixed(cached):
+    _, ssl = cached
+    views = SSLDraw(tuple(ssl), ("T1", "T1"), 2, 2, (64, 32, 32))(np.random.default_rng(0))
+    assert views["inputs"].shape == (8, 2, 64, 32, 32) and views["labels"].shape == (8,)
+    assert torch.equal(views["targets"][:, 0], views["targets"][:, 1])  # one modality in two channels
+    assert 0.0 <= views["targets"].min() and views["targets"].max() <= 1.0  # percentile scaling
+    a = ssl_validation_views(ssl[0], ("T1",), (64, 32, 32), 2, np.random.default_rng([0, 0]))
+    b = ssl_validation_views(ssl[0], ("T1",), (64, 32, 32), 2, np.random.default_rng([0, 0]))
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -1,7 +1,7 @@
 """BrainSegFounder end to end on tiny phantoms: stage 1 -> stage 2 -> few-shot fine-tuning -> predict -> evaluate,
 the study table over two arms, and what stage 2 may not see.
 
-Run: .venv/bin/python -m pytest -q tests/test_brainsegfounder_pipeline.py (add -m slow for the resume test)
+Run: .venv/bin/python -m pytest -q tests/test_brainsegfounder_pipeline.py
 """
 
 import csv
@@ -21,6 +21,14 @@ SMALL = ["--feature-size", "12", "--window-size", "4", "--device", "cpu", "--log
 SSL = ["--patch", "64", "32", "32", "--batch-size", "1", "--crops", "2", "--steps", "1", "--warmup", "0", *SMALL]
 TUNE = ["--channels", "FLAIR", "T1ce", "T1", "T2", "--patch", "64", "32", "32", "--batch-size", "1", "--steps", "2",
         "--warmup", "0", "--train-fraction", "0.5", "1", "--repeats", "2", "--val-every", "1", *SMALL]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """The preprocessed caches of this module's runs go to a temporary folder, not the checkout's data/cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BRAINSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -113,12 +121,25 @@ def test_stage2_sees_only_the_training_folds(tumour, tmp_path):
     assert len(everything["train"]) == 6 and everything["val"] == []
 
 
-@pytest.mark.slow
-def test_resume_continues_exactly(tumour, tmp_path):
+def test_resume_with_other_workers_continues_bit_identically(tumour, tmp_path):
+    # the batch of step t is a function of (seed, rank, t): 0 workers straight == 2 workers, stop, resume with 1
+    run = ["--data", tumour, *TUNE, "--train-fraction", "1", "--repeats", "1", "--steps", "3", "--fold", "-1",
+           "--rotation", "0.5"]  # fmt: skip
+    finetune.main([*run, "--out", str(tmp_path / "straight"), "--workers", "0"])
+    finetune.main([*run, "--out", str(tmp_path / "split"), "--workers", "2", "--stop-after", "2"])
+    finetune.main([*run, "--out", str(tmp_path / "split"), "--workers", "1", "--resume"])
+    a, b = (load_checkpoint(tmp_path / p / "fraction_1" / "repeat_0" / "checkpoint.pt") for p in ("straight", "split"))
+    assert a["step"] == b["step"] == 3
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+
+
+def test_ssl_resume_continues_exactly(tumour, tmp_path):
     straight, split = tmp_path / "straight", tmp_path / "split"
     two = [*SSL, "--steps", "2"]  # later flags win
-    pretrain.main(["--data", tumour, "--channels", "T1", "FLAIR", "--out", str(straight), *two])
-    pretrain.main(["--data", tumour, "--channels", "T1", "FLAIR", "--out", str(split), "--stop-after", "1", *two])
+    pretrain.main(["--data", tumour, "--channels", "T1", "FLAIR", "--out", str(straight), "--workers", "0", *two])
+    pretrain.main(["--data", tumour, "--channels", "T1", "FLAIR", "--out", str(split), "--stop-after", "1",
+                   "--workers", "2", *two])  # fmt: skip
     pretrain.main(["--data", tumour, "--channels", "T1", "FLAIR", "--out", str(split), "--resume", *two])
     a, b = (load_checkpoint(p / "checkpoint.pt")["model"] for p in (straight, split))
     for key in a:

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from brainsegfounder import convert_checkpoint, finetune, predict
-from brainsegfounder.data import load_channels
+from brainsegfounder.data import load_image
 from brainsegfounder.model import SwinUNETR
 from brainsegfounder.predict import predict_probabilities
 from brainsegfounder.regions import regions_to_labels
@@ -32,6 +32,14 @@ def _rearrange(x, pattern):
     """Stand-in for einops.rearrange (not installed): MONAI only uses pure axis permutations."""
     src, dst = (side.split() for side in pattern.split("->"))
     return x.permute(*[src.index(axis) for axis in dst])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cache_in_tmp(tmp_path_factory):
+    """The preprocessed caches of this module's runs go to a temporary folder, not the checkout's data/cache."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BRAINSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
+        yield
 
 
 @pytest.fixture(autouse=True)
@@ -154,7 +162,7 @@ def test_predict_takes_a_whole_swinunetr_state_dict(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "whole SwinUNETR state dict" in printed and "assumed the MONAI < 1.5 (legacy) order" in printed
     case = list_cases(data)[0]
-    image, _, _ = load_channels(case, ["FLAIR", "T1ce", "T1", "T2"], "zscore")
+    image, _ = load_image(case, ["FLAIR", "T1ce", "T1", "T2"])
     probs = predict_probabilities(trained, image, patch_size=(64, 32, 32), device="cpu", amp=False)
     expected = regions_to_labels(probs > 0.5, (1, 2, 3))  # the phantom's names: necrosis 1, edema 2, enhancing 3
     written = np.asarray(nib.load(tmp_path / "p" / f"{case.case_id}.nii.gz").dataobj)
