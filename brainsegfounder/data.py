@@ -14,7 +14,7 @@ import torch
 
 from brainsegfounder.augment import two_views
 from brainsegfounder.regions import region_targets
-from shared.augment import AugmentationPipeline, apply_augmentation, sample_params
+from shared.augment import sample_params
 from shared.cache import CachedCase, Preprocessing, build_cache
 from shared.dataset import canonical_modality, load_case
 from shared.errors import InputError
@@ -118,7 +118,7 @@ class SegDraw:
     batch_size: int
     patch: tuple  # final patch
     read_size: tuple  # shared.augment.initial_patch_size(patch, pipeline)
-    pipeline: object  # shared.augment.AugmentationPipeline
+    pipeline: object  # shared.augment.AugmentationPipeline of the fine-tuning
 
     def __call__(self, rng: np.random.Generator) -> dict:
         picks = rng.integers(0, len(self.cases), size=self.batch_size)
@@ -129,25 +129,13 @@ class SegDraw:
             start = patch_start(case, self.read_size, self.patch, rng, foreground=foreground)
             images.append(read_region(case.open_image(), start, self.read_size,
                                       channels=channel_positions(case, self.channels)))  # fmt: skip
-            labels.append(read_region(case.open_label(), start, self.read_size).astype(np.int64))
+            # nnU-Net pads labels with -1 outside the volume; the augmentation turns -1 into background
+            labels.append(read_region(case.open_label(), start, self.read_size, fill=-1, dtype=np.int16))
         return {
             "image": torch.from_numpy(np.stack(images)),  # (B, C, *read_size) float32
-            "label": torch.from_numpy(np.stack(labels)),  # (B, *read_size) int64 label values
+            "label": torch.from_numpy(np.stack(labels)).long(),  # (B, *read_size) label values, -1 outside
             "aug": sample_params(self.pipeline, self.batch_size, len(self.channels), rng),
         }
-
-
-@dataclass(frozen=True)
-class SegAugment:
-    """batch -> batch: `shared.augment.apply_augmentation` of a `SegDraw` batch with its drawn parameters
-    (in the loader workers on CPU, on the GPU after the copy on CUDA); crops the read region to the patch."""
-
-    pipeline: AugmentationPipeline
-    patch: tuple
-
-    def __call__(self, batch: dict) -> dict:
-        image, label = apply_augmentation(batch["image"], batch["label"], batch["aug"], self.pipeline, self.patch)
-        return {**batch, "image": image, "label": label}
 
 
 def segmentation_target(label: np.ndarray, target: str, brats_labels=None) -> np.ndarray:

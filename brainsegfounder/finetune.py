@@ -33,11 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from shared.augment import PIPELINES, AugmentationPipeline, initial_patch_size
 from tqdm import tqdm
 
 from brainsegfounder.data import (
-    SegAugment,
     SegDraw,
     cache_cases,
     parse_channels,
@@ -63,6 +61,7 @@ from brainsegfounder.train_common import (
 )
 from shared import cli
 from shared.atomic import atomic_path
+from shared.augment import PIPELINES, AugmentationPipeline, BatchAugmentation, initial_patch_size
 from shared.checkpoint import check_same_run, load_checkpoint, prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
 from shared.errors import InputError
@@ -235,7 +234,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     draw = SegDraw(tuple(cached[c] for c in subset), tuple(args.channels), args.batch_size, tuple(args.patch),
                    initial_patch_size(args.patch, pipeline), pipeline)  # fmt: skip
     batches = training_batches(draw, seed=seed, rank=dist_info.rank, start=start, stop=stop, workers=workers,
-                               device=device, augment=SegAugment(pipeline, tuple(args.patch)))  # fmt: skip
+                               device=device, augment=BatchAugmentation(pipeline, tuple(args.patch)))  # fmt: skip
     total, summed, t0, final = 0.0, 0, time.time(), {}
     record = {"channels": args.channels, "target": args.target, "patch": list(args.patch),
               "brats_labels": list(values) if values else None}  # fmt: skip

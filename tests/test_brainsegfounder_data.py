@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from brainsegfounder.data import SegAugment, SegDraw, SSLDraw, cache_cases, preprocessing, ssl_validation_views
+from brainsegfounder.data import SegDraw, SSLDraw, cache_cases, preprocessing, ssl_validation_views
 from brainsegfounder.regions import region_channels, region_targets
 from brainsegfounder.splits import few_shot_subsets, held_out_split, pretraining_split
-from shared.augment import PIPELINES
+from shared.augment import PIPELINES, BatchAugmentation
 from shared.dataset import read_split_file
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
@@ -133,7 +133,7 @@ def test_segmentation_draw_reads_the_cache_and_centres_the_last_patch_on_tumour(
     # the image patch is the cached z-scored volume: channel FLAIR of some case, somewhere
     volumes = [np.load(c.image) for c in seg]
     assert any(np.isin(batch["image"][0, 1].numpy(), v[0]).mean() > 0.99 for v in volumes)
-    augmented = SegAugment(pipeline, (32, 32, 32))(batch)
+    augmented = BatchAugmentation(pipeline, (32, 32, 32))(batch)
     targets = region_channels(augmented["label"], "brats", (1, 2, 3))
     expected = np.stack([region_targets(lab, (1, 2, 3)) for lab in augmented["label"].numpy()])
     assert targets.shape == (3, 3, 32, 32, 32) and np.array_equal(targets.numpy(), expected)
