@@ -236,6 +236,11 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     batches = training_batches(draw, seed=seed, rank=dist_info.rank, start=start, stop=stop, workers=workers,
                                device=device, augment=BatchAugmentation(pipeline, tuple(args.patch)))  # fmt: skip
     total, summed, t0, final = 0.0, 0, time.time(), {}
+
+    def result(final: dict, best: dict) -> dict:
+        return {"fraction": fraction, "repeat": repeat, "train_cases": subset, "final": final,
+                "best": best if best["mean"] >= 0 else {}}  # fmt: skip
+
     record = {"channels": args.channels, "target": args.target, "patch": list(args.patch),
               "brats_labels": list(values) if values else None}  # fmt: skip
 
@@ -249,7 +254,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
         y = region_channels(batch["label"], args.target, values)  # (B, K, *patch) from the augmented labels
         with autocast_context(device, enabled=args.amp):
             loss = loss_fn(forward_model(x).float(), y)
-        check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
+        check_finite_loss(loss, step, checkpoint_path=ckpt_path)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if args.grad_clip > 0:
@@ -277,18 +282,13 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
                        **{f"val_{k}": v for k, v in scores.items()})  # fmt: skip
             total, summed, t0 = 0.0, 0, time.time()
         if done % args.log_every == 0 or done == stop:
-            result = {"fraction": fraction, "repeat": repeat, "train_cases": subset, "final": final,
-                      "best": best if best["mean"] >= 0 else {}}  # fmt: skip
             rng_states = gather_rng_state(rng)
-            if dist_info.is_main:
+            if dist_info.is_main:  # a finished run keeps its result, so a resumed study does not train it again
                 save_run(ckpt_path, kind=SEG_KIND, model=raw_model, cfg=cfg, channels=args.channels,
                          optimizer=optimizer, scaler=scaler, step=done, args=args, rng=rng_states, best=best,
-                         **({"result": result} if done == args.steps else {}),
+                         **({"result": result(final, best)} if done == args.steps else {}),
                          **{k: v for k, v in record.items() if k != "channels"})  # fmt: skip
-    if stop < args.steps:
-        return None
-    return {"fraction": fraction, "repeat": repeat, "train_cases": subset, "final": final,
-            "best": best if best["mean"] >= 0 else {}}  # fmt: skip
+    return result(final, best) if stop == args.steps else None
 
 
 def write_split(path: Path, data_dir, train: list, val: list) -> None:

@@ -222,7 +222,7 @@ def main(argv=None) -> None:
             losses = ssl_loss(rot_logits.float(), views["labels"], z[:n].float(), z[n:].float(),
                               reconstruction.float(), views["targets"], temperature=args.temperature)  # fmt: skip
         loss = losses["loss"]
-        check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
+        check_finite_loss(loss, step, checkpoint_path=ckpt_path)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
         if args.grad_clip > 0:
