@@ -26,6 +26,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.checkpoint import strip_prefix
@@ -63,13 +64,22 @@ class Weights:
     path: str = ""
 
 
+def _numpy_scalar_globals() -> list:
+    """The pickle globals of numpy scalars and dtypes: trainers store metrics such as BSF's `best_acc` as numpy
+    floats. Rebuilding them runs no code from the file, so they are allowed with `weights_only=True`."""
+    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+    dtypes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", [])]
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
+
+
 def _torch_load(path: Path, flag: str, trust_pickle: bool):
     if not path.is_file():
         raise InputError(f"{flag} {path}: file not found.")
     if path.stat().st_size == 0:
         raise InputError(f"{flag} {path}: file is empty.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
+        with torch.serialization.safe_globals(_numpy_scalar_globals()):
+            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
     except pickle.UnpicklingError as err:
         found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
         if not trust_pickle and found:
@@ -193,7 +203,8 @@ def read_weights(path, flag: str = "--init", trust_pickle: bool = False) -> Weig
         keep = {f"swinViT.{k}": v for k, v in state.items() if k.startswith(("patch_embed.", "layers"))}
     else:
         raise InputError(f"{flag} {path}: no SwinUNETR encoder weights found (no swinViT.*, patch_embed.* or "
-                         "layers* keys).")  # fmt: skip
+                         "layers* keys); pass a brainsegfounder run checkpoint, Swin-UNETR's model_swinvit.pt or a "
+                         "SwinUNETR / SSLHead state dict.")  # fmt: skip
     kept = set(keep) if fmt != "tang_ssl" else {k[len("swinViT.") :] for k in keep}
     ignored = sorted(k for k in state if k not in kept)
     # Swin-UNETR's released encoder names the MLP layers fc1/fc2, MONAI's MLPBlock linear1/linear2

@@ -104,7 +104,8 @@ def test_bsf_ssl_head_and_whole_swinunetr_files(tmp_path):
     assert weights.legacy_merging is None and resolve_legacy_merging(weights, None)[0] is True  # released weights
 
     model = SwinUNETR(4, 3, feature_size=24, num_heads=(2, 4, 8, 16), window_size=3)
-    torch.save({"epoch": 5, "best_acc": 0.9, "state_dict": model.state_dict()}, tmp_path / "model.pt")  # BSF layout
+    # BSF's trainer layout, best_acc a numpy float (allowed: rebuilding a numpy scalar runs no code)
+    torch.save({"epoch": 5, "best_acc": np.float64(0.9), "state_dict": model.state_dict()}, tmp_path / "model.pt")
     weights = read_weights(tmp_path / "model.pt", flag="--model")
     assert weights.format == "swinunetr" and weights.out_channels == 3 and weights.in_channels == 4
     assert weights.arch == {"feature_size": 24, "depths": [2, 2, 2, 2], "num_heads": [2, 4, 8, 16], "window_size": 3}
