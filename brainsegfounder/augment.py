@@ -2,7 +2,8 @@
 
 Two views per crop: each is rotated by a random multiple of 90 degrees (the rotation label), then an inner
 cutout fills random boxes with noise, and with probability (N-1)/N an outer cutout pastes boxes of another
-crop of the batch. Randomness: a numpy Generator for the discrete draws, torch's global RNG for the noise.
+crop of the batch. Every random quantity (rotations, boxes, partners and the noise) comes from one numpy
+Generator, so the views of a training step are a function of that step's Generator alone.
 """
 
 import numpy as np
@@ -48,11 +49,12 @@ def cutout_boxes(shape, rng, max_fraction: float = 0.3, max_side: float = 0.25, 
     return boxes
 
 
-def inner_cutout(x: torch.Tensor, boxes) -> torch.Tensor:
+def inner_cutout(x: torch.Tensor, boxes, rng: np.random.Generator) -> torch.Tensor:
     """Fill each box of a (C, D, H, W) volume with Gaussian noise min-max scaled to [0, 1] (a new tensor)."""
     x = x.clone()
     for (d0, d1), (h0, h1), (w0, w1) in boxes:
-        noise = torch.randn((x.shape[0], d1 - d0, h1 - h0, w1 - w0), dtype=x.dtype, device=x.device)
+        noise = torch.from_numpy(rng.standard_normal((x.shape[0], d1 - d0, h1 - h0, w1 - w0), dtype=np.float32))
+        noise = noise.to(device=x.device, dtype=x.dtype)
         x[:, d0:d1, h0:h1, w0:w1] = (noise - noise.min()) / (noise.max() - noise.min()).clamp_min(1e-12)
     return x
 
@@ -77,7 +79,7 @@ def cutout_views(x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
     out = x.detach().clone()
     spatial = tuple(x.shape[2:])
     for i in range(out.shape[0]):
-        out[i] = inner_cutout(out[i], cutout_boxes(spatial, rng))
+        out[i] = inner_cutout(out[i], cutout_boxes(spatial, rng), rng)
         partner = int(rng.integers(0, out.shape[0]))
         if partner != i:
             out[i] = outer_cutout(out[i], out[partner], cutout_boxes(spatial, rng))

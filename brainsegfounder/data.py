@@ -1,66 +1,32 @@
-"""Data for the three stages: multi-channel volumes from nnU-Net raw folders, intensity scaling, crops, targets.
+"""Data for the three stages on the shared engine: one preprocessed cache per dataset, patches read from its
+memory maps, and the whole batch of training step t drawn from that step's Generator alone.
 
 Channels are chosen by modality name (`--channels T1 FLAIR`); a name may repeat to feed one modality to
-several input channels (the paper's modality-restriction experiment). Volumes are read once and kept in
-memory (the demo and small studies); UK-Biobank-scale pretraining would stream them instead.
+several input channels (the paper's modality-restriction experiment): the cache stores each modality once and
+the patch reader repeats it. No loop holds a dataset in memory: training reads patches, validation one
+cached volume at a time.
 """
 
-import math
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from shared.dataset import canonical_modality, kfold_splits, list_cases, load_case
+from brainsegfounder.augment import two_views
+from brainsegfounder.regions import region_targets
+from shared.augment import sample_params
+from shared.cache import CachedCase, Preprocessing, build_cache
+from shared.dataset import canonical_modality, load_case
 from shared.errors import InputError
-from shared.metrics import brats_regions
-from shared.transforms import random_flip, sample_patch, scale_shift_intensity, zscore
+from shared.sampling import forced_foreground, patch_start, random_start, read_region
+from shared.transforms import normalise_intensity
 
-
-def scale_intensity(image: np.ndarray, mode: str) -> np.ndarray:
-    """Per-channel intensity scaling of a (C, X, Y, Z) volume.
-
-    Modes: "percentile" maps 0 -> 0 and the 99.5th percentile of the non-zero voxels -> 1, clipped to [0, 1]
-    (our SSL default: the inner-cutout noise lives in [0, 1]); "ct" is the official SSL scaling, CT window
-    -1000..1000 -> 0..1 applied to MRI as it is (MRI 0 -> 0.5); "zscore" is the fine-tuning normalisation
-    (mean/std of the brain, voxels outside it set to 0).
-    """
-    image = np.asarray(image, dtype=np.float32)
-    if mode == "zscore":
-        return zscore(image, mask=np.any(image != 0, axis=0))
-    if mode == "ct":
-        return np.clip((image + 1000.0) / 2000.0, 0.0, 1.0)
-    if mode != "percentile":
-        raise InputError(f"--intensity {mode!r} is not one of percentile, ct, zscore.")
-    out = np.empty_like(image)
-    for c, channel in enumerate(image):
-        nonzero = channel[channel != 0]
-        top = float(np.percentile(nonzero, 99.5)) if nonzero.size else 1.0
-        out[c] = np.clip(channel / max(top, 1e-8), 0.0, 1.0)
-    return out
-
-
-def load_channels(case, channels, intensity: str) -> tuple:
-    """A case's (C, X, Y, Z) float32 image in `channels` order (repeats allowed), scaled; its (X, Y, Z) label or
-    None; and the `Volume` of its first channel (grid, affine and header for writing predictions)."""
-    unique = list(dict.fromkeys(channels))
-    missing = [m for m in unique if m not in case.images or case.images[m] is None]
-    if missing:
-        raise InputError(f"case {case.case_id} of {case.dataset} has no {missing} channel (has "
-                         f"{[m for m, p in case.images.items() if p is not None]}); check --channels.")  # fmt: skip
-    image, label, reference, present = load_case(case, modalities=unique)
-    image = scale_intensity(image, intensity)
-    return image[[present.index(m) for m in channels]], label, reference
-
-
-def segmentation_target(label: np.ndarray, target: str, brats_labels=(1, 2, 3)) -> np.ndarray:
-    """Multi-label target (K, X, Y, Z) float32: BraTS [TC, WT, ET] (K=3) or a binary lesion label > 0 (K=1)."""
-    if target == "brats":
-        necrosis, edema, enhancing = brats_labels
-        regions = brats_regions(label, necrosis=necrosis, edema=edema, enhancing=enhancing)
-        return np.stack([regions["TC"], regions["WT"], regions["ET"]]).astype(np.float32)
-    if target == "binary":
-        return (label > 0)[None].astype(np.float32)
-    raise InputError(f"--target {target!r} is not one of brats, binary.")
+# --intensity of the SSL stages -> the cache's normalisation. percentile: 0 -> 0, the 99.5th percentile of the
+# non-zero voxels -> 1, clipped (our SSL default: the inner-cutout noise lives in [0, 1]); ct: the official SSL
+# scaling, a CT window -1000..1000 -> 0..1 applied to MRI as it is (MRI 0 -> 0.5); zscore: per channel inside
+# the brain (any channel non-zero), 0 outside, as MONAI's NormalizeIntensity(nonzero=True) of BSF fine-tuning.
+INTENSITY = {"percentile": "percentile", "ct": "ct", "zscore": "zscore_nonzero"}
+FOREGROUND_FRACTION = 0.33  # nnU-Net: the last third of each batch is centred on a tumour voxel
 
 
 def parse_channels(names) -> list[str]:
@@ -68,65 +34,117 @@ def parse_channels(names) -> list[str]:
     return [canonical_modality(n) for n in names]
 
 
-def unlabeled_cases(data_dirs, channels) -> list:
-    """Every case (imagesTr and imagesTs) of the given datasets that has all `channels`, for pretraining."""
-    cases = []
-    for root in data_dirs:
-        for split in ("Tr", "Ts"):
-            try:
-                listed = list_cases(root, split)
-            except InputError:
-                if split == "Ts":  # imagesTs is optional
-                    continue
-                raise
-            cases += [c for c in listed if all(c.images.get(m) is not None for m in channels)]
-    if not cases:
-        raise InputError(f"--data {list(map(str, data_dirs))} holds no case with all channels {list(channels)}.")
-    return cases
+def preprocessing(channels, intensity: str) -> Preprocessing:
+    """The cache parameters of a stage: each modality of `channels` once, native grid, `intensity` scaling,
+    label values kept (fine-tuning derives its targets from them at batch time)."""
+    return Preprocessing(modalities=tuple(dict.fromkeys(channels)), normalise=INTENSITY[intensity], labels="keep")
 
 
-def split_labeled(data_dir, fold: int, folds: int) -> tuple[list, list]:
-    """(train, validation) labelled cases of one dataset by the deterministic k-fold split; fold -1: all train."""
-    cases = [c for c in list_cases(data_dir, "Tr") if c.label is not None]
-    if len(cases) < 2:
-        raise InputError(f"--data {data_dir} has {len(cases)} labelled case(s); fine-tuning needs at least 2.")
-    if fold == -1:
-        return cases, []
-    if not 0 <= fold < folds or folds > len(cases):
-        raise InputError(f"--fold {fold} / --folds {folds} do not fit {len(cases)} labelled cases.")
-    val_ids = set(kfold_splits([c.case_id for c in cases], k=folds)[fold][1])
-    return [c for c in cases if c.case_id not in val_ids], [c for c in cases if c.case_id in val_ids]
+def cache_cases(root, prep: Preprocessing, case_ids, *, split: str = "Tr", cache_root=None, processes: int = 1):
+    """The `CachedCase` entries of `case_ids`, preprocessing those not cached yet (progress bar)."""
+    if not case_ids:
+        return []
+    return build_cache(root, prep, case_ids=case_ids, split=split, cache_root=cache_root, processes=processes)
 
 
-def few_shot_subset(cases: list, fraction: float, seed: int) -> list:
-    """ceil(fraction * N) training cases drawn without replacement with a fixed seed (one per repeat)."""
-    if not 0.0 < fraction <= 1.0:
-        raise InputError(f"--train-fraction must lie in (0, 1], got {fraction}.")
-    n = max(1, math.ceil(fraction * len(cases)))
-    picked = np.random.default_rng(seed).choice(len(cases), size=n, replace=False)
-    return [cases[i] for i in sorted(picked)]
+def channel_positions(case: CachedCase, channels) -> tuple:
+    """Index of each of `channels` (repeats allowed) among the cached channels of `case`."""
+    return tuple(case.channels.index(m) for m in channels)
 
 
-def ssl_batch(volumes: list, batch_size: int, crops: int, patch, rng: np.random.Generator) -> torch.Tensor:
-    """`batch_size` random volumes x `crops` random crops each -> (batch_size * crops, C, *patch) float32."""
-    picks = rng.integers(0, len(volumes), size=batch_size)
-    out = [sample_patch(volumes[i], None, patch, rng)[0] for i in picks for _ in range(crops)]
-    return torch.from_numpy(np.stack(out))
+def read_volume(case: CachedCase, channels) -> tuple[np.ndarray, np.ndarray | None]:
+    """One cached volume in memory, for validation: image (C, X, Y, Z) float32 in `channels` order, label or None."""
+    image = np.ascontiguousarray(case.open_image()[list(channel_positions(case, channels))], dtype=np.float32)
+    label = np.asarray(case.open_label()) if case.label is not None else None
+    return image, label
 
 
-def segmentation_batch(samples: list, batch_size: int, patch, rng: np.random.Generator, target: str,
-                       fg_prob: float = 0.33, brats_labels=(1, 2, 3)) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """Random (image, label) crops with flips and intensity scale/shift (the BSF fine-tuning augmentation).
+def load_image(case, channels):
+    """An image to segment (a `shared.dataset.Case`), preprocessed as the fine-tuning cache: (C, X, Y, Z) in
+    `channels` order and the `Volume` of its first channel (grid, affine and header of the prediction)."""
+    unique = list(dict.fromkeys(channels))
+    image, _, reference, present = load_case(case, modalities=unique, check_labels=False)
+    image = normalise_intensity(image, INTENSITY["zscore"])
+    return image[[present.index(m) for m in channels]], reference
 
-    Args:
-        samples: list of (image (C, X, Y, Z), label (X, Y, Z)).
-    Returns:
-        x (B, C, *patch) float32, y (B, K, *patch) float32 multi-label target.
+
+@dataclass(frozen=True)
+class SSLDraw:
+    """One pretraining batch from a step's Generator: `batch_size` random volumes x `crops` random crops each,
+    then the two rotated and cut-out views of every crop (`brainsegfounder.augment.two_views`).
+
+    A module-level callable so that loader workers can run it (it holds paths and small tuples only).
     """
-    xs, ys = [], []
-    for i in rng.integers(0, len(samples), size=batch_size):
-        image, label, _ = sample_patch(*samples[i], patch, rng, fg_prob=fg_prob)
-        image, label = random_flip(image, label, rng)
-        xs.append(scale_shift_intensity(image, rng))
-        ys.append(segmentation_target(label, target, brats_labels))
-    return torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+    cases: tuple  # CachedCase of the training volumes
+    channels: tuple  # modality of each input channel
+    batch_size: int
+    crops: int
+    patch: tuple
+
+    def __call__(self, rng: np.random.Generator) -> dict:
+        picks = rng.integers(0, len(self.cases), size=self.batch_size)
+        out = []
+        for i in picks:
+            case = self.cases[int(i)]
+            image = case.open_image()
+            for _ in range(self.crops):
+                start = random_start(case.shape, self.patch, self.patch, rng)
+                out.append(read_region(image, start, self.patch, channels=channel_positions(case, self.channels)))
+        return two_views(torch.from_numpy(np.stack(out)), rng)  # (2N, C, *patch) inputs and targets, (2N,) labels
+
+
+def ssl_validation_views(case: CachedCase, channels, patch, crops: int, rng: np.random.Generator) -> dict:
+    """The views of `crops` random crops of one validation volume (fixed by `rng`), as `SSLDraw` makes them."""
+    image = case.open_image()
+    positions = channel_positions(case, channels)
+    out = [read_region(image, random_start(case.shape, patch, patch, rng), patch, channels=positions)
+           for _ in range(crops)]  # fmt: skip
+    return two_views(torch.from_numpy(np.stack(out)), rng)
+
+
+@dataclass(frozen=True)
+class SegDraw:
+    """One fine-tuning batch from a step's Generator: which cases, where each patch starts (nnU-Net placement:
+    the last third of the batch centred on a stored foreground voxel), the image and label patches of the
+    augmentation's read size, and the augmentation parameters (`shared.augment.sample_params`).
+
+    The label keeps its values; `brainsegfounder.regions.region_channels` turns it into the targets after the
+    augmentation, so the regions never depend on how labels are resampled.
+    """
+
+    cases: tuple  # CachedCase of the training subset
+    channels: tuple
+    batch_size: int
+    patch: tuple  # final patch
+    read_size: tuple  # shared.augment.initial_patch_size(patch, pipeline)
+    pipeline: object  # shared.augment.AugmentationPipeline of the fine-tuning
+
+    def __call__(self, rng: np.random.Generator) -> dict:
+        picks = rng.integers(0, len(self.cases), size=self.batch_size)
+        images, labels = [], []
+        for b, i in enumerate(picks):
+            case = self.cases[int(i)]
+            foreground = forced_foreground(b, self.batch_size, FOREGROUND_FRACTION)
+            start = patch_start(case, self.read_size, self.patch, rng, foreground=foreground)
+            images.append(read_region(case.open_image(), start, self.read_size,
+                                      channels=channel_positions(case, self.channels)))  # fmt: skip
+            # nnU-Net pads labels with -1 outside the volume; the augmentation turns -1 into background
+            labels.append(read_region(case.open_label(), start, self.read_size, fill=-1, dtype=np.int16))
+        return {
+            "image": torch.from_numpy(np.stack(images)),  # (B, C, *read_size) float32
+            "label": torch.from_numpy(np.stack(labels)).long(),  # (B, *read_size) label values, -1 outside
+            "aug": sample_params(self.pipeline, self.batch_size, len(self.channels), rng),
+        }
+
+
+def segmentation_target(label: np.ndarray, target: str, brats_labels=None) -> np.ndarray:
+    """Multi-label target (K, X, Y, Z) float32: BraTS [TC, WT, ET] of the (necrosis, edema, enhancing) values
+    `brats_labels` (K=3, see `brainsegfounder.regions`), or a binary lesion label > 0 (K=1)."""
+    if target == "brats":
+        if brats_labels is None:
+            raise ValueError("a brats target needs the (necrosis, edema, enhancing) label values.")
+        return region_targets(label, brats_labels)
+    if target == "binary":
+        return (label > 0)[None].astype(np.float32)
+    raise InputError(f"--target {target!r} is not one of brats, binary.")

@@ -3,16 +3,27 @@
     python -m brainsegfounder.evaluate --pred preds/ --gt DATASET_DIR/labelsTr --task brats --out eval.csv
     python -m brainsegfounder.evaluate --pred preds/ --gt ATLAS/labelsTr --task atlas --out eval.csv
 
-brats: Dice of the TC/WT/ET regions (paper Table 4). atlas: Dice, lesion-wise F1, simple lesion count
-difference and volume difference (paper Table 6, ATLAS v2.0 challenge; 6-connected lesions as the official
-scoring's `scipy.ndimage.label`). The per-case numbers come from `shared.evaluate`; this prints the table
-and writes the per-case CSV and `<stem>_summary.csv`.
+brats: Dice of the TC/WT/ET regions (paper Table 4). Which label values are necrosis, edema and enhancing
+tumour comes from the label names of the dataset.json beside a labelsTr/labelsTs `--gt` folder (nnU-Net's
+BraTS conversion: edema 1, necrosis 2, enhancing 3), or from `--brats-labels`; without either the command
+refuses, as it does when a file holds a label value that is none of the three.
+atlas: Dice, lesion-wise F1, simple lesion count difference and volume difference (paper Table 6, ATLAS v2.0
+challenge; 6-connected lesions as the official scoring's `scipy.ndimage.label`).
+
+The predicted cases are scored (`--gt` may be a whole labelsTr folder), or those of `--cases` / `--split FILE`
+(a run's split.json, or nnU-Net's splits_final.json with `--fold`). The per-case numbers come from
+`shared.evaluate`; this prints the table and writes the per-case CSV (columns `case`, `class`, `dice`, ...)
+and `<stem>_summary.csv`.
 """
 
-import argparse
+from pathlib import Path
 
+from brainsegfounder.regions import HINT, dataset_beside, describe, labels_from_dataset
+from shared import cli
 from shared.cli import run_cli
+from shared.errors import InputError
 from shared.evaluate import evaluate_folders, summary_path, write_csv_atomic
+from shared.inputs import add_subset_args, selected_cases
 
 COLUMNS = {
     "brats": ("dice",),
@@ -20,11 +31,27 @@ COLUMNS = {
 }
 
 
-def evaluate(pred_dir, gt_dir, task: str, brats_labels=(1, 2, 3)) -> tuple[list, list]:
-    """Per-case rows and per-class summary of a prediction folder for `task` ("brats" or "atlas")."""
+def brats_values(gt_dir, explicit=None) -> tuple[tuple[int, int, int], str]:
+    """(necrosis, edema, enhancing) for scoring `gt_dir`, and their source: --brats-labels, or the names in the
+    dataset.json beside a labelsTr/labelsTs folder; refuses in one sentence when neither is there."""
+    root = dataset_beside(gt_dir)
+    if root is not None:
+        return labels_from_dataset(root, explicit)
+    if explicit is not None:
+        return tuple(int(v) for v in explicit), "--brats-labels"
+    raise InputError(f"--gt {gt_dir} is not the labelsTr/labelsTs folder of a dataset with a dataset.json naming "
+                     f"its labels; {HINT}.")  # fmt: skip
+
+
+def evaluate(pred_dir, gt_dir, task: str, brats_labels=None, cases=None) -> tuple[list, list]:
+    """Per-case rows and per-class summary of a prediction folder for `task` ("brats" or "atlas").
+
+    For "brats", `brats_labels` are the (necrosis, edema, enhancing) values (see `brats_values`); a label value
+    that is none of them is refused by `shared.evaluate`. `cases`: only these (None: every predicted case).
+    """
     if task == "brats":
-        return evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=tuple(brats_labels))
-    return evaluate_folders(pred_dir, gt_dir, connectivity=6)
+        return evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=tuple(brats_labels), cases=cases)
+    return evaluate_folders(pred_dir, gt_dir, connectivity=6, cases=cases)
 
 
 def format_table(summary: list, task: str) -> str:
@@ -38,15 +65,26 @@ def format_table(summary: list, task: str) -> str:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pred", required=True, help="folder of predicted label maps CASE.nii.gz")
-    parser.add_argument("--gt", required=True, help="folder of reference label maps with the same case names")
+    parser = cli.make_parser(__doc__, prog="python -m brainsegfounder.evaluate")
+    parser.add_argument("--pred", required=True, help="folder of predicted label maps CASE.nii.gz (each is scored)")
+    parser.add_argument("--gt", required=True, help="folder of reference label maps, e.g. a dataset's labelsTr "
+                        "(its dataset.json names the BraTS labels)")  # fmt: skip
     parser.add_argument("--task", choices=sorted(COLUMNS), default="brats", help="which paper table's metrics")
-    parser.add_argument("--brats-labels", type=int, nargs=3, default=(1, 2, 3), metavar=("NECROSIS", "EDEMA", "ENH"),
-                        help="label values of the BraTS classes in both folders (BraTS 2021 files: 1 2 4)")  # fmt: skip
+    parser.add_argument("--brats-labels", type=cli.positive_int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENH"),
+                        help="label values of the BraTS classes in both folders, overriding the dataset.json "
+                        "names (BraTS 2021 files: 1 2 4; nnU-Net's conversion: 2 1 3)")  # fmt: skip
+    add_subset_args(parser)
     parser.add_argument("--out", required=True, help="per-case CSV; the summary goes to <stem>_summary.csv")
     args = parser.parse_args(argv)
-    rows, summary = evaluate(args.pred, args.gt, args.task, args.brats_labels)
+    cli.check_output_file(args.out, "--out", suffixes=(".csv",))
+    gt = Path(args.gt)
+    dataset = gt.resolve().parent.name if dataset_beside(gt) is not None else None
+    cases = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=dataset)
+    values = None
+    if args.task == "brats":
+        values, source = brats_values(args.gt, args.brats_labels)
+        print(describe(values, source))
+    rows, summary = evaluate(args.pred, args.gt, args.task, values, cases=cases)
     write_csv_atomic(args.out, rows)
     write_csv_atomic(summary_path(args.out), summary)
     print(format_table(summary, args.task))

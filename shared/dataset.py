@@ -322,3 +322,74 @@ def split_dataset(root, fold: int, folds: int, seed: int = 12345) -> dict:
         raise InputError(f"{root}: {len(ids)} labelled cases cannot be split into --folds {folds}.")
     train, val = kfold_splits(ids, k=folds, seed=seed)[fold]
     return {"train": list(train), "val": list(val)}
+
+
+def _entry_case_id(entry: dict, known: set, where: str) -> str:
+    """Case id of one BSF / MONAI fold-list entry ({"fold", "image": [paths], "label": path}) among `known` ids.
+
+    The paths are the original BraTS layout (`TrainingData/BraTS2021_00000/BraTS2021_00000_flair.nii.gz`) or an
+    nnU-Net one (`imagesTr/BraTS2021_00000_0000.nii.gz`); the id is the first of the parent folder name, the file
+    name without its ending, without a `_seg` / modality / `_XXXX` suffix, that is a case of the dataset.
+    """
+    paths = [entry.get("label")] + list(entry.get("image") or [])
+    for path in (p for p in paths if isinstance(p, str)):
+        name = Path(path).name
+        stem = name[: -len(".nii.gz")] if name.endswith(".nii.gz") else Path(name).stem
+        candidates = [Path(path).parent.name, stem, re.sub(r"_(\d{4}|seg|flair|t1ce|t1|t2)$", "", stem)]
+        for candidate in candidates:
+            if candidate in known:
+                return candidate
+    raise InputError(f"{where}: entry {entry!r} names no case of the dataset.")
+
+
+def read_split_file(path, case_ids, fold: int | None = None) -> dict:
+    """{"train": ids, "val": ids} from a split file, checked against the dataset's `case_ids`.
+
+    Accepted layouts:
+    - nnU-Net's `splits_final.json`: a list of {"train": [...], "val": [...]}, one per fold (`fold` picks one);
+    - BrainSegFounder's / MONAI's `brats21_folds.json`: {"training": [{"fold": k, "image": [...], "label": ...}]}
+      (or that list alone): the entries of fold `fold` are the validation cases, the others the training cases;
+    - a plain split: {"train": [...], "val": [...]}, or the `split.json` of a run, {dataset name: that}
+      (one dataset only; `fold` is not used).
+
+    Raises InputError naming the file when it is unreadable, the fold is out of range, an id is not a case of the
+    dataset, or a case is in both lists.
+    """
+    path = Path(path)
+    try:
+        content = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{path}: not a readable JSON split file ({err}).") from err
+    known = {str(c) for c in case_ids}
+    if isinstance(content, dict) and "training" in content:
+        content = content["training"]
+    if isinstance(content, dict) and len(content) == 1 and isinstance(next(iter(content.values())), dict):
+        content = next(iter(content.values()))  # a run's split.json: {dataset name: {"train", "val"}}
+    if isinstance(content, list) and content and all(isinstance(e, dict) and "fold" in e for e in content):
+        if fold is None or fold < 0:
+            raise InputError(f"{path}: a fold list needs a --fold to hold out, got {fold}.")
+        folds = sorted({int(e["fold"]) for e in content})
+        if fold not in folds:
+            raise InputError(f"{path}: no entry has fold {fold} (folds: {folds}).")
+        ids = [(_entry_case_id(e, known, str(path)), int(e["fold"]) == fold) for e in content]
+        split = {"train": [c for c, v in ids if not v], "val": [c for c, v in ids if v]}
+    elif isinstance(content, list) and content and all(isinstance(e, dict) and "train" in e for e in content):
+        if fold is None or not 0 <= fold < len(content):
+            raise InputError(f"{path}: holds {len(content)} folds, so --fold must lie in [0, {len(content)}), "
+                             f"got {fold}.")  # fmt: skip
+        split = {"train": list(content[fold]["train"]), "val": list(content[fold].get("val", []))}
+    elif isinstance(content, dict) and "train" in content:
+        split = {"train": list(content["train"]), "val": list(content.get("val", []))}
+    else:
+        raise InputError(f"{path}: not a split file (expected nnU-Net's splits_final.json, a BrainSegFounder fold "
+                         'list or {"train": [...], "val": [...]}).')  # fmt: skip
+    split = {k: [str(c) for c in v] for k, v in split.items()}
+    unknown = sorted((set(split["train"]) | set(split["val"])) - known)
+    if unknown:
+        raise InputError(f"{path}: case id(s) {unknown[:5]} are not cases of the dataset.")
+    both = sorted(set(split["train"]) & set(split["val"]))
+    if both:
+        raise InputError(f"{path}: case id(s) {both[:5]} are in both the training and the validation list.")
+    if not split["train"]:
+        raise InputError(f"{path}: the training list of fold {fold} is empty.")
+    return {"train": sorted(split["train"]), "val": sorted(split["val"])}

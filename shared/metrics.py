@@ -7,6 +7,7 @@ Empty masks never give NaN: each function states what it returns when pred and/o
 of per-case numbers can always be averaged.
 """
 
+import re
 from collections import defaultdict
 
 import numpy as np
@@ -186,10 +187,15 @@ def cscore(dsc, ppv, ltpr, lfpr, corr, corr_weight: float = 1 / 4):
 def brats_regions(label, necrosis: int = 1, edema: int = 2, enhancing: int = 3) -> dict:
     """BraTS evaluation regions from a label map.
 
+    The label values differ between distributions, and no default fits them all: the BraTS 2021 files use
+    necrosis=1, edema=2, enhancing=4; nnU-Net's conversion of them (Dataset137_BraTS2021, and the MSD Task01
+    brain tumours) uses edema=1, necrosis=2, enhancing=3. The defaults (1, 2, 3) are the order of the demo
+    phantoms only. Derive the values from the dataset.json label names with `brats_labels_from_names`.
+
     Args:
         label: integer label map of any shape.
-        necrosis, edema, enhancing: label values of the necrotic core, edema and enhancing tumour (BraTS 2021
-            files use enhancing=4; nnU-Net's converted datasets use 3).
+        necrosis, edema, enhancing: label values of the necrotic / non-enhancing core, the edema and the
+            enhancing tumour.
 
     Returns:
         {"TC": necrosis|enhancing, "WT": necrosis|edema|enhancing, "ET": enhancing} boolean masks.
@@ -200,6 +206,68 @@ def brats_regions(label, necrosis: int = 1, edema: int = 2, enhancing: int = 3) 
         "WT": np.isin(label, (necrosis, edema, enhancing)),
         "ET": label == enhancing,
     }
+
+
+def _brats_name_kind(name: str) -> str | None:
+    """What a dataset.json label name denotes: a tumour class, a BraTS region, or None (background, other)."""
+    words = " " + re.sub(r"[^a-z0-9]+", " ", str(name).lower()).strip() + " "
+    if any(key in words for key in (" whole tumo", " wt ")):
+        return "WT"
+    if any(key in words for key in (" tumor core ", " tumour core ", " tc ")):
+        return "TC"
+    # "non-enhancing" contains "enhancing": test the necrotic core first
+    if any(key in words for key in ("non enhanc", "nonenhanc", "necro", " ncr ", " net ")):
+        return "necrosis"
+    if "enhanc" in words or " et " in words:
+        return "enhancing"
+    if any(key in words for key in ("edema", "oedema", " ed ")):
+        return "edema"
+    return None
+
+
+def brats_labels_from_names(labels: dict) -> tuple[tuple[int, int, int] | None, str]:
+    """(necrosis, edema, enhancing) label values from the `labels` of a dataset.json, or None and why not.
+
+    Two layouts are understood:
+    - one name per tumour class, e.g. {"edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3} (nnU-Net's
+      MSD Task01) or {"necrosis": 1, "edema": 2, "enhancing": 3}. Spellings: edema/oedema/ED; necrosis/necrotic/
+      non-enhancing/NCR/NET; enhancing/ET.
+    - nnU-Net region labels, e.g. {"whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": [3]}
+      (Dataset137_BraTS2021): enhancing = ET, necrosis = TC minus ET, edema = WT minus TC.
+
+    Returns:
+        ((necrosis, edema, enhancing), "") when the names determine three distinct positive values, else
+        (None, a clause saying what is missing or ambiguous), for the caller's one-sentence refusal.
+    """
+    found: dict = {}
+    for name, value in labels.items():
+        kind = _brats_name_kind(name)
+        if kind is None:
+            continue
+        values = tuple(sorted({int(v) for v in value})) if isinstance(value, (list, tuple)) else (int(value),)
+        if kind == "enhancing" and len(values) > 1:
+            return None, f"label {name!r} = {list(values)} is a region of several values, expected one"
+        if kind in found and found[kind] != values:
+            return None, f"two labels name the {kind} ({list(found[kind])} and {list(values)})"
+        found[kind] = values
+    single = {k: v[0] for k, v in found.items() if k in ("necrosis", "edema", "enhancing") and len(v) == 1}
+    if "enhancing" not in single and "ET" in found and len(found["ET"]) == 1:
+        single["enhancing"] = found["ET"][0]
+    if "necrosis" not in single and "TC" in found and "enhancing" in single:
+        rest = sorted(set(found["TC"]) - {single["enhancing"]})
+        if len(rest) == 1:
+            single["necrosis"] = rest[0]
+    if "edema" not in single and "WT" in found and "TC" in found:
+        rest = sorted(set(found["WT"]) - set(found["TC"]))
+        if len(rest) == 1:
+            single["edema"] = rest[0]
+    missing = [k for k in ("necrosis", "edema", "enhancing") if k not in single]
+    if missing:
+        return None, f"no label names the {' and the '.join(missing)} (labels: {dict(labels)})"
+    values = (single["necrosis"], single["edema"], single["enhancing"])
+    if len(set(values)) != 3 or min(values) < 1:
+        return None, f"the names give necrosis, edema, enhancing = {values}, not three distinct positive values"
+    return values, ""
 
 
 def aggregate_levels(rows, value: str = "dice") -> dict:

@@ -80,7 +80,7 @@ def test_cutout_boxes_by_hand():
 def test_inner_and_outer_cutout():
     x = torch.full((2, 4, 4, 4), 5.0)
     box = [((1, 3), (0, 2), (2, 4))]
-    inner = inner_cutout(x, box)
+    inner = inner_cutout(x, box, np.random.default_rng(0))
     region = inner[:, 1:3, 0:2, 2:4]
     assert region.min() == 0 and region.max() == 1  # min-max scaled noise
     inner[:, 1:3, 0:2, 2:4] = 5.0
@@ -107,3 +107,5 @@ def test_two_views_targets_are_the_rotated_crops():
     for row, label in enumerate(views["labels"].tolist()):
         assert torch.equal(views["targets"][row], torch.rot90(x[row % 2], k=label, dims=(2, 3)))
     assert not torch.equal(views["inputs"], views["targets"])  # cutout changed something
+    again = two_views(x, np.random.default_rng(0))  # noise included: the views are a function of the Generator
+    assert all(torch.equal(views[k], again[k]) for k in views)

@@ -129,6 +129,8 @@ def test_brainsegfounder_evaluate_default_is_26(tmp_path):
     pred[7, 0, 0] = gt[7, 0, 0] = 2  # an edema voxel, so the labels hold BraTS classes
     save(tmp_path / "pred" / "c1.nii.gz", pred)
     save(tmp_path / "gt" / "c1.nii.gz", gt)
-    evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--out", str(tmp_path / "e.csv")])
+    # no dataset.json names the labels here, so --brats-labels must (necrosis 1, edema 2, enhancing 3)
+    evaluate.main(["--pred", str(tmp_path / "pred"), "--gt", str(tmp_path / "gt"), "--brats-labels", "1", "2", "3",
+                   "--out", str(tmp_path / "e.csv")])  # fmt: skip
     rows = {row["class"]: row for row in csv.DictReader(open(tmp_path / "e.csv"))}
     assert lesion_numbers(rows["ET"]) == pytest.approx(AT_26)
