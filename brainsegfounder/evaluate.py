@@ -18,10 +18,9 @@ and `<stem>_summary.csv`.
 
 from pathlib import Path
 
-from brainsegfounder.regions import HINT, dataset_beside, describe, labels_from_dataset
 from shared import cli
+from shared.brats import brats_values_for_gt, dataset_beside, describe
 from shared.cli import run_cli
-from shared.errors import InputError
 from shared.evaluate import evaluate_folders, summary_path, write_csv_atomic
 from shared.inputs import add_subset_args, selected_cases
 
@@ -31,23 +30,12 @@ COLUMNS = {
 }
 
 
-def brats_values(gt_dir, explicit=None) -> tuple[tuple[int, int, int], str]:
-    """(necrosis, edema, enhancing) for scoring `gt_dir`, and their source: --brats-labels, or the names in the
-    dataset.json beside a labelsTr/labelsTs folder; refuses in one sentence when neither is there."""
-    root = dataset_beside(gt_dir)
-    if root is not None:
-        return labels_from_dataset(root, explicit)
-    if explicit is not None:
-        return tuple(int(v) for v in explicit), "--brats-labels"
-    raise InputError(f"--gt {gt_dir} is not the labelsTr/labelsTs folder of a dataset with a dataset.json naming "
-                     f"its labels; {HINT}.")  # fmt: skip
-
-
 def evaluate(pred_dir, gt_dir, task: str, brats_labels=None, cases=None) -> tuple[list, list]:
     """Per-case rows and per-class summary of a prediction folder for `task` ("brats" or "atlas").
 
-    For "brats", `brats_labels` are the (necrosis, edema, enhancing) values (see `brats_values`); a label value
-    that is none of them is refused by `shared.evaluate`. `cases`: only these (None: every predicted case).
+    For "brats", `brats_labels` are the (necrosis, edema, enhancing) values (`shared.brats.brats_values_for_gt`);
+    a label value that is none of them is refused by `shared.evaluate`. `cases`: only these (None: every predicted
+    case).
     """
     if task == "brats":
         return evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=tuple(brats_labels), cases=cases)
@@ -82,7 +70,7 @@ def main(argv=None) -> None:
     cases = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=dataset)
     values = None
     if args.task == "brats":
-        values, source = brats_values(args.gt, args.brats_labels)
+        values, source = brats_values_for_gt(args.gt, args.brats_labels)
         print(describe(values, source))
     rows, summary = evaluate(args.pred, args.gt, args.task, values, cases=cases)
     write_csv_atomic(args.out, rows)

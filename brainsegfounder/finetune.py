@@ -46,7 +46,7 @@ from brainsegfounder.data import (
 from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
-from brainsegfounder.regions import REGIONS, describe, labels_from_dataset, region_channels
+from brainsegfounder.regions import REGIONS, region_channels
 from brainsegfounder.splits import few_shot_subsets, held_out_split, run_seed
 from brainsegfounder.train_common import (
     SEG_KIND,
@@ -62,6 +62,7 @@ from brainsegfounder.train_common import (
 from shared import cli
 from shared.atomic import atomic_path
 from shared.augment import PIPELINES, AugmentationPipeline, BatchAugmentation, initial_patch_size
+from shared.brats import describe, labels_from_dataset
 from shared.checkpoint import check_same_run, load_checkpoint, prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
 from shared.errors import InputError

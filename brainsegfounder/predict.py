@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from brainsegfounder.data import load_image
 from brainsegfounder.model import SwinUNETR, SwinUNETRConfig, build_swinunetr
-from brainsegfounder.regions import HINT, describe, labels_from_dataset, regions_to_labels
+from brainsegfounder.regions import regions_to_labels
 from brainsegfounder.train_common import patch_size
 from brainsegfounder.weights import (
     describe_weights,
@@ -35,6 +35,7 @@ from brainsegfounder.weights import (
     segmentation_target,
 )
 from shared import cli
+from shared.brats import HINT, describe, labels_from_dataset
 from shared.cli import run_cli
 from shared.dataset import canonical_modality
 from shared.errors import InputError

@@ -21,6 +21,7 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
+from shared.brats import brats_values_for_gt
 from shared.cli import check_output_file, make_parser, non_negative_int, positive_int, run_cli
 from shared.dataset import declared_label_values, load_dataset_json
 from shared.errors import InputError
@@ -118,7 +119,7 @@ def _check_brats_coding(path, labels: np.ndarray, brats_labels) -> None:
 
 
 def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regions: str | None = None,
-                     brats_labels=(1, 2, 3), cases=None) -> tuple[list, list]:  # fmt: skip
+                     brats_labels=None, cases=None) -> tuple[list, list]:  # fmt: skip
     """Per-case, per-class metrics of a prediction folder against a reference folder, and their summary.
 
     Args:
@@ -128,7 +129,9 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
         connectivity: 6, 18 or 26 neighbours for the lesion-wise metrics.
         regions: "brats" to evaluate the TC/WT/ET regions instead of `labels` (refused on labels that cannot hold
             them, see the module docstring).
-        brats_labels: (necrosis, edema, enhancing) label values used with regions="brats".
+        brats_labels: (necrosis, edema, enhancing) label values used with regions="brats"; None takes them from
+            the label names of the dataset.json beside a labelsTr/labelsTs gt_dir (`shared.brats`), and refuses
+            when there is none or its names do not determine them.
         cases: only these case ids (all must be predicted); None scores every case of pred_dir.
 
     Returns:
@@ -140,7 +143,9 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
         raise InputError(f"regions must be 'brats' or None, got {regions!r}.")
     if connectivity not in (6, 18, 26):
         raise InputError(f"connectivity must be 6, 18 or 26, got {connectivity!r}.")
-    brats_labels = tuple(int(v) for v in brats_labels)
+    if regions == "brats":
+        brats_labels, _ = brats_values_for_gt(gt_dir, brats_labels)
+    brats_labels = tuple(int(v) for v in brats_labels or ())
     if regions == "brats" and (len(set(brats_labels)) != 3 or 0 in brats_labels):
         raise InputError(f"--brats-labels {brats_labels} must be three different non-zero label values.")
     declared = declared_labels(gt_dir)
@@ -238,9 +243,9 @@ def parse_args(argv=None):
     group.add_argument("--labels", type=non_negative_int, nargs="+",
                        help="label values to evaluate one by one (default: all non-zero as one class)")  # fmt: skip
     group.add_argument("--regions", choices=["brats"], help="evaluate BraTS regions TC, WT, ET instead of labels")
-    parser.add_argument("--brats-labels", type=positive_int, nargs=3, default=(1, 2, 3),
-                        metavar=("NECROSIS", "EDEMA", "ENHANCING"),
-                        help="label values of --regions brats (BraTS 2021 files: 1 2 4; nnU-Net: 1 2 3)")  # fmt: skip
+    parser.add_argument("--brats-labels", type=positive_int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENHANCING"),
+                        help="label values of --regions brats (BraTS 2021 files: 1 2 4; nnU-Net's conversion: 2 1 3); "
+                        "default: the label names of the dataset.json beside a labelsTr/labelsTs --gt")  # fmt: skip
     parser.add_argument("--connectivity", type=int, default=26, choices=[6, 18, 26],
                         help="neighbours joining voxels into a lesion")  # fmt: skip
     add_subset_args(parser)
@@ -272,7 +277,7 @@ def main(argv=None) -> None:
         labels=args.labels,
         connectivity=args.connectivity,
         regions=args.regions,
-        brats_labels=tuple(args.brats_labels),
+        brats_labels=args.brats_labels,
         cases=cases,
     )
     write_csv_atomic(args.out, rows)

@@ -174,9 +174,9 @@ def test_labels_in_neither_folder_are_refused(tmp_path):
     assert [r["dice"] for r in rows] == pytest.approx([1.0, 8 / 13, 0.0])
 
 
-def _in_dataset(tmp_path, labels: dict) -> tuple[Path, Path]:
-    """The binary cases with --gt as the labelsTr folder of a dataset declaring `labels`."""
-    pred_dir, gt_dir = write_folders(tmp_path, binary_cases())
+def _in_dataset(tmp_path, labels: dict, cases=None) -> tuple[Path, Path]:
+    """The binary cases (or `cases`) with --gt as the labelsTr folder of a dataset declaring `labels`."""
+    pred_dir, gt_dir = write_folders(tmp_path, binary_cases() if cases is None else cases)
     root = tmp_path / "Dataset001_X"
     write_dataset_json(root, ["FLAIR"], labels, num_training=3)
     gt_dir.rename(root / "labelsTr")
@@ -196,12 +196,32 @@ def test_brats_regions_are_refused_on_binary_labels(tmp_path):
     out = tmp_path / "metrics.csv"
     with pytest.raises(InputError, match=r"^--regions brats: the references in --gt .* hold only the values \[0, 1\], "
                                          r"binary masks that cannot hold the three BraTS classes"):  # fmt: skip
-        main(["--pred", str(pred_dir), "--gt", str(gt_dir), "--regions", "brats", "--out", str(out)])
+        main(["--pred", str(pred_dir), "--gt", str(gt_dir), "--regions", "brats", "--brats-labels", "1", "2", "3",
+              "--out", str(out)])  # fmt: skip
     assert not out.exists()
     pred_dir, gt_dir = _in_dataset(tmp_path / "ds", {"background": 0, "lesion": 1})
-    with pytest.raises(InputError, match=r"dataset\.json declares the labels \[0, 1\], which cannot hold the BraTS "
-                                         r"classes \[1, 2, 3\]\.$"):  # fmt: skip
+    with pytest.raises(InputError, match=r"dataset\.json does not determine the BraTS regions \(no label names the "
+                                         r"necrosis and the edema and the enhancing"):  # fmt: skip
         evaluate_folders(pred_dir, gt_dir, regions="brats")
+    with pytest.raises(InputError, match=r"^--brats-labels \[1, 2, 3\]: .*dataset\.json declares labels \[0, 1\]"):
+        evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=(1, 2, 3))
+
+
+def test_brats_regions_come_from_the_label_names_and_are_never_guessed(tmp_path):
+    """nnU-Net's conversion writes 1 = edema, 2 = non-enhancing, 3 = enhancing: TC = {2, 3}, not {1, 3}."""
+    gt = np.zeros(SHAPE, np.uint8)
+    gt[0:4, 0:4, 0:4] = 1  # edema around
+    gt[1:3, 1:3, 1:3] = 2  # necrosis / non-enhancing core
+    gt[1, 1, 1] = 3  # enhancing
+    pred = np.where(gt == 1, 0, gt).astype(np.uint8)  # the reference minus its edema
+    names = {"background": 0, "edema": 1, "non-enhancing tumor": 2, "enhancing tumour": 3}
+    pred_dir, gt_dir = _in_dataset(tmp_path / "ds", names, {"c1": (gt, pred)})
+    rows, _ = evaluate_folders(pred_dir, gt_dir, regions="brats")
+    dice = {r["class"]: r["dice"] for r in rows}
+    assert dice["TC"] == 1.0 and dice["ET"] == 1.0 and dice["WT"] == pytest.approx(2 * 8 / (8 + 64))
+    plain_pred, plain_gt = write_folders(tmp_path / "plain", {"c1": (gt, pred)})
+    with pytest.raises(InputError, match=r"is not the labelsTr/labelsTs folder of a dataset .*--brats-labels"):
+        evaluate_folders(plain_pred, plain_gt, regions="brats")
 
 
 def test_brats_regions_refuse_values_of_another_coding(tmp_path):
@@ -213,7 +233,7 @@ def test_brats_regions_refuse_values_of_another_coding(tmp_path):
     pred_dir, gt_dir = write_folders(tmp_path, {"b1": (gt, pred)})
     with pytest.raises(InputError, match=rf"^{re.escape(str(gt_dir))}/b1\.nii\.gz: label values \[4\] are not BraTS "
                                          r"classes --brats-labels 1 2 3 \(necrosis, edema, enhancing"):  # fmt: skip
-        evaluate_folders(pred_dir, gt_dir, regions="brats")
+        evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=(1, 2, 3))
     with pytest.raises(InputError, match=rf"^{re.escape(str(pred_dir))}/b1\.nii\.gz: label values \[3\] are not"):
         evaluate_folders(pred_dir, gt_dir, regions="brats", brats_labels=(1, 2, 4))
     save(pred_dir / "b1.nii.gz", gt)
