@@ -103,6 +103,8 @@ def expert_weights(path, modality: str) -> dict:
     except InputError:
         ckpt = None  # not our format (nnU-Net checkpoints pickle numpy scalars): try nnU-Net's
     if ckpt is not None and ckpt.get("kind") == "mome_expert":
+        if ckpt.get("modality") == "all":
+            raise InputError(f"--experts {path} is a universal nnU-Net (--modality all), not the {modality} expert.")
         if ckpt.get("modality") != modality:
             raise InputError(f"--experts {path} is the {ckpt.get('modality')} expert, expected {modality}.")
         return ckpt["model"]

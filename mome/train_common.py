@@ -10,10 +10,11 @@ from pathlib import Path
 import torch
 
 from mome.config import MoMEConfig
-from mome.data import prepare_samples, save_split, split_cases
+from mome.data import prepare_samples, save_split
+from mome.splits import training_split
 from shared.checkpoint import save_checkpoint
 from shared.cli import add_run_args
-from shared.dataset import MODALITIES, canonical_modality
+from shared.dataset import MODALITIES, canonical_modality, declared_label_values, load_dataset_json
 from shared.errors import InputError
 from shared.harness import DistInfo
 
@@ -24,11 +25,14 @@ def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int) 
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
     g.add_argument("--fold", type=int, default=0, help="validation fold held out of training; -1 trains on all cases")
     g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits per dataset")
+    g.add_argument("--split-file", nargs="+", help="fixed splits instead of k-folds: {dataset: {train, test}} "
+                   "files or nnU-Net splits_final.json (its --fold); only the train cases are used")  # fmt: skip
     g.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128), help="training patch size (voxels)")
     g.add_argument("--batch-size", type=int, default=2, help="patches per step and process (nnU-Net plans: 2)")
     g.add_argument("--oversample", type=float, default=0.33, help="fraction of each batch centred on lesion voxels")
     g.add_argument("--no-augment", action="store_true", help="turn off flips/rotations/intensity augmentation")
-    g.add_argument("--keep-labels", action="store_true", help="keep label values instead of lesion = label > 0")
+    g.add_argument("--keep-labels", action="store_true", help="keep label values instead of lesion = label > 0; "
+                   "the seg heads get one class per declared label value (0..max)")  # fmt: skip
     g.add_argument("--modalities", nargs="+", default=list(MODALITIES), help="expert order (modality names)")
     g = parser.add_argument_group("model")
     g.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320, 320], help="UNet stage widths")
@@ -67,12 +71,23 @@ def check_common_args(args) -> None:
         raise InputError(f"--patch {args.patch} must be divisible by 2^{depth} for {len(args.features)} UNet stages.")
 
 
+def num_classes(args) -> int:
+    """Seg-head classes: 2 (background, lesion) as MoME, or with --keep-labels 0..max declared label value."""
+    if not args.keep_labels:
+        return 2
+    values = [v for d in args.data for v in declared_label_values(load_dataset_json(d)["labels"])]
+    if min(values) < 0:
+        raise InputError(f"--keep-labels: negative label values {sorted(set(v for v in values if v < 0))} cannot be "
+                         "seg-head classes.")  # fmt: skip
+    return max(max(values) + 1, 2)
+
+
 def config_from_args(args, **overrides) -> MoMEConfig:
     """The model config these flags describe (experts and gate share the topology)."""
     try:
         return MoMEConfig(modalities=tuple(args.modalities), features=tuple(args.features),
                           strides=(1,) + (2,) * (len(args.features) - 1), checkpointing=args.checkpointing,
-                          **overrides)  # fmt: skip
+                          num_classes=num_classes(args), **overrides)  # fmt: skip
     except ValueError as err:
         raise InputError(f"invalid model flags: {err}") from err
 
@@ -81,10 +96,11 @@ def prepare_data(args, dist_info: DistInfo, only_modality: str | None = None) ->
     """Split the datasets, cache the training samples (rank 0 first), and keep those with an expert.
 
     Args:
-        only_modality: phase 1 keeps the samples of this modality only.
+        only_modality: phase 1 keeps the samples of this modality only; "all" keeps every sample (the
+            universal nnU-Net), whether or not an expert has its modality.
     """
     out = Path(args.out)
-    split = split_cases(args.data, fold=args.fold, folds=args.folds)
+    split = training_split(args.data, args.split_file, fold=args.fold, folds=args.folds)
     train_ids = {name: s["train"] for name, s in split.items()}
     if dist_info.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -94,6 +110,8 @@ def prepare_data(args, dist_info: DistInfo, only_modality: str | None = None) ->
         torch.distributed.barrier()  # the cache is complete before the other ranks read it
     if not dist_info.is_main:
         samples = prepare_samples(args.data, train_ids, args.modalities, out / "cache", binarise=not args.keep_labels)
+    if only_modality == "all":
+        return samples
     unknown = sorted({s.modality for s in samples if s.expert < 0})
     if unknown and dist_info.is_main:
         print(f"skipping samples of modalities without an expert: {unknown} (experts: {args.modalities})")

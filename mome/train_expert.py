@@ -1,9 +1,17 @@
-"""MoME phase 1: train one modality expert alone on the images of its modality (nnU-Net recipe).
+"""MoME phase 1: train one modality expert alone on the images of its modality (nnU-Net recipe); and baselines.
 
     python -m mome.train_expert --modality FLAIR --data DATASET_DIR [...] --out runs/expert_FLAIR
+    python -m mome.train_expert --modality all --data DATASET_DIR [...] --out runs/nnunet          # baseline
+    python -m mome.train_expert --modality FLAIR --data ONE_DATASET --out runs/task_FLAIR         # task-specific
 
 The result `OUT/checkpoint.pt` is one of the `--experts` of `python -m mome.train` (phase 2). An nnU-Net v2
 `checkpoint_final.pth` of a 1-channel PlainConvUNet can be used there instead.
+
+The same recipe gives the paper's nnU-Net baselines (Sec. 3.2), which mome.predict and mome.evaluate take
+like a MoME checkpoint: `--modality all` trains one network on every channel of every dataset, each a
+single-modality sample ("a single nnU-Net trained with the combined training sets", the baseline foundation
+model); with one dataset, `--modality all --data ONE_DATASET` is a dataset-specific nnU-Net, and
+`--modality M --data ONE_DATASET` the paper's task-specific one (a task is one modality of one dataset).
 """
 
 import argparse
@@ -47,12 +55,17 @@ KIND = "mome_expert"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modality", required=True, help="the expert's modality, e.g. T1, T1ce, T2, FLAIR, DWI")
+    parser.add_argument(
+        "--modality",
+        required=True,
+        help="the expert's modality, e.g. T1, T1ce, T2, FLAIR, DWI; "
+        "all: one network on every channel of every dataset (the universal nnU-Net baseline)",
+    )
     add_common_args(parser, lr=1e-2, epochs=1000)
     args = parser.parse_args(argv)
     check_common_args(args)
-    args.modality = canonical_modality(args.modality)
-    if args.modality not in args.modalities:
+    args.modality = "all" if args.modality.lower() == "all" else canonical_modality(args.modality)
+    if args.modality != "all" and args.modality not in args.modalities:
         raise InputError(f"--modality {args.modality} is not one of --modalities {args.modalities}.")
     return args
 
@@ -69,7 +82,8 @@ def main(argv=None) -> None:
 
     samples = prepare_data(args, dist_info, only_modality=args.modality)
     if dist_info.is_main:
-        print(f"phase 1: expert for {args.modality} on {len(samples)} images\n{describe(samples)}")
+        what = "universal nnU-Net (every modality)" if args.modality == "all" else f"expert for {args.modality}"
+        print(f"phase 1: {what} on {len(samples)} images\n{describe(samples)}")
     cfg = config_from_args(args)
     model = build_expert(cfg).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
