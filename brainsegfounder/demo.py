@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from brainsegfounder import finetune, pretrain
-from shared.errors import run_cli
+from shared.cli import run_cli
 from shared.phantom import write_phantom_datasets
 
 # 12/24/48/96 channels, heads 3/6/12/24 (head width 4); 4^3 windows tile the 64^3/32^3 crops without padding

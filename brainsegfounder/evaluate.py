@@ -11,7 +11,7 @@ and writes the per-case CSV and `<stem>_summary.csv`.
 
 import argparse
 
-from shared.errors import run_cli
+from shared.cli import run_cli
 from shared.evaluate import evaluate_folders, summary_path, write_csv_atomic
 
 COLUMNS = {

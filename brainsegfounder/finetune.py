@@ -42,7 +42,8 @@ from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
 from shared.checkpoint import load_checkpoint, restore_run
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

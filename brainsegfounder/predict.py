@@ -19,8 +19,9 @@ from brainsegfounder.common import SEG_KIND
 from brainsegfounder.data import load_channels
 from brainsegfounder.model import SwinUNETR, SwinUNETRConfig, build_swinunetr
 from shared.checkpoint import load_checkpoint
+from shared.cli import run_cli
 from shared.dataset import list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import autocast_context, pick_device
 from shared.nifti import write_nifti
 from shared.sliding_window import sliding_window_inference

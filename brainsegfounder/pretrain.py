@@ -32,7 +32,8 @@ from brainsegfounder.data import load_channels, parse_channels, ssl_batch, unlab
 from brainsegfounder.losses import ssl_loss
 from brainsegfounder.ssl_head import SSLConfig, build_ssl_head
 from shared.checkpoint import restore_run
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

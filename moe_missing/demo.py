@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from moe_missing import evaluate, train
-from shared.errors import run_cli
+from shared.cli import run_cli
 from shared.phantom import write_phantom_datasets
 
 SMALL = ["--features", "8", "16", "32", "64", "--patch", "32", "32", "32", "--batch-size", "2", "--fold", "0",

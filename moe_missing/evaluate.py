@@ -29,7 +29,8 @@ from moe_missing.data import read_case
 from moe_missing.losses import all_codes
 from moe_missing.model import MoEConv3d
 from moe_missing.predict import collect_cases, load_model, predict_image
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
 from shared.metrics import case_metrics, cscore, volume_correlation

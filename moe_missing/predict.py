@@ -23,8 +23,9 @@ from moe_missing.data import TARGET_SPACING, read_case, zscore_patches
 from moe_missing.model import MoEUNet, build_model
 from moe_missing.train import KIND, config_from_checkpoint
 from shared.checkpoint import load_checkpoint
+from shared.cli import run_cli
 from shared.dataset import Case, canonical_modality, list_cases
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.geometry import resample_to_shape, resample_to_spacing
 from shared.harness import autocast_context, pick_device
 from shared.nifti import write_nifti

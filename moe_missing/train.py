@@ -34,9 +34,9 @@ from moe_missing.losses import (
 )
 from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from shared.checkpoint import load_checkpoint, save_checkpoint
-from shared.cli import add_run_args
+from shared.cli import add_run_args, run_cli
 from shared.dataset import canonical_modality, split_dataset
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

@@ -25,8 +25,9 @@ from mome.model import build_mome
 from mome.nnunet_import import load_checked, load_nnunet_mome, read_nnunet_file
 from mome.nnunet_plans import read_plans
 from shared.checkpoint import save_checkpoint
+from shared.cli import run_cli
 from shared.dataset import MODALITIES, canonical_modality
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.geometry import MNI_CROPPED_SHAPE
 
 OFFICIAL_ORDER = MODALITIES  # T1, T1ce, T2, FLAIR, DWI: network1..5 of the official trainer

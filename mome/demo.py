@@ -33,7 +33,8 @@ from pathlib import Path
 
 from mome import evaluate, predict, train, train_expert
 from mome.data import save_split, split_cases
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
 SEEN = ("tumour", "stroke_acute")

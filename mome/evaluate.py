@@ -29,8 +29,9 @@ from mome.labels import binarise, lesion_values
 from mome.predict import load_model
 from mome.splits import held_out, read_split_files
 from mome.usage import expert_usage
+from shared.cli import run_cli
 from shared.dataset import canonical_modality, list_cases, load_dataset_json
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.metrics import aggregate_levels, case_metrics
 from shared.nifti import read_nifti

@@ -25,7 +25,8 @@ from tqdm import tqdm
 from mome.model import build_expert, build_mome
 from mome.train_common import config_from_checkpoint
 from shared.checkpoint import load_checkpoint
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.geometry import crop_or_pad, mni_crop, mni_uncrop, uncrop_or_unpad
 from shared.harness import autocast_context, pick_device
 from shared.nifti import read_nifti, write_nifti

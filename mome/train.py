@@ -31,7 +31,8 @@ from mome.train_common import (
     save_run,
 )
 from shared.checkpoint import load_checkpoint, restore_run
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

@@ -33,8 +33,9 @@ from mome.train_common import (
     save_run,
 )
 from shared.checkpoint import restore_run
+from shared.cli import run_cli
 from shared.dataset import canonical_modality
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

@@ -16,7 +16,8 @@ import torch
 from sam_med3d_moe.model import build_model, load_weights
 from sam_med3d_moe.train_common import config_by_name
 from shared.checkpoint import save_checkpoint, strip_prefix
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 
 
 def parse_args(argv=None):

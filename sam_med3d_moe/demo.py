@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from sam_med3d_moe import evaluate, finetune_expert, train, train_gate
-from shared.errors import run_cli
+from shared.cli import run_cli
 from shared.phantom import write_phantom_datasets
 
 CLICKS = 6

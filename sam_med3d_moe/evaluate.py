@@ -23,7 +23,8 @@ from sam_med3d_moe.data import crop_sample, load_samples
 from sam_med3d_moe.interaction import evaluate_box, evaluate_points
 from sam_med3d_moe.predict import Predictor
 from sam_med3d_moe.train_common import split_cases
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.harness import pick_device
 
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_med3d_moe.common import LayerNorm3d
 from sam_med3d_moe.config import SamConfig
+from sam_med3d_moe.layers import LayerNorm3d
 
 
 class PatchEmbed3D(nn.Module):

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sam_med3d_moe.common import MLP, LayerNorm3d
 from sam_med3d_moe.config import SamConfig
+from sam_med3d_moe.layers import MLP, LayerNorm3d
 
 
 class Attention(nn.Module):

@@ -26,7 +26,8 @@ from sam_med3d_moe.model import build_model, config_from_dict, load_weights, ups
 from sam_med3d_moe.moe import SamMed3DMoE
 from sam_med3d_moe.train_common import KINDS, config_by_name
 from shared.checkpoint import load_checkpoint
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.geometry import from_canonical, resample_to_shape
 from shared.harness import pick_device
 from shared.nifti import read_nifti, write_nifti

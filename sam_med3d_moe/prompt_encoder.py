@@ -13,8 +13,8 @@ import math
 import torch
 from torch import nn
 
-from sam_med3d_moe.common import LayerNorm3d
 from sam_med3d_moe.config import SamConfig
+from sam_med3d_moe.layers import LayerNorm3d
 
 
 class PositionEmbeddingRandom3D(nn.Module):

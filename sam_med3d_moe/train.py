@@ -30,7 +30,8 @@ from sam_med3d_moe.train_common import (
     sam_config_dict,
     save_run,
 )
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
     all_reduce_mean,

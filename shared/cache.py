@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from shared.atomic import atomic_path
+from shared.atomic import atomic_path, remove_stale_temps
 from shared.dataset import canonical_modality, list_cases, load_case, load_dataset_json
 from shared.errors import InputError
 from shared.geometry import resample_to_spacing, to_canonical
@@ -336,13 +336,6 @@ def _build_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _remove_stale_temps(folder: Path) -> None:
-    """Temp files of a build that was killed; called with the lock held, so no live builder owns them."""
-    for path in folder.glob(".tmp_*"):
-        with contextlib.suppress(FileNotFoundError):
-            path.unlink()
-
-
 def _build_one(task) -> str:
     case, prep, folder = task
     write_case(case, prep, folder)
@@ -396,7 +389,7 @@ def build_cache(
     missing = [c for c in cases if entries[c.case_id] is None]
     if missing:
         with _build_lock(folder):
-            _remove_stale_temps(folder)
+            remove_stale_temps(folder, recursive=False)  # a killed build's; no live builder owns them under the lock
             tasks = [(c, prep, folder) for c in missing if read_entry(c, folder) is None]  # others may have built some
             bar = tqdm(total=len(tasks), desc=f"cache {root.name}", disable=not progress or not tasks or None)
             if processes > 1 and len(tasks) > 1:

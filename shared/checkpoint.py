@@ -9,14 +9,29 @@ A training script saves, e.g.::
 and resumes with `load_checkpoint(path, map_location=device, expect_kind="mome")`. Only tensors, numbers,
 strings, None and dicts/lists/tuples of them are accepted, which is exactly what
 `torch.load(..., weights_only=True)` can read back without running arbitrary pickled code.
+
+A training CLI starts or resumes its run folder in one call, before any work::
+
+    ckpt = prepare_run_dir(args.out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
+    ...  # build model, optimizer, scaler
+    if ckpt is not None:
+        start = restore_run(ckpt, kind=KIND, model=model, optimizer=opt, scaler=scaler, generator=rng,
+                            device=device)["step"]
+    ...
+    save_checkpoint(ckpt_path, kind=KIND, ..., args=plain_args(args))
+
+`prepare_run_dir` refuses a --resume with other flags than the first call (`check_same_run`), except
+`shared.cli.RESUME_MUTABLE_FLAGS` (and `RESUME_EXTENDABLE_FLAGS` when they grow), and removes the stale temp
+files of a killed save.
 """
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import torch
 
-from shared.atomic import atomic_path
+from shared.atomic import atomic_path, remove_stale_temps
+from shared.cli import RESUME_EXTENDABLE_FLAGS, RESUME_MUTABLE_FLAGS, check_output_dir
 from shared.errors import InputError
 from shared.harness import set_rng_state
 
@@ -46,8 +61,9 @@ def _check_plain(value, where: str) -> None:
 def save_checkpoint(path, **payload) -> None:
     """Write `payload` to `path` atomically.
 
-    The data goes to a temp file in the same folder, is flushed to disk, then renamed over `path`; if
-    anything fails the temp file is removed and a previous checkpoint at `path` is left untouched.
+    The data goes to a temp file in the same folder, is flushed to disk, then renamed over `path`
+    (`shared.atomic.atomic_path`); if anything fails the temp file is removed and a previous checkpoint at `path`
+    is left untouched.
 
     Args:
         path: destination file (parent folders are created).
@@ -58,10 +74,8 @@ def save_checkpoint(path, **payload) -> None:
     """
     for key, value in payload.items():
         _check_plain(value, key)
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:  # atomic_path fsyncs the data before the rename
         torch.save(payload, f)
-        f.flush()
-        os.fsync(f.fileno())  # the rename must not become visible before the data is on disk
 
 
 def load_checkpoint(path, map_location="cpu", expect_kind: str | None = None) -> dict:
@@ -102,17 +116,192 @@ def strip_prefix(state_dict: Mapping, prefix: str = "module.") -> dict:
     return {(key[len(prefix) :] if key.startswith(prefix) else key): value for key, value in state_dict.items()}
 
 
-def restore_run(path, *, kind: str, model, optimizer, scaler, generator, device) -> dict:
+def describe_checkpoint(ckpt: Mapping) -> str:
+    """What a loaded checkpoint dict is, in words: "a mome checkpoint", "a plain state_dict (tensors only)", ..."""
+    if ckpt.get("kind") is not None:
+        return f"a {ckpt['kind']} checkpoint"
+    if ckpt and all(torch.is_tensor(v) for v in ckpt.values()):
+        return f"a plain state_dict ({len(ckpt)} tensors, no kind, config or flags)"
+    keys = sorted(str(k) for k in ckpt)
+    shown = ", ".join(keys[:5]) + (", ..." if len(keys) > 5 else "")
+    return f"a checkpoint that records no kind (keys: {shown or 'none'})"
+
+
+def require_run_checkpoint(
+    ckpt: Mapping, path, *, kind: str | Iterable[str], hint: str | None = None, keys: Iterable[str] = ("model",)
+) -> Mapping:
+    """Refuse, with one sentence, a checkpoint that is not a run checkpoint of `kind` holding `keys`.
+
+    Catches a plain state_dict (or another program's file) passed where a training run's checkpoint is expected,
+    which would otherwise fail later with `KeyError: 'config'`.
+
+    Args:
+        ckpt: the dict from `load_checkpoint`.
+        path: its file, for the message.
+        kind: the accepted kind, or several (e.g. a package's general, expert and MoE checkpoints).
+        hint: what to pass instead, ending the sentence; default: "pass a checkpoint.pt written by its training
+            CLI". E.g. "to use its weights, pass --config NAME to name its architecture".
+        keys: entries the caller reads (a checkpoint of `kind` that lacks one is truncated or from another version).
+    Returns:
+        `ckpt`, unchanged.
+    """
+    kinds = (kind,) if isinstance(kind, str) else tuple(kind)
+    wanted = " or ".join(kinds)
+    hint = hint or "pass a checkpoint.pt written by its training CLI"
+    if ckpt.get("kind") is not None and ckpt["kind"] not in kinds:
+        raise InputError(f"{path} is a {ckpt['kind']} checkpoint, expected {wanted}.")  # as load_checkpoint says
+    if ckpt.get("kind") is None:
+        raise InputError(f"{path} is {describe_checkpoint(ckpt)}, not a {wanted} run checkpoint; {hint}.")
+    missing = [key for key in keys if key not in ckpt]
+    if missing:
+        raise InputError(f"{path}: this {ckpt['kind']} checkpoint lacks {missing} (written by another version?).")
+    return ckpt
+
+
+def load_run_checkpoint(
+    path, *, kind: str | Iterable[str], map_location="cpu", hint: str | None = None, keys: Iterable[str] = ("model",)
+) -> dict:
+    """`load_checkpoint` followed by `require_run_checkpoint`: a run checkpoint of `kind` holding `keys`."""
+    return require_run_checkpoint(load_checkpoint(path, map_location=map_location), path, kind=kind, hint=hint,
+                                  keys=keys)  # fmt: skip
+
+
+# ----------------------------------------------------------------------------- one run, resumed as the same run
+
+
+def _plain(value):
+    """`value` as stored in a checkpoint: tuples as lists, paths as str (weights_only loads both back)."""
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    return value
+
+
+def plain_args(args) -> dict:
+    """vars(args) as plain values for `save_checkpoint(..., args=plain_args(args))` and `check_same_run`."""
+    return {key: _plain(value) for key, value in vars(args).items()}
+
+
+def _same(a, b) -> bool:
+    """Equal flag values; strings are also equal when they name the same path (`data/X/` and `data/X`)."""
+    if isinstance(a, list) and isinstance(b, list):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, str) and isinstance(b, str):
+        return a == b or os.path.normpath(a) == os.path.normpath(b)
+    return a == b
+
+
+def _shown(value) -> str:
+    """A flag value as typed on the command line."""
+    if isinstance(value, list):
+        return " ".join(_shown(v) for v in value) or "(empty)"
+    return "(not given)" if value is None else str(value)
+
+
+def _dest(flag: str) -> str:
+    """argparse's attribute name of a flag: "--stop-after" -> "stop_after"."""
+    return flag.lstrip("-").replace("-", "_")
+
+
+def check_same_run(stored: Mapping | None, args, *, path, mutable: Iterable[str] = RESUME_MUTABLE_FLAGS,
+                   extendable: Iterable[str] = RESUME_EXTENDABLE_FLAGS) -> None:  # fmt: skip
+    """Refuse to resume a run with flags that differ from those stored in its checkpoint, listing every one.
+
+    Call it after the CLI's own normalisation of `args` (e.g. canonical modality names), which the first call
+    stored too. Flags known on one side only (added or removed by a newer version of the code) are not compared.
+
+    Args:
+        stored: `ckpt["args"]` (a plain dict of the first call's flags), or None when the checkpoint has none.
+        args: this call's argparse Namespace.
+        path: the checkpoint, for the message.
+        mutable: flags that may change freely (`shared.cli.RESUME_MUTABLE_FLAGS`).
+        extendable: flags that may only grow (`--epochs`, `--steps`: a longer schedule extends the run).
+    Raises:
+        InputError: `stored` is missing, or flags differ: "--modality: T1 -> FLAIR, --lr: 0.01 -> 0.1".
+    """
+    if not isinstance(stored, Mapping):
+        raise InputError(f"{path} records no training flags (args), so --resume cannot check that it continues the "
+                         "same run; start a new --out folder.")  # fmt: skip
+    free = {_dest(f) for f in mutable}
+    growing = {_dest(f) for f in extendable}
+    current = plain_args(args)
+    differences = []
+    for dest in sorted(set(stored) & set(current) - free):
+        before, after = _plain(stored[dest]), current[dest]
+        if _same(before, after):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        if dest in growing and isinstance(before, int) and isinstance(after, int) and after > before:
+            continue
+        note = " (may only grow)" if dest in growing else ""
+        differences.append(f"{flag}: {_shown(before)} -> {_shown(after)}{note}")
+    if differences:
+        raise InputError(f"{path} is a run with other flags, and --resume only continues the same run: "
+                         f"{', '.join(differences)} (repeat the first call's values or pick a new --out).")  # fmt: skip
+
+
+def prepare_run_dir(out, *, resume: bool, args=None, kind: str | Iterable[str] | None = None,
+                    is_main: bool = True, checkpoint: str = "checkpoint.pt", flag: str = "--out",
+                    map_location="cpu") -> dict | None:  # fmt: skip
+    """Start or resume a training run's folder, before any work: the one place every training CLI calls.
+
+    - `out` must be a folder or creatable as one (not created here; the first write creates it);
+    - without --resume, a folder that already holds a checkpoint is refused (it would be overwritten);
+    - with --resume and a checkpoint: it is loaded, checked to be a `kind` run checkpoint, and, with `args`,
+      checked to be the same run (`check_same_run`); with --resume and no checkpoint, the run starts fresh;
+    - rank 0 removes the temp files a killed save left (`shared.atomic.remove_stale_temps`, sub-folders too).
+
+    Args:
+        out: the run folder (--out).
+        resume: --resume was given.
+        args: this call's flags, compared with the checkpoint's; None skips the comparison.
+        kind: accepted checkpoint kind(s); None skips the kind check.
+        is_main: rank 0 (only it removes files).
+        checkpoint: the checkpoint's file name in `out`.
+        flag: the flag naming `out`, for messages.
+        map_location: where the checkpoint's tensors are loaded (`restore_run` moves them to the model).
+    Returns:
+        the checkpoint dict to pass to `restore_run`, or None for a fresh start.
+    """
+    out = check_output_dir(out, flag)
+    ckpt_path = out / checkpoint
+    if ckpt_path.exists() and not resume:
+        raise InputError(f"{flag} {out} already holds {checkpoint}; pass --resume to continue it or pick a new folder.")
+    if is_main:
+        removed = remove_stale_temps(out)
+        if removed:
+            print(f"removed {len(removed)} temp file(s) of an interrupted save in {out}")
+    if not (resume and ckpt_path.exists()):
+        return None
+    ckpt = load_checkpoint(ckpt_path, map_location=map_location)
+    if kind is not None:
+        require_run_checkpoint(ckpt, ckpt_path, kind=kind, keys=("model", "optimizer", "scaler", "rng"))
+    if args is not None:
+        check_same_run(ckpt.get("args"), args, path=ckpt_path)
+    return ckpt
+
+
+def restore_run(source, *, kind: str, model, optimizer, scaler, generator, device, args=None) -> dict:
     """Load a training run's checkpoint into model, optimizer, grad scaler and every RNG (`--resume`).
 
     Args:
-        path: the run's checkpoint, written by `save_checkpoint` with `kind`, `model`, `optimizer`, `scaler`, `rng`.
-        kind: the expected checkpoint kind (another kind is refused with InputError).
+        source: the run's checkpoint file, or the dict `prepare_run_dir` returned (not read twice); written by
+            `save_checkpoint` with `kind`, `model`, `optimizer`, `scaler`, `rng` (and `args`).
+        kind: the expected checkpoint kind (another kind, or a plain state_dict, is refused with InputError).
         generator: the data pipeline's numpy Generator, restored with the other RNGs.
+        device: where a checkpoint file's tensors are loaded.
+        args: this call's flags: refuse a checkpoint of another run (`check_same_run`); None skips the check.
     Returns:
         the checkpoint dict (its step or epoch tells where to continue).
     """
-    ckpt = load_checkpoint(path, map_location=device, expect_kind=kind)
+    path = "the resumed checkpoint" if isinstance(source, Mapping) else source
+    ckpt = source if isinstance(source, Mapping) else load_checkpoint(source, map_location=device)
+    require_run_checkpoint(ckpt, path, kind=kind, keys=("model", "optimizer", "scaler", "rng"))
+    if args is not None:
+        check_same_run(ckpt.get("args"), args, path=path)
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])

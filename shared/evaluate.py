@@ -1,14 +1,19 @@
 """Evaluate a folder of predicted label maps against a folder of reference label maps.
 
     python -m shared.evaluate --pred PRED_DIR --gt GT_DIR --out metrics.csv [--labels 1 2 3 | --regions brats]
-        [--connectivity 26]
+        [--connectivity 26] [--cases CASE ... | --split split.json [--fold F] [--subset val]]
 
-Files are paired by case name (`CASE.nii.gz` or `CASE.nii` in both folders). Each case and class gives one row of
-`shared.metrics.case_metrics` in the CSV; `<out stem>_summary.csv` holds per-class means plus the volume
-correlation across cases and the CScore built from them.
+Files are paired by case name (`CASE.nii.gz` or `CASE.nii`). The cases of --pred are scored (or those of --cases
+/ --split, which must all be predicted), so --gt can be a whole labelsTr folder; a prediction without a
+reference is refused. Each case and class gives one row of `shared.metrics.case_metrics` in the CSV;
+`<out stem>_summary.csv` holds per-class means plus the volume correlation across cases and the CScore.
+
+Refused, so that no score is silently wrong: --labels values that occur in no scored file (unless the
+dataset.json beside --gt declares them), and --regions brats on label maps that cannot hold the three BraTS
+classes (a dataset.json that does not declare them, values other than --brats-labels, or references with a
+single non-zero value, i.e. binary masks).
 """
 
-import argparse
 import csv
 from pathlib import Path
 
@@ -16,7 +21,10 @@ import numpy as np
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
-from shared.errors import InputError, run_cli
+from shared.cli import check_output_file, make_parser, non_negative_int, positive_int, run_cli
+from shared.dataset import declared_label_values, load_dataset_json
+from shared.errors import InputError
+from shared.inputs import add_subset_args, nifti_stem, selected_cases
 from shared.metrics import brats_regions, case_metrics, cscore, volume_correlation
 from shared.nifti import read_nifti
 
@@ -25,11 +33,8 @@ _PRINTED = ("dice", "hd95", "ppv", "sensitivity", "ltpr", "lfpr", "lesion_f1", "
 
 
 def case_name(filename: str) -> str | None:
-    """Case name of a NIfTI file name ("BRATS_001.nii.gz" -> "BRATS_001"), or None for other files."""
-    for ending in (".nii.gz", ".nii"):
-        if filename.endswith(ending) and len(filename) > len(ending):
-            return filename[: -len(ending)]
-    return None
+    """Case name of a NIfTI file name ("BRATS_001.nii.gz" -> "BRATS_001"), or None for other and hidden files."""
+    return nifti_stem(filename)
 
 
 def list_cases(folder, flag: str) -> dict:
@@ -52,7 +57,7 @@ def list_cases(folder, flag: str) -> dict:
 
 def _short_list(names) -> str:
     """Sorted names joined by commas, cut after _LIST_LIMIT so one message stays one readable sentence."""
-    names = sorted(names)
+    names = sorted(str(n) for n in names)
     text = ", ".join(names[:_LIST_LIMIT])
     return text + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
 
@@ -76,17 +81,55 @@ def class_masks(labels: np.ndarray, classes, regions: str | None, brats_labels=(
     return {"lesion": labels > 0}
 
 
-def evaluate_folders(
-    pred_dir, gt_dir, labels=None, connectivity: int = 26, regions: str | None = None, brats_labels=(1, 2, 3)
-) -> tuple[list, list]:
+def declared_labels(gt_dir) -> tuple | None:
+    """Label values declared by the dataset.json beside a `labelsTr`/`labelsTs` --gt folder, or None without one."""
+    gt_dir = Path(gt_dir)
+    if not gt_dir.name.startswith("labels") or not (gt_dir.parent / "dataset.json").is_file():
+        return None
+    return declared_label_values(load_dataset_json(gt_dir.parent)["labels"])
+
+
+def scored_cases(pred_cases: dict, gt_cases: dict, cases=None, pred_dir="", gt_dir="") -> list[str]:
+    """The cases to score, sorted: `cases` (all predicted and with a reference) or every case of --pred.
+
+    A reference without a prediction is simply not scored (--gt may be a whole labelsTr folder); a prediction
+    without a reference is refused, as is a listed case that was not predicted.
+    """
+    wanted = sorted(pred_cases) if cases is None else sorted(set(cases))
+    not_predicted = [c for c in wanted if c not in pred_cases]
+    no_reference = [c for c in wanted if c in pred_cases and c not in gt_cases]
+    if not_predicted:
+        raise InputError(f"--pred {pred_dir} lacks predictions of {len(not_predicted)} listed case(s): "
+                         f"{_short_list(not_predicted)}.")  # fmt: skip
+    if no_reference:
+        raise InputError(f"--gt {gt_dir} has no reference for {len(no_reference)} predicted case(s): "
+                         f"{_short_list(no_reference)}.")  # fmt: skip
+    return wanted
+
+
+def _check_brats_coding(path, labels: np.ndarray, brats_labels) -> None:
+    """Refuse a label map holding values that are not background or one of the BraTS label values."""
+    foreign = sorted(set(np.unique(labels).tolist()) - {0, *brats_labels})
+    if foreign:
+        raise InputError(
+            f"{path}: label values {foreign} are not BraTS classes --brats-labels {' '.join(map(str, brats_labels))} "
+            "(necrosis, edema, enhancing; BraTS 2021 files use 1 2 4)."
+        )
+
+
+def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regions: str | None = None,
+                     brats_labels=(1, 2, 3), cases=None) -> tuple[list, list]:  # fmt: skip
     """Per-case, per-class metrics of a prediction folder against a reference folder, and their summary.
 
     Args:
-        pred_dir, gt_dir: folders of `CASE.nii.gz` / `CASE.nii` label maps; both must hold the same cases.
+        pred_dir, gt_dir: folders of `CASE.nii.gz` / `CASE.nii` label maps; every scored case needs both.
         labels: label values evaluated one by one (binary `== value`); None -> one class "lesion" = label > 0.
+            A value in no scored file (and not declared by a dataset.json beside gt_dir) is refused.
         connectivity: 6, 18 or 26 neighbours for the lesion-wise metrics.
-        regions: "brats" to evaluate the TC/WT/ET regions instead of `labels`.
+        regions: "brats" to evaluate the TC/WT/ET regions instead of `labels` (refused on labels that cannot hold
+            them, see the module docstring).
         brats_labels: (necrosis, edema, enhancing) label values used with regions="brats".
+        cases: only these case ids (all must be predicted); None scores every case of pred_dir.
 
     Returns:
         rows: one dict per (case, class): {"case", "class", **case_metrics}; spacing from the gt file.
@@ -97,18 +140,21 @@ def evaluate_folders(
         raise InputError(f"regions must be 'brats' or None, got {regions!r}.")
     if connectivity not in (6, 18, 26):
         raise InputError(f"connectivity must be 6, 18 or 26, got {connectivity!r}.")
+    brats_labels = tuple(int(v) for v in brats_labels)
+    if regions == "brats" and (len(set(brats_labels)) != 3 or 0 in brats_labels):
+        raise InputError(f"--brats-labels {brats_labels} must be three different non-zero label values.")
+    declared = declared_labels(gt_dir)
+    if regions == "brats" and declared is not None and not set(brats_labels) <= set(declared):
+        raise InputError(f"--regions brats: {Path(gt_dir).parent / 'dataset.json'} declares the labels "
+                         f"{list(declared)}, which cannot hold the BraTS classes {list(brats_labels)}.")  # fmt: skip
+    if labels and declared is not None and set(labels) - set(declared):
+        raise InputError(f"--labels {_short_list(set(labels) - set(declared))}: not declared in "
+                         f"{Path(gt_dir).parent / 'dataset.json'} (labels {list(declared)}).")  # fmt: skip
     pred_cases, gt_cases = list_cases(pred_dir, "--pred"), list_cases(gt_dir, "--gt")
-    missing_pred, missing_gt = set(gt_cases) - set(pred_cases), set(pred_cases) - set(gt_cases)
-    if missing_pred or missing_gt:
-        parts = []
-        if missing_pred:
-            parts.append(f"missing in --pred {pred_dir}: {_short_list(missing_pred)}")
-        if missing_gt:
-            parts.append(f"missing in --gt {gt_dir}: {_short_list(missing_gt)}")
-        raise InputError("prediction and reference folders hold different cases; " + "; ".join(parts) + ".")
+    wanted = scored_cases(pred_cases, gt_cases, cases, pred_dir, gt_dir)
 
-    rows = []
-    for case in tqdm(sorted(gt_cases), desc="evaluate", unit="case"):
+    rows, present, gt_present = [], set(), set()
+    for case in tqdm(wanted, desc="evaluate", unit="case", disable=None):
         gt, spacing, gt_affine = _read_labels(gt_cases[case])
         pred, _, pred_affine = _read_labels(pred_cases[case])
         if pred.shape != gt.shape:
@@ -118,11 +164,27 @@ def evaluate_folders(
                 f"{pred_cases[case]}: affine differs from the reference's (not in the same grid; resample the "
                 "prediction to the reference first)."
             )
+        gt_values = set(np.unique(gt).tolist())
+        gt_present |= gt_values
+        present |= gt_values | set(np.unique(pred).tolist())
+        if regions == "brats":
+            _check_brats_coding(gt_cases[case], gt, brats_labels)
+            _check_brats_coding(pred_cases[case], pred, brats_labels)
         gt_masks = class_masks(gt, labels, regions, brats_labels)
         pred_masks = class_masks(pred, labels, regions, brats_labels)
         for name in gt_masks:
             metrics = case_metrics(pred_masks[name], gt_masks[name], spacing=spacing, connectivity=connectivity)
             rows.append({"case": case, "class": name, **metrics})
+
+    absent = sorted(set(labels or ()) - present - set(declared or ()))
+    if absent:
+        found = sorted(present)
+        raise InputError(f"--labels {_short_list(absent)}: in none of the {len(wanted)} scored case(s) of --pred "
+                         f"or --gt (values found: {found}); it would score Dice 1.0 for nothing.")  # fmt: skip
+    if regions == "brats" and declared is None and len(gt_present - {0}) < 2:
+        raise InputError(f"--regions brats: the references in --gt {gt_dir} hold only the values "
+                         f"{sorted(gt_present)}, binary masks that cannot hold the three BraTS classes; score them "
+                         "without --regions.")  # fmt: skip
     return rows, summarise(rows)
 
 
@@ -167,27 +229,21 @@ def format_summary(summary: list) -> str:
     return "\n".join(lines)
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None):
     """Command-line flags of `python -m shared.evaluate` (argv=None reads sys.argv)."""
-    parser = argparse.ArgumentParser(prog="python -m shared.evaluate", description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, prog="python -m shared.evaluate")
     parser.add_argument("--pred", required=True, help="folder of predicted label maps, CASE.nii.gz or CASE.nii")
-    parser.add_argument("--gt", required=True, help="folder of reference label maps with the same case names")
+    parser.add_argument("--gt", required=True, help="folder of reference label maps (e.g. a dataset's labelsTr)")
     group = parser.add_mutually_exclusive_group()
-    group.add_argument(
-        "--labels", type=int, nargs="+", help="label values to evaluate one by one (default: all non-zero as one)"
-    )
+    group.add_argument("--labels", type=non_negative_int, nargs="+",
+                       help="label values to evaluate one by one (default: all non-zero as one class)")  # fmt: skip
     group.add_argument("--regions", choices=["brats"], help="evaluate BraTS regions TC, WT, ET instead of labels")
-    parser.add_argument(
-        "--brats-labels",
-        type=int,
-        nargs=3,
-        default=(1, 2, 3),
-        metavar=("NECROSIS", "EDEMA", "ENHANCING"),
-        help="label values used by --regions brats (BraTS 2021 files: 1 2 4; nnU-Net conversions: 1 2 3)",
-    )
-    parser.add_argument(
-        "--connectivity", type=int, default=26, choices=[6, 18, 26], help="neighbours joining voxels into a lesion"
-    )
+    parser.add_argument("--brats-labels", type=positive_int, nargs=3, default=(1, 2, 3),
+                        metavar=("NECROSIS", "EDEMA", "ENHANCING"),
+                        help="label values of --regions brats (BraTS 2021 files: 1 2 4; nnU-Net: 1 2 3)")  # fmt: skip
+    parser.add_argument("--connectivity", type=int, default=26, choices=[6, 18, 26],
+                        help="neighbours joining voxels into a lesion")  # fmt: skip
+    add_subset_args(parser)
     parser.add_argument("--out", required=True, help="per-case CSV to write; the summary goes to <stem>_summary.csv")
     return parser.parse_args(argv)
 
@@ -205,6 +261,11 @@ def format_table(rows: list[dict], floats: str = "{:.4f}") -> str:
 def main(argv=None) -> None:
     """Evaluate, then write the per-case CSV and the summary CSV (nothing is written if any input is refused)."""
     args = parse_args(argv)
+    check_output_file(args.out, "--out", suffixes=(".csv",))
+    check_output_file(summary_path(args.out), "--out", suffixes=(".csv",))
+    gt = Path(args.gt)
+    dataset = gt.resolve().parent.name if gt.name.startswith("labels") else None  # a dataset's labelsTr folder
+    cases = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=dataset)
     rows, summary = evaluate_folders(
         args.pred,
         args.gt,
@@ -212,6 +273,7 @@ def main(argv=None) -> None:
         connectivity=args.connectivity,
         regions=args.regions,
         brats_labels=tuple(args.brats_labels),
+        cases=cases,
     )
     write_csv_atomic(args.out, rows)
     write_csv_atomic(summary_path(args.out), summary)

@@ -185,7 +185,7 @@ def wrap_ddp(model: torch.nn.Module, dist_info: DistInfo, find_unused_parameters
 
 
 def cleanup_distributed() -> None:
-    """Leave the process group, if one was created; `shared.errors.run_cli` calls it after `main()` returns.
+    """Leave the process group, if one was created; `shared.cli.run_cli` calls it after `main()` returns.
 
     Call it only once the DDP-wrapped models are unreferenced: a DDP reducer that outlives its gloo group
     can abort the process at exit ("terminate called without an active exception", about one run in
@@ -306,7 +306,13 @@ def set_rng_state(state: dict | list, generator: np.random.Generator | None = No
 
 
 def check_finite_loss(loss: float | torch.Tensor, step: int, checkpoint_path=None) -> None:
-    """Stop training on a NaN or Inf loss, naming the step and the last good checkpoint.
+    """Stop training on a NaN or Inf loss, naming the step and the last good checkpoint, or saying there is none.
+
+    Args:
+        loss: this step's loss.
+        step: the step number, for the message.
+        checkpoint_path: the run's checkpoint file; it is named only if it exists (a loss that goes NaN before
+            the first save has no good checkpoint to go back to).
 
     On CUDA this synchronises with the GPU (one `.item()` per call); the loop logs the loss anyway.
     """
@@ -314,7 +320,12 @@ def check_finite_loss(loss: float | torch.Tensor, step: int, checkpoint_path=Non
     if math.isfinite(value):
         return
     kind = "NaN" if math.isnan(value) else "Inf"
-    where = f"last good checkpoint kept at {checkpoint_path}" if checkpoint_path else "no checkpoint written yet"
+    if checkpoint_path is not None and os.path.isfile(checkpoint_path):
+        where = f"last good checkpoint kept at {checkpoint_path}"
+    elif checkpoint_path is not None:
+        where = f"no checkpoint written yet ({checkpoint_path} does not exist)"
+    else:
+        where = "no checkpoint written yet"
     raise FloatingPointError(f"loss is {kind} at step {step}; {where}.")
 
 

@@ -27,8 +27,9 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
+from shared.cli import run_cli
 from shared.dataset import write_dataset_json
-from shared.errors import InputError, run_cli
+from shared.errors import InputError
 from shared.phantom_anatomy import LESION_GENERATORS, grid, make_anatomy, smooth_field
 
 

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from sam_med3d_moe.config import GateConfig, SamConfig, small_config  # noqa: E402
 from sam_med3d_moe.model import build_model, upsample  # noqa: E402
 from sam_med3d_moe.moe import SamMed3DMoE, expert_from  # noqa: E402
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import run_cli  # noqa: E402
 
 CASES = {"small": (small_config, 1), "small_3experts": (small_config, 3), "vit_b_ori": (SamConfig, 1)}
 

@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))  # so `import shared` works when run as a script
 
 import torch  # noqa: E402
 
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import run_cli  # noqa: E402
 from shared.sliding_window import gaussian_importance_map, sliding_window_inference, tile_starts  # noqa: E402
 
 SHAPE = (1, 1, 160, 196, 160)  # (B, C, D, H, W)

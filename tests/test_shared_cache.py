@@ -164,7 +164,7 @@ def _interrupt_after(count):
 
     def build(task):
         if len(done) == count:
-            (task[2] / ".tmp_half_written.npy").write_bytes(b"\x93NUMPY partial")
+            (task[2] / ".tmp_c9_seg.npy.k3j9x0a1.npy").write_bytes(b"\x93NUMPY partial")
             raise KeyboardInterrupt
         done.append(cache.write_case(*task))
         return task[0].case_id

@@ -1,15 +1,27 @@
 """Checkpoints: atomic save, weights_only load, kind check, exact resume; pytest -q tests/test_shared_checkpoint.py"""
 
+import argparse
 import dataclasses
 import os
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
 from shared import checkpoint
-from shared.checkpoint import load_checkpoint, save_checkpoint, strip_prefix
+from shared.checkpoint import (
+    check_same_run,
+    load_checkpoint,
+    load_run_checkpoint,
+    plain_args,
+    prepare_run_dir,
+    restore_run,
+    save_checkpoint,
+    strip_prefix,
+)
+from shared.cli import RESUME_MUTABLE_FLAGS
 from shared.errors import InputError
 from shared.harness import gather_rng_state, make_grad_scaler, rng_state, seed_everything, set_rng_state
 
@@ -177,3 +189,134 @@ def test_strip_prefix():
     assert strip_prefix(sd) == {"conv.weight": 1, "conv.bias": 2, "head.weight": 3, "xmodule.a": 4}
     assert list(strip_prefix(sd)) == ["conv.weight", "conv.bias", "head.weight", "xmodule.a"]
     assert strip_prefix({"_orig_mod.w": 5}, prefix="_orig_mod.") == {"w": 5}
+
+
+# ----------------------------------------------------------------------------- run checkpoints and --resume
+
+
+def _run_args(**changes) -> argparse.Namespace:
+    """The flags of a made-up training call (tuples and Paths, as argparse and CLIs leave them)."""
+    flags = dict(modality="T1", lr=0.01, patch=(64, 64, 64), data=["data/Dataset001/"], epochs=10, stop_after=None,
+                 workers=2, device="auto", resume=False, compile=None, cache="c", out=Path("runs/a"))  # fmt: skip
+    return argparse.Namespace(**{**flags, **changes})
+
+
+def _save_run(path, args) -> None:
+    """A run checkpoint as a training CLI writes it; args=None leaves the flags out (an old checkpoint)."""
+    model = _tiny_model(0)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    flags = {} if args is None else {"args": plain_args(args)}
+    save_checkpoint(path, kind="mome_expert", model=model.state_dict(), optimizer=opt.state_dict(),
+                    scaler=make_grad_scaler(torch.device("cpu"), None).state_dict(), rng=rng_state(), epoch=3,
+                    **flags)  # fmt: skip
+
+
+def test_check_same_run_lists_every_differing_flag():
+    stored = plain_args(_run_args())
+    assert stored["patch"] == [64, 64, 64] and stored["out"] == "runs/a"  # lists and str, as a checkpoint holds them
+    check_same_run(stored, _run_args(data=["data/Dataset001"]), path="c.pt")  # same path, other spelling
+    changed = _run_args(modality="FLAIR", lr=0.1, patch=(32, 64, 64))
+    expected = ("c.pt is a run with other flags, and --resume only continues the same run: --lr: 0.01 -> 0.1, "
+                "--modality: T1 -> FLAIR, --patch: 64 64 64 -> 32 64 64 (repeat the first call's values or pick a "
+                "new --out).")  # fmt: skip
+    with pytest.raises(InputError) as err:
+        check_same_run(stored, changed, path="c.pt")
+    assert str(err.value) == expected
+
+
+def test_check_same_run_lets_the_mutable_flags_change_and_the_schedule_grow():
+    stored = plain_args(_run_args())
+    free = _run_args(stop_after=2, workers=8, device="cuda:1", resume=True, compile=True, cache="elsewhere",
+                     out="/moved/runs/a", epochs=20)  # fmt: skip
+    check_same_run(stored, free, path="c.pt")
+    assert {"--stop-after", "--workers", "--device", "--resume", "--compile", "--cache"} <= set(RESUME_MUTABLE_FLAGS)
+    with pytest.raises(InputError, match=r"--epochs: 10 -> 5 \(may only grow\)"):
+        check_same_run(stored, _run_args(epochs=5), path="c.pt")
+    # a flag the checkpoint does not know (added by a newer version) is not compared
+    check_same_run(stored, argparse.Namespace(**vars(_run_args()), new_flag=3), path="c.pt")
+
+
+def test_check_same_run_refuses_a_checkpoint_without_flags():
+    with pytest.raises(InputError, match=r"^c\.pt records no training flags \(args\), so --resume cannot check"):
+        check_same_run(None, _run_args(), path="c.pt")
+
+
+def test_require_run_checkpoint_explains_a_plain_state_dict(tmp_path):
+    plain = tmp_path / "weights.pt"
+    save_checkpoint(plain, **_tiny_model(0).state_dict())
+    hint = "to use its weights, pass --config NAME to name its architecture"
+    with pytest.raises(InputError) as err:
+        load_run_checkpoint(plain, kind=("sam_med3d", "sam_med3d_moe"), hint=hint)
+    assert str(err.value) == (f"{plain} is a plain state_dict (4 tensors, no kind, config or flags), not a sam_med3d "
+                              f"or sam_med3d_moe run checkpoint; {hint}.")  # fmt: skip
+    other = tmp_path / "other.pt"
+    save_checkpoint(other, kind="mome", model={})
+    with pytest.raises(InputError, match=r"other\.pt is a mome checkpoint, expected moe_missing\.$"):
+        load_run_checkpoint(other, kind="moe_missing")
+    with pytest.raises(InputError, match=r"other\.pt: this mome checkpoint lacks \['config'\]"):
+        load_run_checkpoint(other, kind="mome", keys=("model", "config"))
+    assert load_run_checkpoint(other, kind="mome")["kind"] == "mome"
+    foreign = tmp_path / "foreign.pt"
+    save_checkpoint(foreign, network_weights={"w": torch.ones(1)}, trainer_name="nnUNetTrainer")
+    no_kind = r"records no kind \(keys: network_weights, trainer_name\), not a mome run checkpoint; pass a checkpoint"
+    with pytest.raises(InputError, match=no_kind + r"\.pt written by its training CLI\.$"):
+        load_run_checkpoint(foreign, kind="mome")
+
+
+def test_prepare_run_dir_fresh_start_and_refusals(tmp_path):
+    out = tmp_path / "run"
+    assert prepare_run_dir(out, resume=False, args=_run_args(), kind="mome_expert") is None
+    assert prepare_run_dir(out, resume=True, args=_run_args(), kind="mome_expert") is None  # nothing to resume yet
+    assert not out.exists()  # checked, not created
+    _save_run(out / "checkpoint.pt", _run_args())
+    with pytest.raises(InputError, match=r"^--out .*run already holds checkpoint\.pt; pass --resume"):
+        prepare_run_dir(out, resume=False)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(InputError, match=r"^--out .*file is a file, expected a folder\.$"):
+        prepare_run_dir(tmp_path / "file", resume=True)
+
+
+def test_prepare_run_dir_resumes_only_the_same_run(tmp_path):
+    out = tmp_path / "run"
+    _save_run(out / "checkpoint.pt", _run_args())
+    ckpt = prepare_run_dir(out, resume=True, args=_run_args(resume=True, stop_after=1), kind="mome_expert")
+    assert ckpt["epoch"] == 3 and ckpt["args"]["modality"] == "T1"
+    with pytest.raises(InputError, match=r"--modality: T1 -> FLAIR"):
+        prepare_run_dir(out, resume=True, args=_run_args(modality="FLAIR"), kind="mome_expert")
+    with pytest.raises(InputError, match=r"is a mome_expert checkpoint, expected mome\.$"):
+        prepare_run_dir(out, resume=True, kind="mome")
+    _save_run(out / "checkpoint.pt", None)
+    with pytest.raises(InputError, match="records no training flags"):
+        prepare_run_dir(out, resume=True, args=_run_args(), kind="mome_expert")
+
+
+def test_prepare_run_dir_removes_stale_temps_on_rank_0_only(tmp_path, capsys):
+    out = tmp_path / "run"
+    (out / "repeat_0").mkdir(parents=True)
+    stale = [out / ".tmp_checkpoint.pt.k3j9x0_a.pt", out / "repeat_0" / ".tmp_log.csv.abcdefgh.csv"]
+    for path in stale:
+        path.write_bytes(b"half a checkpoint")
+    prepare_run_dir(out, resume=True, is_main=False)
+    assert all(p.exists() for p in stale)
+    prepare_run_dir(out, resume=True)
+    assert not any(p.exists() for p in stale) and sorted(os.listdir(out)) == ["repeat_0"]
+    assert "removed 2 temp file(s)" in capsys.readouterr().out
+
+
+def test_restore_run_takes_the_prepared_dict_and_checks_the_run(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    _save_run(path, _run_args())
+    model, opt = _tiny_model(1), torch.optim.SGD(_tiny_model(1).parameters(), lr=0.1)
+    scaler = make_grad_scaler(torch.device("cpu"), None)
+    ckpt = load_checkpoint(path)
+    restored = restore_run(ckpt, kind="mome_expert", model=model, optimizer=opt, scaler=scaler, generator=None,
+                           device="cpu", args=_run_args())  # fmt: skip
+    assert restored["epoch"] == 3
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), _tiny_model(0).state_dict().values()))
+    with pytest.raises(InputError, match=r"--lr: 0\.01 -> 0\.5"):
+        restore_run(path, kind="mome_expert", model=model, optimizer=opt, scaler=scaler, generator=None,
+                    device="cpu", args=_run_args(lr=0.5))  # fmt: skip
+    plain = tmp_path / "plain.pt"
+    save_checkpoint(plain, **_tiny_model(0).state_dict())
+    with pytest.raises(InputError, match="plain state_dict"):
+        restore_run(plain, kind="mome_expert", model=model, optimizer=opt, scaler=scaler, generator=None, device="cpu")

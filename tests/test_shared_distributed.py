@@ -21,7 +21,7 @@ WORKER = textwrap.dedent(
     import json, sys
     import torch
     import torch.distributed as dist
-    from shared.errors import run_cli
+    from shared.cli import run_cli
     from shared.harness import all_reduce_mean, init_distributed, seed_everything, wrap_ddp
 
     def main():

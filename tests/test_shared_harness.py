@@ -4,6 +4,7 @@ import csv
 import json
 import math
 import random
+import re
 
 import numpy as np
 import pytest
@@ -215,10 +216,17 @@ def test_metrics_logger_jsonl_and_non_main_rank(tmp_path):
         MetricsLogger(tmp_path / "metrics.txt")
 
 
-def test_check_finite_loss_messages():
+def test_check_finite_loss_messages(tmp_path):
     check_finite_loss(torch.tensor(0.3), step=5)
-    with pytest.raises(FloatingPointError, match=r"^loss is NaN at step 7; last good checkpoint kept at runs/a\.pt\.$"):
-        check_finite_loss(torch.tensor(float("nan")), step=7, checkpoint_path="runs/a.pt")
+    ckpt = tmp_path / "checkpoint.pt"
+    # NaN before the first save: the checkpoint path is known but nothing was written there
+    never_written = rf"^loss is NaN at step 7; no checkpoint written yet \({re.escape(str(ckpt))} does not exist\)\.$"
+    with pytest.raises(FloatingPointError, match=never_written):
+        check_finite_loss(torch.tensor(float("nan")), step=7, checkpoint_path=ckpt)
+    ckpt.write_bytes(b"a good checkpoint")
+    kept = rf"^loss is NaN at step 9; last good checkpoint kept at {re.escape(str(ckpt))}\.$"
+    with pytest.raises(FloatingPointError, match=kept):
+        check_finite_loss(torch.tensor(float("nan")), step=9, checkpoint_path=ckpt)
     with pytest.raises(FloatingPointError, match=r"^loss is Inf at step 0; no checkpoint written yet\.$"):
         check_finite_loss(float("-inf"), step=0)
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from shared.errors import InputError, run_cli
+from shared.cli import run_cli
+from shared.errors import InputError
 from shared.phantom import (
     CLASSES,
     CONTRAST,

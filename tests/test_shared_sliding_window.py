@@ -119,6 +119,23 @@ def test_volume_smaller_than_patch_is_zero_padded_and_cropped():
     assert_close(out, image * torch.tensor([1.0, 2.0]))
 
 
+def test_odd_padding_puts_the_smaller_half_before_as_nnunet_and_monai():
+    # nnU-Net's pad_nd_image and MONAI's SpatialPad put shortfall // 2 before and the rest after; a model whose
+    # output depends on the absolute position in its tile sees where the zeros went
+    image = torch.randn(1, 1, 3, 4, 2)
+    patch = (4, 7, 5)  # shortfalls 1, 3, 3 -> before 0, 1, 1 and after 1, 2, 2
+
+    def position_code(x):
+        d, h, w = (torch.arange(n, dtype=x.dtype) for n in x.shape[2:])
+        return x + 100 * d.view(-1, 1, 1) + 10 * h.view(1, -1, 1) + w.view(1, 1, -1)
+
+    out = sliding_window_inference(position_code, image, patch_size=patch)
+    before = (0, 1, 1)
+    d, h, w = (torch.arange(n, dtype=image.dtype) + b for n, b in zip(image.shape[2:], before))
+    expected = image + 100 * d.view(-1, 1, 1) + 10 * h.view(1, -1, 1) + w.view(1, 1, -1)
+    assert_close(out, expected)
+
+
 def test_mirroring_averages_flipped_predictions():
     # model: x times the position along D within the tile (0, 1, 2, 3): not mirror-equivariant
     def ramp(x):
