@@ -16,7 +16,6 @@ allowlist; a file that pickles anything else needs `--trust-pickle` (it then run
 for files whose origin you trust). The output holds tensors and plain values only and loads with weights_only.
 """
 
-import argparse
 import dataclasses
 from pathlib import Path
 
@@ -24,8 +23,9 @@ from mome.config import MoMEConfig
 from mome.model import build_mome
 from mome.nnunet_import import load_checked, load_nnunet_mome, read_nnunet_file
 from mome.nnunet_plans import read_plans
+from mome.train_common import stride_divisor
 from shared.checkpoint import save_checkpoint
-from shared.cli import run_cli
+from shared.cli import check_output_file, make_parser, positive_int, run_cli
 from shared.dataset import MODALITIES, canonical_modality
 from shared.errors import InputError
 from shared.geometry import MNI_CROPPED_SHAPE
@@ -34,7 +34,7 @@ OFFICIAL_ORDER = MODALITIES  # T1, T1ce, T2, FLAIR, DWI: network1..5 of the offi
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--release", help="folder with checkpoint_<name>.pth (gate) and checkpoint_<name>1..N.pth")
     parser.add_argument("--checkpoint", default="best", help="<name> of the release files: best, final or latest")
     parser.add_argument("--gate", help="the gate's nnU-Net checkpoint (instead of --release)")
@@ -42,8 +42,8 @@ def parse_args(argv=None):
     parser.add_argument("--modalities", nargs="+", default=list(OFFICIAL_ORDER), help="expert order")
     parser.add_argument("--plans", help="nnU-Net plans.json (default: the plans stored in the gate checkpoint)")
     parser.add_argument("--configuration", default="3d_fullres", help="configuration of the plans")
-    parser.add_argument("--patch", type=int, nargs=3, help="sliding-window patch, overriding the plans")
-    parser.add_argument("--grid", type=int, nargs=3, default=list(MNI_CROPPED_SHAPE),
+    parser.add_argument("--patch", type=positive_int, nargs=3, help="sliding-window patch, overriding the plans")
+    parser.add_argument("--grid", type=positive_int, nargs=3, default=list(MNI_CROPPED_SHAPE),
                         help="input grid the model was trained on; mome.predict refuses other shapes unless cropped "
                         "or padded explicitly (the paper: MNI152 1 mm cropped to 160 196 160)")  # fmt: skip
     parser.add_argument("--trust-pickle", action="store_true", help="allow unpickling inputs that pickle more than "
@@ -69,13 +69,7 @@ def parse_args(argv=None):
     for path in [args.gate, *args.experts]:
         if not Path(path).is_file():
             raise InputError(f"{path}: checkpoint file not found.")
-    if args.patch is not None and min(args.patch) < 1:
-        raise InputError(f"--patch {args.patch}: every side must be positive.")
-    if min(args.grid) < 1:
-        raise InputError(f"--grid {args.grid}: every side must be positive.")
-    out = Path(args.output)
-    if out.is_dir():
-        raise InputError(f"--output {out} is a folder; give a file name ending in .pt.")
+    out = check_output_file(args.output, "--output", suffixes=(".pt",))
     if out.exists() and not args.force:
         raise InputError(f"--output {out} exists; pass --force to overwrite it.")
     return args
@@ -141,9 +135,7 @@ def convert(args) -> dict:
         raise InputError(
             f"{args.gate} records no plans and none were found beside it; pass --plans PLANS.json or --patch X Y Z."
         )
-    divisor = [1, 1, 1]
-    for stride in cfg.strides:
-        divisor = [d * s for d, s in zip(divisor, stride)]
+    divisor = stride_divisor(cfg)
     if any(p % d for p, d in zip(patch, divisor)):
         raise InputError(f"patch {list(patch)} from {origin} is not divisible by the network's strides {divisor}.")
     return {

@@ -14,9 +14,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from mome.splits import training_split
 from shared.atomic import atomic_path
-from shared.dataset import list_cases, load_case, load_dataset_json, split_dataset
+from shared.dataset import list_cases, load_case, load_dataset_json
 from shared.errors import InputError
+from shared.harness import DistInfo
 from shared.transforms import augment, sample_patch, zscore
 
 
@@ -31,11 +33,6 @@ class Sample:
     expert: int  # index of the expert of this modality (1[X in M_i] of Eq. 2), -1 if no expert has it
     image: str  # cached z-scored image, (1, X, Y, Z) float32 .npy
     label: str  # cached binary label, (X, Y, Z) uint8 .npy
-
-
-def split_cases(dataset_dirs, fold: int, folds: int, seed: int = 12345) -> dict:
-    """{dataset name: {"train": ids, "val": ids}} from deterministic k-fold splits (`fold=-1`: all cases train)."""
-    return {Path(root).name: split_dataset(root, fold, folds, seed=seed) for root in dataset_dirs}
 
 
 def _save_npy(path: Path, array: np.ndarray) -> None:
@@ -135,3 +132,41 @@ def draw_batch(
 def samples_to_json(samples) -> list:
     """Plain dicts of the samples, for logging what a run trained on."""
     return [asdict(s) for s in samples]
+
+
+def prepare_data(args, dist_info: DistInfo, only_modality: str | None = None) -> list:
+    """Split the datasets, cache the training samples (rank 0 first), and keep those with an expert.
+
+    Args:
+        only_modality: phase 1 keeps the samples of this modality only; "all" keeps every sample (the
+            universal nnU-Net), whether or not an expert has its modality.
+    """
+    out = Path(args.out)
+    split = training_split(args.data, args.split_file, fold=args.fold, folds=args.folds)
+    train_ids = {name: s["train"] for name, s in split.items()}
+    if dist_info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(out / "split.json", split)
+        samples = prepare_samples(args.data, train_ids, args.modalities, out / "cache", binarise=not args.keep_labels)
+    if dist_info.world_size > 1:
+        torch.distributed.barrier()  # the cache is complete before the other ranks read it
+    if not dist_info.is_main:
+        samples = prepare_samples(args.data, train_ids, args.modalities, out / "cache", binarise=not args.keep_labels)
+    if only_modality == "all":
+        return samples
+    unknown = sorted({s.modality for s in samples if s.expert < 0})
+    if unknown and dist_info.is_main:
+        print(f"skipping samples of modalities without an expert: {unknown} (experts: {args.modalities})")
+    samples = [s for s in samples if s.expert >= 0]
+    if only_modality is not None:
+        samples = [s for s in samples if s.modality == only_modality]
+    if not samples:
+        wanted = only_modality or args.modalities
+        raise InputError(f"--data holds no training image of modality {wanted} in the chosen split.")
+    return samples
+
+
+def training_grid(samples) -> tuple | None:
+    """The (X, Y, Z) shape shared by every training image, or None when they differ (then any input shape goes)."""
+    shapes = {tuple(np.load(s.image, mmap_mode="r").shape[1:]) for s in samples}
+    return shapes.pop() if len(shapes) == 1 else None

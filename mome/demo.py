@@ -26,14 +26,13 @@ mean of the five experts' logits about 0.35, so what the gate learns is the rout
 Re-running the demo continues from the checkpoints it finds (every phase runs with --resume).
 """
 
-import argparse
 import json
 import time
 from pathlib import Path
 
 from mome import evaluate, predict, train, train_expert
 from mome.data import save_split, split_cases
-from shared.cli import run_cli
+from shared.cli import make_parser, run_cli
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
@@ -45,7 +44,7 @@ SMALL = ["--features", "8", "16", "32", "64", "--batch-size", "2",
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--data", default="data/demo", help="folder of the phantom datasets (written if absent)")
     parser.add_argument("--runs", default="runs/mome_demo", help="folder for the runs, predictions and tables")
     parser.add_argument("--expert-epochs", type=int, default=24, help="phase-1 epochs per expert")

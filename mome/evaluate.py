@@ -18,7 +18,6 @@ against the reference lesion of its modality (`--label-rule`, default every labe
   output overall and of the lesion-vs-background margin at lesion voxels (Suppl. Fig. I; see mome/usage.py).
 """
 
-import argparse
 from collections import defaultdict
 from pathlib import Path
 
@@ -29,7 +28,7 @@ from mome.labels import binarise, lesion_values
 from mome.predict import load_model
 from mome.splits import held_out, read_split_files
 from mome.usage import expert_usage
-from shared.cli import run_cli
+from shared.cli import check_output_dir, make_parser, non_negative_int, run_cli
 from shared.dataset import canonical_modality, list_cases, load_dataset_json
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
@@ -88,7 +87,9 @@ def collect_images(data_dirs, split: dict | None, *, subset=None, test_set=False
 
 
 def pred_path(pred_root, im: dict) -> Path:
-    return Path(pred_root) / im["dataset"] / f"{im['case']}_{im['channel']:04d}.nii.gz"
+    """PRED_ROOT/<dataset>/<CASE_XXXX>.nii.gz, or .nii when that is what exists (mome.predict keeps the input's)."""
+    path = Path(pred_root) / im["dataset"] / f"{im['case']}_{im['channel']:04d}.nii.gz"
+    return path if path.is_file() or not path.with_suffix("").is_file() else path.with_suffix("")
 
 
 def score_images(images, pred_root, lesion: dict, connectivity: int = 26) -> list[dict]:
@@ -169,7 +170,7 @@ def printed_table1(table: list[dict]) -> str:
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders with labels")
     parser.add_argument("--pred", nargs="+", required=True, help="one PRED_ROOT per model, each with one sub-folder "
                         "of predictions per dataset")  # fmt: skip
@@ -177,7 +178,7 @@ def parse_args(argv=None):
     parser.add_argument("--split-file", "--split", dest="split_file", nargs="+",
                         help="split.json of the training run, a {dataset: {train, test}} file or nnU-Net's "
                         "splits_final.json; the held-out cases of seen datasets are scored")  # fmt: skip
-    parser.add_argument("--fold", type=int, default=0, help="fold of an nnU-Net splits_final.json")
+    parser.add_argument("--fold", type=non_negative_int, default=0, help="fold of an nnU-Net splits_final.json")
     parser.add_argument("--subset", choices=("train", "val", "test"),
                         help="which list of the split to score (default: test, else val)")  # fmt: skip
     parser.add_argument("--test-set", action="store_true", help="score imagesTs/labelsTs instead of imagesTr/labelsTr")
@@ -198,6 +199,10 @@ def parse_args(argv=None):
     parser.add_argument("--device", default="cpu", help="device for the expert-usage analysis")
     parser.add_argument("--out", required=True, help="output folder for the CSV tables")
     args = parser.parse_args(argv)
+    check_output_dir(args.out, "--out")
+    for root in args.pred:
+        if not Path(root).is_dir():
+            raise InputError(f"--pred {root} is not a folder.")
     args.names = args.names or [Path(p).name for p in args.pred]
     if len(args.names) != len(args.pred):
         raise InputError(f"--names gives {len(args.names)} names for {len(args.pred)} --pred folders.")

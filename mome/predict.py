@@ -1,18 +1,20 @@
 """Segment brain lesions with a trained model of this package: NIfTI in, NIfTI out in the input's grid and affine.
 
     python -m mome.predict --model runs/mome/checkpoint.pt --input scan.nii.gz --output preds/
-    python -m mome.predict --model runs/nnunet/checkpoint.pt --input DatasetXXX/imagesTr --output preds/
+    python -m mome.predict --model runs/nnunet/checkpoint.pt --input DatasetXXX --split Tr --cases A B --output preds/
     python -m mome.predict --model mome_official.pt --input scan_in_mni152.nii.gz --output preds/ --mni-crop
 
 --model takes a MoME (mome.train, or the official release after mome.convert_checkpoint) or a single network of
 mome.train_expert (a modality expert, the universal nnU-Net of --modality all, a task-specific nnU-Net).
-Every input file is one single-modality image, registered to MNI152 at 1 mm as in training; no modality label
-is needed. The input must lie on the grid the model was trained on (the paper: 160x196x160); other shapes are
-refused unless --mni-crop (the official crop [20:180, 20:216, 0:160] of the 182x218x182 MNI152 grid) or
+--input is a NIfTI file, a folder of them or an nnU-Net dataset folder (its images<--split>). Every channel file
+CASE_XXXX is one single-modality image, registered to MNI152 at 1 mm as in training, and gets its own prediction
+OUTPUT/CASE_XXXX.nii.gz (the input's file name): the argmax label map, 0 background and 1 lesion. No modality
+label is needed; --modality M keeps the files of one modality of a dataset folder (e.g. to send each modality to
+its own expert). The input must lie on the grid the model was trained on (the paper: 160x196x160); other shapes
+are refused unless --mni-crop (the official crop [20:180, 20:216, 0:160] of the 182x218x182 MNI152 grid) or
 --crop-or-pad (centre crop/pad) is given, and the prediction is put back into the input's grid. Only the finest
-fused output o^1 is used (paper 2.2); like the official predictor, the logits are averaged over the 8 mirrorings
-of the three axes (--no-mirror: one pass). The output is the argmax label map (0 background, 1 lesion) with
-the input's file name.
+fused output o^1 is used (paper 2.2); as the official predictor, the logits are averaged over the 8 mirrorings
+of the three axes (--no-mirror: one pass).
 """
 
 import argparse
@@ -23,17 +25,18 @@ import torch
 from tqdm import tqdm
 
 from mome.model import build_expert, build_mome
-from mome.train_common import config_from_checkpoint
+from mome.train_common import config_from_checkpoint, stride_divisor
 from shared.checkpoint import load_checkpoint
-from shared.cli import run_cli
+from shared.cli import make_parser, overlap_fraction, positive_int, run_cli
+from shared.dataset import canonical_modality
 from shared.errors import InputError
 from shared.geometry import crop_or_pad, mni_crop, mni_uncrop, uncrop_or_unpad
 from shared.harness import autocast_context, pick_device
+from shared.inputs import add_input_args, inputs_from_args
 from shared.nifti import read_nifti, write_nifti
 from shared.sliding_window import sliding_window_inference
 from shared.transforms import zscore
 
-NIFTI_ENDINGS = (".nii.gz", ".nii")
 KINDS = ("mome", "mome_expert")  # mome.train / mome.convert_checkpoint, mome.train_expert
 
 
@@ -80,21 +83,17 @@ def load_model(path, device, expect_kind: str | None = None) -> tuple[torch.nn.M
     return model.to(device).eval(), info
 
 
-def list_inputs(path, cases=None) -> list[Path]:
-    """The NIfTI files to segment: one file, or every NIfTI file of a folder (optionally of some case ids)."""
-    path = Path(path)
-    if path.is_file():
-        return [path]
-    if not path.is_dir():
-        raise InputError(f"--input {path} does not exist.")
-    files = sorted(p for p in path.iterdir() if p.name.endswith(NIFTI_ENDINGS))
-    if cases:
-        wanted = set(cases)
-        files = [p for p in files if p.name.split(".nii")[0].rsplit("_", 1)[0] in wanted]
+def input_files(cases, modality: str | None = None) -> list[Path]:
+    """Every channel file of the resolved input cases (`shared.inputs`), or of one modality of a dataset folder."""
+    if modality is None:
+        return [path for case in cases for path in case.files.values()]
+    files = []
+    for case in cases:
+        if not case.channel_names:
+            raise InputError("--modality needs an nnU-Net dataset folder as --input (its dataset.json names channels).")
+        files += [path for index, path in case.files.items() if case.channel_names.get(index) == modality]
     if not files:
-        raise InputError(
-            f"--input {path} holds no NIfTI file (.nii or .nii.gz){' of the given --cases' * bool(cases)}."
-        )
+        raise InputError(f"--modality {modality}: no channel file of that modality in --input.")
     return files
 
 
@@ -145,24 +144,22 @@ def predict_volume(model, image: np.ndarray, *, patch_size, overlap=0.5, mirror_
 
 def check_patch(patch, cfg, source: str) -> tuple:
     """Refuse a sliding-window patch that the network's strides do not divide."""
-    divisor = [1, 1, 1]
-    for stride in cfg.strides:
-        divisor = [d * int(s) for d, s in zip(divisor, stride if not isinstance(stride, int) else (stride,) * 3)]
+    divisor = stride_divisor(cfg)
     if len(patch) != 3 or any(p < 1 or p % d for p, d in zip(patch, divisor)):
         raise InputError(f"{source} {list(patch)}: every side must be a positive multiple of {divisor}.")
     return tuple(patch)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument("--model", required=True, help="checkpoint of mome.train, mome.train_expert or "
                         "mome.convert_checkpoint")  # fmt: skip
-    parser.add_argument("--input", required=True, help="a NIfTI file or a folder of NIfTI files")
-    parser.add_argument("--output", required=True, help="folder for the predicted label maps")
-    parser.add_argument("--cases", nargs="+", help="only these case ids (files CASE_XXXX.nii.gz) of a folder")
-    parser.add_argument("--patch", type=int, nargs=3, help="sliding-window patch (default: the training patch)")
-    parser.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap in [0, 1)")
-    parser.add_argument("--tiles-per-batch", type=int, default=2, help="tiles per forward call")
+    add_input_args(parser)
+    parser.add_argument("--modality", help="only the channel files of this modality (a dataset folder --input)")
+    parser.add_argument("--patch", type=positive_int, nargs=3, help="sliding-window patch (default: the training "
+                        "patch)")  # fmt: skip
+    parser.add_argument("--overlap", type=overlap_fraction, default=0.5, help="sliding-window overlap")
+    parser.add_argument("--tiles-per-batch", type=positive_int, default=2, help="tiles per forward call")
     parser.add_argument("--mirror", action=argparse.BooleanOptionalAction, default=True,
                         help="average over the 8 mirrorings of the three axes, as the official predictor")  # fmt: skip
     fit = parser.add_mutually_exclusive_group()
@@ -173,9 +170,7 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="mixed precision on CUDA")
     args = parser.parse_args(argv)
-    if not 0.0 <= args.overlap < 1.0:
-        raise InputError(f"--overlap must lie in [0, 1), got {args.overlap}.")
-    files = list_inputs(args.input, args.cases)
+    files = input_files(inputs_from_args(args), canonical_modality(args.modality) if args.modality else None)
     device = pick_device(args.device)
     model, info = load_model(args.model, device)
     patch = check_patch(args.patch or info["patch"], info["config"], "--patch")

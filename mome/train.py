@@ -11,14 +11,13 @@ Options for short schedules (not in the paper; the defaults are the official beh
 `--gate-init uniform`, `--gate-maps shared`, `--gate-lr` and `--gate-optimizer adam`.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mome.data import describe, draw_batch
+from mome.data import describe, draw_batch, prepare_data, training_grid
 from mome.losses import curriculum_loss
 from mome.model import build_mome
 from mome.nnunet_import import load_checked, plain_state_dict, read_nnunet_checkpoint
@@ -27,11 +26,10 @@ from mome.train_common import (
     check_common_args,
     config_from_args,
     last_epoch,
-    prepare_data,
     save_run,
 )
-from shared.checkpoint import load_checkpoint, restore_run
-from shared.cli import run_cli
+from shared.checkpoint import load_checkpoint, prepare_run_dir, restore_run
+from shared.cli import make_parser, positive_float, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -52,7 +50,7 @@ KIND = "mome"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("MoME")
     g.add_argument("--experts", nargs="+", help="phase-1 checkpoints (mome.train_expert or nnU-Net v2), one per "
                    "modality in --modalities order")  # fmt: skip
@@ -73,7 +71,7 @@ def parse_args(argv=None):
     )
     g.add_argument(
         "--gate-lr",
-        type=float,
+        type=positive_float,
         help="initial learning rate of the gate (default: --lr, as the paper); "
         "the gate starts from scratch while the experts are pretrained",
     )
@@ -88,8 +86,6 @@ def parse_args(argv=None):
     add_common_args(parser, lr=1e-3, epochs=800)
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.gate_lr is not None and args.gate_lr <= 0:
-        raise InputError(f"--gate-lr must be positive, got {args.gate_lr}.")
     if args.random_experts == bool(args.experts):
         raise InputError("give either --experts (one checkpoint per modality) or --random-experts, not both or none.")
     if args.experts and len(args.experts) != len(args.modalities):
@@ -147,19 +143,19 @@ def main(argv=None) -> None:
     dist_info = init_distributed(args.device)
     device = dist_info.device
     rng = seed_everything(args.seed, rank=dist_info.rank)
+    ckpt = prepare_run_dir(args.out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
-    samples = prepare_data(args, dist_info)
     cfg = config_from_args(args, gate_mode=args.gate, gate_norm=args.gate_norm,
                            gate_per_class=args.gate_maps == "per-class")  # fmt: skip
     model = build_mome(cfg).to(device)
-    if args.experts:
+    if args.experts:  # read and checked before any data is prepared
         load_experts(model, args.experts, cfg.modalities, args.transfer_heads)
     if args.gate_init == "uniform":
         model.gate.init_uniform()
+    samples = prepare_data(args, dist_info)
+    grid = training_grid(samples)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
@@ -168,19 +164,11 @@ def main(argv=None) -> None:
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
-    if args.resume and ckpt_path.exists():
-        try:
-            ckpt = restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizers[0], scaler=scaler,
-                               generator=rng, device=device)  # fmt: skip
-            if len(optimizers) > 1:
-                optimizers[1].load_state_dict(ckpt["gate_optimizer"])
-        except InputError:
-            raise  # an unreadable file or another kind of checkpoint says so itself
-        except (KeyError, ValueError) as err:
-            raise InputError(
-                f"--resume {ckpt_path}: its optimizer state does not fit --gate-optimizer {args.gate_optimizer}; "
-                "resume with the flags the run started with."
-            ) from err
+    if ckpt is not None:
+        restore_run(ckpt, kind=KIND, model=model, optimizer=optimizers[0], scaler=scaler, generator=rng,
+                    device=device)  # fmt: skip
+        if len(optimizers) > 1:  # --gate-optimizer adam (the same flag as the first call: prepare_run_dir)
+            optimizers[1].load_state_dict(ckpt["gate_optimizer"])
         start_epoch = int(ckpt["epoch"])
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
@@ -236,7 +224,7 @@ def main(argv=None) -> None:
                   f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
             gate_state = optimizers[1].state_dict() if len(optimizers) > 1 else None
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizers[0], scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states, gate_optimizer=gate_state)  # fmt: skip
+                     epoch=epoch + 1, args=args, rng=rng_states, grid=grid, gate_optimizer=gate_state)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -14,14 +14,13 @@ model); with one dataset, `--modality all --data ONE_DATASET` is a dataset-speci
 `--modality M --data ONE_DATASET` the paper's task-specific one (a task is one modality of one dataset).
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mome.data import describe, draw_batch
+from mome.data import describe, draw_batch, prepare_data, training_grid
 from mome.losses import deep_supervised_loss, deep_supervision_weights, downsample_target
 from mome.model import build_expert
 from mome.train_common import (
@@ -29,11 +28,10 @@ from mome.train_common import (
     check_common_args,
     config_from_args,
     last_epoch,
-    prepare_data,
     save_run,
 )
-from shared.checkpoint import restore_run
-from shared.cli import run_cli
+from shared.checkpoint import prepare_run_dir, restore_run
+from shared.cli import make_parser, run_cli
 from shared.dataset import canonical_modality
 from shared.errors import InputError
 from shared.harness import (
@@ -55,7 +53,7 @@ KIND = "mome_expert"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     parser.add_argument(
         "--modality",
         required=True,
@@ -76,15 +74,15 @@ def main(argv=None) -> None:
     dist_info = init_distributed(args.device)
     device = dist_info.device
     rng = seed_everything(args.seed, rank=dist_info.rank)
+    ckpt = prepare_run_dir(args.out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
     samples = prepare_data(args, dist_info, only_modality=args.modality)
     if dist_info.is_main:
         what = "universal nnU-Net (every modality)" if args.modality == "all" else f"expert for {args.modality}"
         print(f"phase 1: {what} on {len(samples)} images\n{describe(samples)}")
+    grid = training_grid(samples)
     cfg = config_from_args(args)
     model = build_expert(cfg).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
@@ -92,8 +90,8 @@ def main(argv=None) -> None:
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
-    if args.resume and ckpt_path.exists():
-        start_epoch = int(restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
+    if ckpt is not None:
+        start_epoch = int(restore_run(ckpt, kind=KIND, model=model, optimizer=optimizer, scaler=scaler,
                                       generator=rng, device=device)["epoch"])  # fmt: skip
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
@@ -134,7 +132,7 @@ def main(argv=None) -> None:
         if dist_info.is_main:
             print(f"epoch {epoch}: loss {mean_loss:.4f} lr {lr:.2e} ({time.time() - t0:.1f} s)")
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states, modality=args.modality)  # fmt: skip
+                     epoch=epoch + 1, args=args, rng=rng_states, grid=grid, modality=args.modality)  # fmt: skip
 
 
 if __name__ == "__main__":

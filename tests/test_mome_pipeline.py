@@ -165,10 +165,6 @@ def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
         train.expert_weights(experts[0], "FLAIR")
     with pytest.raises(InputError, match="must be divisible by 2"):
         train.parse_args(["--data", *data, "--random-experts", "--patch", "20", "20", "20", "--out", str(tmp_path)])
-    with pytest.raises(InputError, match="--gate-lr must be positive"):
-        train.parse_args(["--data", *data, "--random-experts", "--gate-lr", "0", "--out", str(tmp_path)])
-    with pytest.raises(InputError, match="no dataset.json found"):
-        train_expert.parse_args(["--modality", "T1", "--data", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
         predict.load_model(experts[0], torch.device("cpu"), expect_kind="mome")
     torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
@@ -205,7 +201,7 @@ def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, expe
     straight, resumed = (_weights(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-    with pytest.raises(InputError, match="does not fit --gate-optimizer sgd"):
+    with pytest.raises(InputError, match="only continues the same run: --gate-optimizer: adam -> sgd"):
         train.main(args("sgd", "resumed", "--resume"))
     # a phase-1 checkpoint in --out is named as such, not blamed on the optimizer flag
     (tmp_path / "wrong_kind").mkdir()
