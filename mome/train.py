@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mome.data import describe, draw_batch, prepare_data, training_grid
+from mome.data import prepare_data, training_batch_iterator
 from mome.losses import curriculum_loss
 from mome.model import build_mome
 from mome.nnunet_import import load_checked, plain_state_dict, read_nnunet_checkpoint
@@ -27,6 +27,7 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     save_run,
+    write_split,
 )
 from shared.checkpoint import load_checkpoint, prepare_run_dir, restore_run
 from shared.cli import make_parser, positive_float, run_cli
@@ -154,12 +155,13 @@ def main(argv=None) -> None:
         load_experts(model, args.experts, cfg.modalities, args.transfer_heads)
     if args.gate_init == "uniform":
         model.gate.init_uniform()
-    samples = prepare_data(args, dist_info)
-    grid = training_grid(samples)
+    split, data = prepare_data(args, dist_info)
+    if dist_info.is_main:
+        write_split(out / "split.json", split)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
-              f"on {len(samples)} images\n{describe(samples)}")  # fmt: skip
+              f"on {len(data.case_of)} images\n{data.describe()}")  # fmt: skip
     optimizers = build_optimizers(model, args)  # [SGD over experts (+ gate)] or [SGD over experts, Adam over gate]
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
@@ -176,20 +178,22 @@ def main(argv=None) -> None:
     # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
     clipped = list(model.parameters() if args.clip_experts else model.gate.parameters())
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
+    steps, stop_epoch = args.steps_per_epoch, last_epoch(args, start_epoch)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * steps)
+    batches = training_batch_iterator(args, data, rank=dist_info.rank, device=device, start=start_epoch * steps,
+                                      stop=stop_epoch * steps)  # fmt: skip
 
-    for epoch in range(start_epoch, last_epoch(args, start_epoch)):
+    for epoch in range(start_epoch, stop_epoch):
         for optimizer in optimizers:  # stepped once per epoch, as nnU-Net's PolyLRScheduler
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
         lr = optimizers[0].param_groups[0]["lr"]  # the experts' lr, logged
         forward_model.train()
         t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
         for it in bar:
-            x, y, expert = draw_batch(samples, batch_size=args.batch_size, patch_size=args.patch, rng=rng,
-                                      oversample=args.oversample, augmentation=not args.no_augment)  # fmt: skip
-            x, y, expert = x.to(device, non_blocking=True), y.to(device, non_blocking=True), expert.to(device)
+            batch = next(batches)  # on `device`, augmented
+            x, y, expert = batch["image"], batch["label"], batch["expert"]
             with autocast_context(device, enabled=args.amp):
                 out_all = forward_model(x, return_all=True)
                 losses = curriculum_loss(
@@ -202,7 +206,7 @@ def main(argv=None) -> None:
                     curriculum=not args.no_curriculum,
                 )  # Eq. 2 (Eq. 4 alone with --no-curriculum)
             loss = losses["loss"]
-            check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
+            check_finite_loss(loss, epoch * steps + it, checkpoint_path=ckpt_path)
             scaler.scale(loss).backward()
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
@@ -214,9 +218,9 @@ def main(argv=None) -> None:
             for key in sums:
                 sums[key] += float(losses[key].detach())
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        means = {k: all_reduce_mean(v / args.steps_per_epoch) for k, v in sums.items()}
+        means = {k: all_reduce_mean(v / steps) for k, v in sums.items()}
         f_epoch = 0.0 if args.no_curriculum else float(losses["f_epoch"])
-        logger.log(step=(epoch + 1) * args.steps_per_epoch, epoch=epoch, lr=lr, f_epoch=f_epoch,
+        logger.log(step=(epoch + 1) * steps, epoch=epoch, lr=lr, f_epoch=f_epoch,
                    seconds=time.time() - t0, **means)  # fmt: skip
         rng_states = gather_rng_state(rng)
         if dist_info.is_main:
@@ -224,7 +228,7 @@ def main(argv=None) -> None:
                   f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
             gate_state = optimizers[1].state_dict() if len(optimizers) > 1 else None
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizers[0], scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states, grid=grid, gate_optimizer=gate_state)  # fmt: skip
+                     epoch=epoch + 1, args=args, rng=rng_states, grid=data.grid, gate_optimizer=gate_state)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from mome.data import describe, draw_batch, prepare_data, training_grid
+from mome.data import prepare_data, training_batch_iterator
 from mome.losses import deep_supervised_loss, deep_supervision_weights, downsample_target
 from mome.model import build_expert
 from mome.train_common import (
@@ -29,6 +29,7 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     save_run,
+    write_split,
 )
 from shared.checkpoint import prepare_run_dir, restore_run
 from shared.cli import make_parser, run_cli
@@ -78,11 +79,11 @@ def main(argv=None) -> None:
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
 
-    samples = prepare_data(args, dist_info, only_modality=args.modality)
+    split, data = prepare_data(args, dist_info, only_modality=args.modality)
     if dist_info.is_main:
+        write_split(out / "split.json", split)
         what = "universal nnU-Net (every modality)" if args.modality == "all" else f"expert for {args.modality}"
-        print(f"phase 1: {what} on {len(samples)} images\n{describe(samples)}")
-    grid = training_grid(samples)
+        print(f"phase 1: {what} on {len(data.case_of)} images\n{data.describe()}")
     cfg = config_from_args(args)
     model = build_expert(cfg).to(device)
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.99, nesterov=True,
@@ -99,24 +100,26 @@ def main(argv=None) -> None:
     # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
     weights = deep_supervision_weights(cfg.num_levels).to(device)
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
+    steps, stop_epoch = args.steps_per_epoch, last_epoch(args, start_epoch)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * steps)
+    batches = training_batch_iterator(args, data, rank=dist_info.rank, device=device, start=start_epoch * steps,
+                                      stop=stop_epoch * steps)  # fmt: skip
 
-    for epoch in range(start_epoch, last_epoch(args, start_epoch)):
+    for epoch in range(start_epoch, stop_epoch):
         lr = poly_lr(epoch, args.epochs, args.lr)  # nnU-Net steps the poly schedule once per epoch
         for group in optimizer.param_groups:
             group["lr"] = lr
         forward_model.train()
         t0, total = time.time(), 0.0
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
         for it in bar:
-            x, y, _ = draw_batch(samples, batch_size=args.batch_size, patch_size=args.patch, rng=rng,
-                                 oversample=args.oversample, augmentation=not args.no_augment)  # fmt: skip
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            batch = next(batches)  # on `device`, augmented
+            x, y = batch["image"], batch["label"]
             with autocast_context(device, enabled=args.amp):
                 outputs = forward_model(x)  # L logits, highest resolution first
                 targets = downsample_target(y, [o.shape[2:] for o in outputs])
                 loss = deep_supervised_loss([o.float() for o in outputs], targets, weights)  # Eq. 3
-            check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
+            check_finite_loss(loss, epoch * steps + it, checkpoint_path=ckpt_path)
             scaler.scale(loss).backward()
             scaler.unscale_(optimizer)
             torch.nn.utils.clip_grad_norm_(model.parameters(), 12.0)
@@ -125,14 +128,14 @@ def main(argv=None) -> None:
             optimizer.zero_grad(set_to_none=True)
             total += loss.item()
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        mean_loss = all_reduce_mean(total / args.steps_per_epoch)
-        logger.log(step=(epoch + 1) * args.steps_per_epoch, epoch=epoch, loss=mean_loss, lr=lr,
+        mean_loss = all_reduce_mean(total / steps)
+        logger.log(step=(epoch + 1) * steps, epoch=epoch, loss=mean_loss, lr=lr,
                    seconds=time.time() - t0)  # fmt: skip
         rng_states = gather_rng_state(rng)
         if dist_info.is_main:
             print(f"epoch {epoch}: loss {mean_loss:.4f} lr {lr:.2e} ({time.time() - t0:.1f} s)")
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizer, scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states, grid=grid, modality=args.modality)  # fmt: skip
+                     epoch=epoch + 1, args=args, rng=rng_states, grid=data.grid, modality=args.modality)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -26,6 +26,15 @@ TINY = ["--features", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size
         "--fold", "0", "--folds", "3", "--device", "cpu", "--no-compile"]  # fmt: skip
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """The preprocessed caches of these runs (default: data/cache of the checkout, which tests must not touch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("cache")
+        patch.setenv("BRAINSEG_CACHE", str(root))
+        yield root
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("phantoms")
@@ -74,10 +83,12 @@ def test_universal_nnunet_trains_on_every_channel_and_is_no_expert(universal, ex
 
 def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, universal, tmp_path):
     common = ["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2", *TINY]
-    train.main([*common, "--out", str(tmp_path / "straight")])
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
+    # straight in the main process; interrupted with 2 loader workers and resumed with 1: the batch of step t is
+    # a function of (seed, rank, t), so the weights must come out bit-identical
+    train.main([*common, "--out", str(tmp_path / "straight"), "--workers", "0"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1", "--workers", "2"])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
     straight, resumed = (
         _weights(tmp_path / "straight" / "checkpoint.pt"),
         _weights(tmp_path / "resumed" / "checkpoint.pt"),
