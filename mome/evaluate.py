@@ -15,7 +15,8 @@ against the reference lesion of its modality (`--label-rule`, default every labe
 - table2.csv: mean Dice of each unseen dataset (rows) for every model (columns), and the new-lesion row;
 - per_task.csv: mean Dice per dataset and modality (Supplementary Table I) for every model;
 - expert_usage.csv and expert_usage_lesion.csv (with --model, a MoME): each expert's share of the gate-weighted
-  output overall and of the lesion-vs-background margin at lesion voxels (Suppl. Fig. I; see mome/usage.py).
+  output overall and of the lesion-vs-background margin at lesion voxels, on seen images (Suppl. Fig. I; see
+  mome/usage.py).
 """
 
 from collections import defaultdict
@@ -243,7 +244,8 @@ def main(argv=None) -> None:
         print("\nDice per unseen dataset (Table 2)\n" + format_table(unseen))
     print("\nDice at three averaging levels (Table 1)\n" + printed_table1(levels))
     if model is not None:
-        magnitude, at_lesions = expert_usage(model, images, info["patch"], torch.device(args.device),
+        seen = [im for im in images if im["group"] == "seen"] or images  # Suppl. Fig. I: the training modalities
+        magnitude, at_lesions = expert_usage(model, seen, info["patch"], torch.device(args.device),
                                              info["modalities"], lesion)  # fmt: skip
         write_csv_atomic(out / "expert_usage.csv", magnitude)
         print("\nShare of each expert in mean|e_i * g_i| over the patch, by input modality (Suppl. Fig. I)\n"

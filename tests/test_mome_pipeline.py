@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from mome import evaluate, predict, train, train_expert
+from mome import demo, evaluate, predict, train, train_expert
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
@@ -219,3 +219,18 @@ def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, expe
     shutil.copy(experts[0], tmp_path / "wrong_kind" / "checkpoint.pt")
     with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
         train.main(args("adam", "wrong_kind", "--resume"))
+
+
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    """The main job's plumbing (data, five experts, nnU-Net, MoME, three prediction sets, tables) in seconds."""
+    demo.main(["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--expert-epochs", "1",
+               "--epochs", "1", "--nnunet-epochs", "1", "--steps-per-epoch", "1", "--cases", "4", "--unseen-cases",
+               "1", "--shape", "16", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Dice at three averaging levels (Table 1)" in printed and "new lesion types:" in printed
+    with open(tmp_path / "runs" / "eval" / "table1.csv") as f:
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(table) == ["MoME", "nnU-Net (universal)", "experts, oracle routing"]
+    # seen: one held-out case per dataset (4 tumour images, 1 DWI); unseen: scanner B; new lesion: MS + chronic
+    assert (table["MoME"]["seen_n_image"], table["MoME"]["unseen_n_image"], table["MoME"]["new_lesion_n_image"]) == (
+        "5", "5", "4")  # fmt: skip
