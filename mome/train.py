@@ -108,7 +108,13 @@ def expert_weights(path, modality: str) -> dict:
         return ckpt["model"]
     if ckpt is not None and "kind" in ckpt:
         raise InputError(f"--experts {path} is a {ckpt['kind']} checkpoint, expected a mome_expert one.")
-    return plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+    weights = plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+    if "encoder.stages.0.0.convs.0.conv.weight" not in weights:
+        raise InputError(
+            f"--experts {path} holds neither a mome.train_expert run nor an nnU-Net PlainConvUNet; pass the "
+            f"checkpoint.pt of mome.train_expert --modality {modality} (or an nnU-Net checkpoint_final.pth)."
+        )
+    return weights
 
 
 def load_experts(model, paths, modalities, transfer_heads: bool) -> None:

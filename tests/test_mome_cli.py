@@ -95,7 +95,8 @@ ROWS = [
     ("train gate-lr -1", train, lambda e: ["--data", e["data"], "--experts", e["ckpt"], "--gate-lr", "-1", *TINY,
      *OUT(e)], "--gate-lr: must be a positive number, got -1"),  # fmt: skip
     ("train plain state_dict expert", train, lambda e: ["--data", e["data"], "--experts", F(e, "plain.pt"), *TINY,
-     "--cache", e["cache"], *OUT(e)], "plain.pt"),  # fmt: skip
+     "--cache", e["cache"], *OUT(e)], "neither a mome.train_expert run nor an nnU-Net PlainConvUNet; pass the "
+     "checkpoint.pt of mome.train_expert --modality DWI"),  # fmt: skip
     ("train truncated expert", train, lambda e: ["--data", e["data"], "--experts", F(e, "truncated.pt"), *TINY,
      "--cache", e["cache"], *OUT(e)], "truncated.pt"),  # fmt: skip
     ("predict missing model", predict, lambda e: P(e, "/nope.pt", e["data"]), "/nope.pt: checkpoint file not found"),
