@@ -75,6 +75,14 @@ def test_one_cache_serves_every_label_rule_and_targets_are_made_per_sample(tmp_p
         assert set(batch["label"].unique().tolist()) <= {0, 1} and batch["label"][1].any()
 
 
+def test_universal_nnunet_gets_every_channel_phase_1_one_modality_phase_2_those_with_an_expert(tmp_path):
+    root, _ = tumour_dataset(tmp_path)
+    only_t1 = args_for(root, tmp_path / "cache", modalities=["T1"])
+    pick = {m: prepare_data(only_t1, SINGLE, only_modality=m)[1] for m in ("all", "T1", None)}
+    assert pick["all"].modalities == ["T1", "T1ce", "T1"] and pick["all"].experts.tolist() == [0, -1, 0]
+    assert pick["T1"].modalities == pick[None].modalities == ["T1", "T1"]
+
+
 def test_keep_labels_sizes_the_heads_from_the_declared_labels(tmp_path, monkeypatch):
     root, _ = tumour_dataset(tmp_path)
     monkeypatch.setenv("BRAINSEG_CACHE", str(tmp_path / "cache"))

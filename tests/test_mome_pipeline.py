@@ -74,7 +74,7 @@ def test_phase1_expert_checkpoint_names_its_modality(experts):
     assert tuple(ckpt["config"]["features"]) == (4, 8, 16)
 
 
-def test_universal_nnunet_trains_on_every_channel_and_is_no_expert(universal, experts, capsys):
+def test_universal_nnunet_checkpoint_is_no_expert(universal):
     ckpt = load_checkpoint(universal, expect_kind="mome_expert")
     assert ckpt["modality"] == "all"
     with pytest.raises(InputError, match="is a universal nnU-Net .--modality all., not the T1 expert"):
