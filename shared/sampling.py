@@ -78,7 +78,9 @@ def forced_foreground(index: int, batch_size: int, fraction: float) -> bool:
     return not index < round(batch_size * (1.0 - fraction))
 
 
-def read_region(array: np.ndarray, start, size, channels: Sequence[int] | None = None, fill=0) -> np.ndarray:
+def read_region(
+    array: np.ndarray, start, size, channels: Sequence[int] | None = None, fill=0, dtype=None
+) -> np.ndarray:
     """Copy the box [start, start + size) of the last three axes of `array`; voxels outside it are `fill`.
 
     Args:
@@ -86,8 +88,10 @@ def read_region(array: np.ndarray, start, size, channels: Sequence[int] | None =
         start: (3,) first voxel, may be negative or reach past the end.
         size: (3,) box size.
         channels: for a (C, X, Y, Z) array, the channels to copy in this order (repeats allowed); None: all.
+        fill: value outside the array (nnU-Net pads labels with -1, cleaned to 0 after augmentation).
+        dtype: of the result (default `array`'s; e.g. int16 for a uint8 label padded with -1).
     Returns:
-        (*size) or (len(channels), *size) array of `array`'s dtype.
+        (*size) or (len(channels), *size) array.
     """
     size = _three_ints(size, "size")
     shape = array.shape[-3:]
@@ -96,12 +100,13 @@ def read_region(array: np.ndarray, start, size, channels: Sequence[int] | None =
         lo, hi = max(int(s), 0), min(int(s) + p, n)
         src.append(slice(lo, max(lo, hi)))
         dst.append(slice(lo - int(s), lo - int(s) + max(0, hi - lo)))
+    dtype = array.dtype if dtype is None else dtype
     if array.ndim == 3:
-        out = np.full(size, fill, dtype=array.dtype)
+        out = np.full(size, fill, dtype=dtype)
         out[tuple(dst)] = array[tuple(src)]
         return out
     picked = range(array.shape[0]) if channels is None else channels
-    out = np.full((len(picked), *size), fill, dtype=array.dtype)
+    out = np.full((len(picked), *size), fill, dtype=dtype)
     for i, c in enumerate(picked):  # one channel at a time: fancy indexing a memory map would read whole channels
         out[(i, *dst)] = array[(int(c), *src)]
     return out

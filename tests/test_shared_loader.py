@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from shared.augment import PIPELINES, BatchAugmentation, apply_augmentation, initial_patch_size, sample_params
 from shared.cache import Preprocessing, build_cache
 from shared.errors import InputError
 from shared.loader import StepBatches, default_workers, step_rng, training_batches
-from shared.sampling import patch_start, read_region
+from shared.sampling import forced_foreground, patch_start, read_region
 from tests.test_shared_cache import make_dataset
 
 
@@ -90,3 +91,34 @@ def test_default_workers_and_bad_worker_count():
     with pytest.raises(InputError, match="--workers"):
         next(training_batches(lambda rng: {}, seed=0, rank=0, start=0, stop=1, workers=-1,
                               device=torch.device("cpu")))  # fmt: skip
+
+
+class DrawForAugmentation:
+    """A batch as the packages draw it for nnU-Net's augmentation: read region, labels padded with -1, params."""
+
+    def __init__(self, entries, patch=(8, 8, 8)):
+        self.entries, self.patch = entries, patch
+        self.read = initial_patch_size(patch, PIPELINES["nnunet"])
+
+    def __call__(self, rng):
+        images, labels = [], []
+        for j in range(2):
+            case = self.entries[int(rng.integers(len(self.entries)))]
+            start = patch_start(case, self.read, self.patch, rng, foreground=forced_foreground(j, 2, 0.33))
+            images.append(read_region(case.open_image(), start, self.read))
+            labels.append(read_region(case.open_label(), start, self.read, fill=-1, dtype=np.int16))
+        return {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(np.stack(labels)).long(),
+                "aug": sample_params(PIPELINES["nnunet"], 2, 2, rng)}  # fmt: skip
+
+
+def test_nnunet_augmentation_in_workers_is_the_same_as_in_the_main_process(entries):
+    draw, augment = DrawForAugmentation(entries), BatchAugmentation(PIPELINES["nnunet"], (8, 8, 8))
+    runs = [list(training_batches(draw, seed=5, rank=0, start=0, stop=4, workers=w, device=torch.device("cpu"),
+                                  augment=augment)) for w in (0, 2)]  # fmt: skip
+    for a, b in zip(*runs):
+        assert a["image"].shape == (2, 2, 8, 8, 8) and "aug" not in a
+        torch.testing.assert_close(a["image"], b["image"], rtol=1e-5, atol=1e-5)
+        assert torch.equal(a["label"], b["label"]) and a["label"].min() >= 0  # -1 padding cleaned to 0
+    raw = draw(step_rng(5, 0, 2))
+    expected, _ = apply_augmentation(raw["image"], raw["label"], raw["aug"], PIPELINES["nnunet"], (8, 8, 8))
+    torch.testing.assert_close(runs[0][2]["image"], expected)

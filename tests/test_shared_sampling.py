@@ -87,6 +87,9 @@ def test_read_region_equals_padding_then_slicing():
     label = rng.integers(0, 3, size=(5, 6, 7)).astype(np.uint8)
     np.testing.assert_array_equal(read_region(label, (1, 1, 1), (2, 2, 2)), label[1:3, 1:3, 1:3])
     assert not read_region(label, (10, 10, 10), (2, 2, 2)).any()  # entirely outside: all fill
+    padded_label = read_region(label, (-1, 0, 0), (2, 2, 2), fill=-1, dtype=np.int16)
+    assert padded_label.dtype == np.int16 and (padded_label[0] == -1).all()
+    np.testing.assert_array_equal(padded_label[1], label[0, 0:2, 0:2])
 
 
 def test_bad_sizes_are_refused():
