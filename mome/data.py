@@ -16,6 +16,10 @@ The data path (shared/cache.py, shared/sampling.py, shared/loader.py):
 - `MoMEDraw` builds one whole batch from the step's Generator: which (case, channel) samples (uniformly with
   replacement, as nnU-Net draws cases), nnU-Net's forced foreground (with B = 2 the second sample), the patch
   starts and the augmentation parameters; it reads only the patch voxels from the memory maps.
+- The augmentation is nnU-Net v2's default (shared.augment, `PIPELINES["nnunet"]`: rotation, scaling, noise,
+  blur, brightness, contrast, low resolution, gamma, mirroring), as the paper trains with nnU-Net's defaults;
+  the draw reads nnU-Net's larger initial patch so rotated patches have no empty corners. `--no-augment`
+  reads the patch itself and skips it.
 """
 
 from collections import Counter
@@ -27,6 +31,7 @@ import torch
 
 from mome.labels import binarise, lesion_values
 from mome.splits import training_split
+from shared.augment import PIPELINES, AugmentationPipeline, BatchAugmentation, initial_patch_size, sample_params
 from shared.cache import Preprocessing, build_cache
 from shared.errors import InputError
 from shared.harness import DistInfo
@@ -125,44 +130,59 @@ class MoMEDraw:
         data: the run's samples.
         batch_size: B.
         patch_size: the final patch (after augmentation).
-        read_size: the region read around it (the augmentation's initial patch size; the patch without one).
         oversample: nnU-Net's oversample_foreground_percent (0.33).
         keep_labels: keep the label values as classes instead of binarising them.
+        pipeline: the augmentation whose parameters the batch carries (None: no augmentation, the patch is read).
     """
 
     data: TrainingData
     batch_size: int
     patch_size: tuple
-    read_size: tuple
     oversample: float = 0.33
     keep_labels: bool = False
+    pipeline: AugmentationPipeline | None = None
+
+    @property
+    def read_size(self) -> tuple:
+        """The region read around a patch: nnU-Net's initial patch size with augmentation, else the patch."""
+        return tuple(self.patch_size) if self.pipeline is None else initial_patch_size(self.patch_size, self.pipeline)
 
     def __call__(self, rng: np.random.Generator) -> dict:
-        """Returns {"image": (B, 1, *read) float32, "label": (B, *read) int64, "expert": (B,) int64}."""
-        d = self.data
+        """Returns {"image": (B, 1, *read) float32, "label": (B, *read) int64, "expert": (B,) int64 and, with a
+        pipeline, "aug": its parameters}; labels are -1 outside the volume (the augmentation sets them to 0)."""
+        d, read = self.data, self.read_size
         picks = rng.integers(len(d.case_of), size=self.batch_size)
         images, labels = [], []
         for j, s in enumerate(picks):
             case, lesion = d.cases[d.case_of[s]], d.lesion[s]
             foreground = forced_foreground(j, self.batch_size, self.oversample)
-            start = patch_start(case, self.read_size, self.patch_size, rng, foreground, classes=lesion)
-            images.append(read_region(case.open_image(), start, self.read_size, channels=[int(d.channels[s])]))
-            label = read_region(case.open_label(), start, self.read_size)
-            labels.append(label.astype(np.int64) if self.keep_labels else binarise(label, lesion).astype(np.int64))
-        return {
+            start = patch_start(case, read, self.patch_size, rng, foreground, classes=lesion)
+            images.append(read_region(case.open_image(), start, read, channels=[int(d.channels[s])]))
+            label = read_region(case.open_label(), start, read, fill=-1 if self.pipeline else 0, dtype=np.int16)
+            if not self.keep_labels:  # lesion = the sample's lesion values; -1 (outside) stays -1
+                label = np.where(label < 0, label, binarise(label, lesion))
+            labels.append(label.astype(np.int64))
+        batch = {
             "image": torch.from_numpy(np.stack(images).astype(np.float32, copy=False)),
             "label": torch.from_numpy(np.stack(labels)),
             "expert": torch.from_numpy(d.experts[picks]),
         }
+        if self.pipeline is not None:
+            batch["aug"] = sample_params(self.pipeline, self.batch_size, 1, rng)
+        return batch
 
 
 def training_batch_iterator(args, data: TrainingData, *, rank: int, device: torch.device, start: int, stop: int):
-    """The batches of steps [start, stop) of a run on `device`: step t's batch is a function of (seed, rank, t).
+    """The augmented batches of steps [start, stop) on `device`: step t's batch depends on (seed, rank, t) only.
 
-    So `--resume` at any epoch continues bit-identically, with any number of `--workers` (shared.loader).
+    So `--resume` at any epoch continues bit-identically, with any number of `--workers` (shared.loader). On
+    CPU the augmentation runs in the loader workers, on CUDA on the GPU after the copy.
     """
     patch = tuple(args.patch)
-    draw = MoMEDraw(data, batch_size=args.batch_size, patch_size=patch, read_size=patch, oversample=args.oversample,
-                    keep_labels=args.keep_labels)  # fmt: skip
+    pipeline = None if args.no_augment else PIPELINES["nnunet"]
+    draw = MoMEDraw(data, batch_size=args.batch_size, patch_size=patch, oversample=args.oversample,
+                    keep_labels=args.keep_labels, pipeline=pipeline)  # fmt: skip
     workers = default_workers(device) if args.workers is None else args.workers
-    return training_batches(draw, seed=args.seed, rank=rank, start=start, stop=stop, workers=workers, device=device)
+    augment = None if pipeline is None else BatchAugmentation(pipeline, patch)
+    return training_batches(draw, seed=args.seed, rank=rank, start=start, stop=stop, workers=workers, device=device,
+                            augment=augment)  # fmt: skip

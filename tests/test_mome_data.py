@@ -12,6 +12,7 @@ from test_mome_evaluate import TUMOUR_LABELS, write_dataset
 
 from mome import train_expert
 from mome.data import MoMEDraw, prepare_data
+from shared.augment import PIPELINES, BatchAugmentation, initial_patch_size
 from shared.checkpoint import load_checkpoint
 from shared.harness import DistInfo
 from shared.transforms import zscore
@@ -62,13 +63,17 @@ def test_one_cache_serves_every_label_rule_and_targets_are_made_per_sample(tmp_p
         lesion=core.lesion[1:2],
     )
     # the whole volume as the patch: the batch is the cached T1ce channel and its tumour-core mask
-    whole = MoMEDraw(t1ce, batch_size=2, patch_size=(16, 16, 16), read_size=(16, 16, 16))(np.random.default_rng(0))
+    whole = MoMEDraw(
+        t1ce,
+        batch_size=2,
+        patch_size=(16, 16, 16),
+    )(np.random.default_rng(0))
     np.testing.assert_array_equal(whole["image"][0, 0].numpy(), cached[1])
     np.testing.assert_array_equal(whole["label"][0].numpy(), np.isin(core.cases[0].open_label(), (1, 3)))
     assert whole["expert"].tolist() == [1, 1]
     # 8^3 patches: the forced sample (index 1) is centred on a tumour-core voxel, never on the edema corner,
     # whose patch would hold no tumour core
-    draw = MoMEDraw(t1ce, batch_size=2, patch_size=(8, 8, 8), read_size=(8, 8, 8), oversample=0.5)
+    draw = MoMEDraw(t1ce, batch_size=2, patch_size=(8, 8, 8), oversample=0.5)
     for seed in range(20):
         batch = draw(np.random.default_rng(seed))
         assert batch["image"].shape == (2, 1, 8, 8, 8) and batch["label"].dtype == torch.int64
@@ -99,10 +104,29 @@ def test_keep_labels_sizes_the_heads_from_the_declared_labels(tmp_path, monkeypa
 def test_draw_forces_nnunets_last_samples_to_foreground(tmp_path, oversample, forced):
     root, _ = tumour_dataset(tmp_path)
     _, data = prepare_data(args_for(root, tmp_path / "cache"), SINGLE)
-    draw = MoMEDraw(data, batch_size=2, patch_size=(4, 4, 4), read_size=(4, 4, 4), oversample=oversample)
+    draw = MoMEDraw(data, batch_size=2, patch_size=(4, 4, 4), oversample=oversample)
     hits = np.zeros(2)
     for seed in range(40):
         hits += draw(np.random.default_rng(seed))["label"].flatten(1).any(1).numpy()
     # a 4^3 patch placed at random rarely meets one of the three small lesions; a forced one always does
     for j in range(2):
         assert (hits[j] == 40) if forced[j] else (hits[j] < 30), (oversample, hits)
+
+
+def test_augmented_batches_read_nnunets_initial_patch_and_come_out_binary(tmp_path):
+    root, _ = tumour_dataset(tmp_path)
+    _, data = prepare_data(args_for(root, tmp_path / "cache"), SINGLE)
+    pipeline = PIPELINES["nnunet"]
+    draw = MoMEDraw(data, batch_size=2, patch_size=(8, 8, 8), pipeline=pipeline)
+    read = initial_patch_size((8, 8, 8), pipeline)
+    assert draw.read_size == read and min(read) > 8  # room for rotations and scaling
+    outside = False
+    for seed in range(10):
+        batch = draw(np.random.default_rng(seed))
+        assert batch["image"].shape == (2, 1, *read) and set(batch["aug"]) >= {"rotation", "mirror"}
+        assert set(batch["label"].unique().tolist()) <= {-1, 0, 1}  # -1: read outside the volume
+        outside |= bool((batch["label"] == -1).any())
+        out = BatchAugmentation(pipeline, (8, 8, 8))(batch)
+        assert out["image"].shape == (2, 1, 8, 8, 8) and "aug" not in out
+        assert set(out["label"].unique().tolist()) <= {0, 1}
+    assert outside
