@@ -45,7 +45,7 @@ def channel_indices(root) -> dict[str, int]:
     return {canonical_modality(name): int(index) for index, name in channels.items()}
 
 
-def collect_images(data_dirs, split: dict | None, *, subset=None, test_set=False, cases=None, groups=None) -> list:
+def collect_images(data_dirs, split: dict | None, subset=None, *, test_set=False, cases=None, groups=None) -> list:
     """Every image to score: {dataset, group, case, modality, channel, label, case_obj}.
 
     Args:
@@ -93,8 +93,13 @@ def pred_path(pred_root, im: dict) -> Path:
     return path if path.is_file() or not path.with_suffix("").is_file() else path.with_suffix("")
 
 
-def score_images(images, pred_root, lesion: dict, connectivity: int = 26) -> list[dict]:
-    """Per-image metrics of one model: binarised prediction against the reference lesion of the image's modality."""
+def score_images(images, pred_root, lesion: dict | None = None, connectivity: int = 26) -> list[dict]:
+    """Per-image metrics of one model: binarised prediction against the reference lesion of the image's modality.
+
+    Args:
+        lesion: {(dataset, modality): lesion label values} (`mome.labels.lesion_values`); None: every declared
+            label value > 0.
+    """
     missing = [f"{im['dataset']}/{im['case']}_{im['channel']:04d}" for im in images
                if not pred_path(pred_root, im).is_file()]  # fmt: skip
     if missing:
@@ -107,7 +112,11 @@ def score_images(images, pred_root, lesion: dict, connectivity: int = 26) -> lis
             raise InputError(f"{pred.path}: shape {pred.data.shape} differs from its reference {gt.data.shape}.")
         if not np.allclose(pred.affine, gt.affine, atol=1e-3):
             raise InputError(f"{pred.path}: affine differs from its reference's (not predicted in the input grid).")
-        reference = binarise(gt.data, lesion[(im["dataset"], im["modality"])])
+        if lesion is not None:
+            values = lesion[(im["dataset"], im["modality"])]
+        else:
+            values = [v for v in im["case_obj"].label_values if v > 0]
+        reference = binarise(gt.data, values)
         metrics = case_metrics(pred.data > 0, reference, spacing=gt.spacing, connectivity=connectivity)
         rows.append({k: im[k] for k in ("dataset", "group", "modality", "case", "channel")} | metrics)
     return rows
