@@ -204,7 +204,8 @@ def parse_args(argv=None):
         help="[DATASET:]MODALITY=LABELS: the reference "
         "lesion of a modality, e.g. T1ce=necrosis,enhancing (tumour core, as the paper's BraTS T1ce)",
     )
-    parser.add_argument("--model", help="MoME checkpoint for the expert-usage tables (optional)")
+    parser.add_argument("--model", help="MoME checkpoint for the expert-usage tables (optional; a single network "
+                        "of mome.train_expert has no gate and is skipped)")  # fmt: skip
     parser.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26), help="lesion connectivity")
     parser.add_argument("--device", default="cpu", help="device for the expert-usage analysis")
     parser.add_argument("--out", required=True, help="output folder for the CSV tables")
@@ -239,7 +240,10 @@ def main(argv=None) -> None:
         raise InputError("no labelled image to evaluate in --data (check --split-file, --subset and --cases).")
     model = info = None
     if args.model:
-        model, info = load_model(args.model, torch.device(args.device), expect_kind="mome")
+        model, info = load_model(args.model, torch.device(args.device))
+        if info["kind"] != "mome":
+            print(f"--model {args.model} is a single network (mome.train_expert): no gate, so no expert-usage table")
+            model = None
     rows = {name: score_images(images, root, lesion, args.connectivity) for name, root in zip(args.names, args.pred)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -140,6 +140,11 @@ def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, universa
     assert unseen["dataset"] == Path(data[1]).name and float(unseen["nnU-Net"]) == pytest.approx(
         float(table["nnU-Net"]["unseen_image"])
     )
+    # a single network is taken as --model too; it has no gate, so no usage table is written
+    evaluate.main(["--data", *data, "--pred", str(tmp_path / "nnunet"), "--split-file", str(split), "--unseen",
+                   Path(data[1]).name, "--model", universal, "--out", str(tmp_path / "eval_nnunet")])  # fmt: skip
+    assert (tmp_path / "eval_nnunet" / "table1.csv").is_file()
+    assert not (tmp_path / "eval_nnunet" / "expert_usage.csv").exists()
     for usage_table in ("expert_usage.csv", "expert_usage_lesion.csv"):
         with open(tmp_path / "eval" / usage_table) as f:
             for row in csv.DictReader(f):
