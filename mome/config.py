@@ -12,7 +12,8 @@ GATE_MODES = ("hierarchical", "basic")
 class MoMEConfig:
     """Architecture of a MoME model; the defaults reproduce the official nnU-Net v2 3d_fullres setting.
 
-    `kernel_sizes` and `strides` take one int for all stages or one entry per stage (an int or a 3-tuple).
+    `kernel_sizes` and `strides` take one int for all stages or one entry per stage (an int or a 3-tuple); an
+    imported nnU-Net release (`mome.convert_checkpoint`) stores them per stage, as read from its weights.
     """
 
     # expert order of the official code; expert i is supervised on modality i by the curriculum loss (Eq. 2)
@@ -24,8 +25,9 @@ class MoMEConfig:
     kernel_sizes: int | tuple = 3
     # stride of each stage's first conv; None -> (1, 2, 2, ...): full resolution, then halve per stage
     strides: int | tuple | None = None
-    n_conv_per_stage: int = 2  # conv-norm-act blocks per encoder stage
-    n_conv_per_stage_decoder: int = 2  # conv-norm-act blocks per decoder stage
+    n_conv_per_stage: int | tuple = 2  # conv-norm-act blocks per encoder stage (one int, or one per stage)
+    n_conv_per_stage_decoder: int | tuple = 2  # conv-norm-act blocks per decoder stage (one int, or one per stage)
+    conv_bias: bool = True  # biases in the 3x3x3 and transposed convs (nnU-Net 3d_fullres: True)
     # the official gate is a full nnU-Net with the experts' topology; None copies `features`
     gate_features: tuple[int, ...] | None = None
     gate_norm: str = "none"  # "none": raw per-class maps as in the official code; "softmax": over experts

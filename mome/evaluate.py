@@ -1,172 +1,272 @@
-"""Evaluate MoME predictions as the paper's tables.
+"""Score prediction folders of several models side by side, as the paper's tables.
 
-    python -m mome.evaluate --data DATASET_DIR [...] --pred PRED_ROOT --split runs/mome/split.json \
-        --unseen Dataset906_PhantomStrokeChronic --model runs/mome/checkpoint.pt --out runs/mome/eval
+    python -m mome.evaluate --data DATASET_DIR [...] --pred PRED_MOME PRED_NNUNET --names MoME nnU-Net \
+        --split-file runs/mome/split.json --unseen Dataset911_PhantomTumourScannerB \
+        --model runs/mome/checkpoint.pt --out runs/mome/eval
 
-PRED_ROOT/<dataset folder name>/<CASE_XXXX>.nii.gz is the prediction for channel XXXX of a case. Writes:
-- per_image.csv: Dice, HD95, PPV, sensitivity, lesion-wise numbers of every image;
-- table1.csv: image-, task- (dataset x modality) and dataset-level mean Dice (Table 1), seen and unseen data
-  apart (Table 2);
-- per_task.csv: mean Dice per dataset (lesion type) and modality (Supplementary Table I);
-- expert_usage.csv (with --model): the expert degeneration analysis of Supplementary Fig. I: for inputs of
-  each modality (rows), the share of each expert (columns) in the mean gate-weighted output magnitude
-  mean|e_i^1 * g_i^1| at the finest level.
+PRED/<dataset folder name>/<CASE_XXXX>.nii.gz is a model's prediction for channel XXXX (the index declared in
+dataset.json) of a case, as `mome.predict` writes it. Every image is scored binarised: lesion = prediction > 0
+against the reference lesion of its modality (`--label-rule`, default every label > 0). Datasets are seen
+(scored on the held-out cases of --split-file), `--unseen` (new datasets of the seen lesion types: Table 2) or
+`--new-lesion` (lesion types absent from training: one extra row, not in the paper). Writes:
+- per_image.csv: Dice, HD95, PPV, sensitivity and lesion-wise numbers of every model and image;
+- table1.csv: one row per model, Dice at the image, task (dataset x modality) and dataset levels for seen and
+  unseen data (Table 1; the paper's Table 2 row average for unseen);
+- table2.csv: mean Dice of each unseen dataset (rows) for every model (columns), and the new-lesion row;
+- per_task.csv: mean Dice per dataset and modality (Supplementary Table I) for every model;
+- expert_usage.csv and expert_usage_lesion.csv (with --model, a MoME): each expert's share of the gate-weighted
+  output overall and of the lesion-vs-background margin at lesion voxels, on seen images (Suppl. Fig. I; see
+  mome/usage.py).
 """
 
-import argparse
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from mome.predict import load_mome
-from shared.cli import run_cli
-from shared.dataset import list_cases, load_case
+from mome.labels import binarise, lesion_values
+from mome.predict import load_model
+from mome.splits import held_out, read_split_files
+from mome.usage import expert_usage
+from shared.cli import check_output_dir, make_parser, non_negative_int, run_cli
+from shared.dataset import canonical_modality, list_cases, load_dataset_json
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
-from shared.geometry import crop_or_pad
 from shared.metrics import aggregate_levels, case_metrics
 from shared.nifti import read_nifti
-from shared.transforms import zscore
+
+GROUPS = ("seen", "unseen", "new_lesion")
 
 
-def collect_images(data_dirs, split: dict | None, subset: str) -> list[dict]:
-    """(dataset, case, modality, channel, image path, label path) of every image to evaluate."""
+def channel_indices(root) -> dict[str, int]:
+    """{canonical modality: channel index} as declared in dataset.json (the XXXX of CASE_XXXX, not the position)."""
+    channels = load_dataset_json(root)["channel_names"]
+    return {canonical_modality(name): int(index) for index, name in channels.items()}
+
+
+def collect_images(data_dirs, split: dict | None, subset=None, *, test_set=False, cases=None, groups=None) -> list:
+    """Every image to score: {dataset, group, case, modality, channel, label, case_obj}.
+
+    Args:
+        split: {dataset: split entry}; a seen dataset must be in it (its training cases are never scored), others
+            are scored on every labelled case unless listed.
+        subset: which list of the split ("train", "val", "test"; default the held-out one).
+        test_set: score imagesTs/labelsTs instead of imagesTr/labelsTr.
+        cases: only these case ids (any dataset).
+        groups: {dataset: "seen" | "unseen" | "new_lesion"} (default seen).
+    """
+    groups = groups or {}
     images = []
-    for root in data_dirs:
-        root = Path(root)
+    for root in map(Path, data_dirs):
+        group = groups.get(root.name, "seen")
         wanted = None
         if split is not None and root.name in split:
-            wanted = set(split[root.name][subset])
-        for case in list_cases(root):
-            if case.label is None or (wanted is not None and case.case_id not in wanted):
+            wanted = set(held_out(split[root.name], subset))
+        elif split is not None and group == "seen":
+            raise InputError(
+                f"--split-file has no split for the seen dataset {root.name}, so its training cases would be scored; "
+                "declare it --unseen or --new-lesion if it was never trained on."
+            )
+        if test_set and not (root / "imagesTs").is_dir():
+            raise InputError(f"--test-set: {root} has no imagesTs folder.")
+        index = channel_indices(root)
+        unlabelled = 0
+        for case in list_cases(root, "Ts" if test_set else "Tr"):
+            if (wanted is not None and case.case_id not in wanted) or (cases and case.case_id not in cases):
                 continue
-            for channel, (modality, path) in enumerate(case.images.items()):
+            if case.label is None:
+                unlabelled += 1
+                continue
+            for modality, path in case.images.items():
                 if path is not None:
-                    images.append(dict(dataset=root.name, case=case.case_id, modality=modality, channel=channel,
-                                       image=path, label=case.label, case_obj=case))  # fmt: skip
+                    images.append(dict(dataset=root.name, group=group, case=case.case_id, modality=modality,
+                                       channel=index[modality], label=case.label, case_obj=case))  # fmt: skip
+        if unlabelled:
+            print(f"{root.name}: {unlabelled} selected case(s) without a label file are not scored")
     return images
 
 
-def score_images(images, pred_root, connectivity: int = 26) -> list[dict]:
-    """Per-image metrics of the binarised prediction (label > 0) against the binarised reference."""
-    pred_root = Path(pred_root)
+def pred_path(pred_root, im: dict) -> Path:
+    """PRED_ROOT/<dataset>/<CASE_XXXX>.nii.gz, or .nii when that is what exists (mome.predict keeps the input's)."""
+    path = Path(pred_root) / im["dataset"] / f"{im['case']}_{im['channel']:04d}.nii.gz"
+    return path if path.is_file() or not path.with_suffix("").is_file() else path.with_suffix("")
+
+
+def score_images(images, pred_root, lesion: dict | None = None, connectivity: int = 26) -> list[dict]:
+    """Per-image metrics of one model: binarised prediction against the reference lesion of the image's modality.
+
+    Args:
+        lesion: {(dataset, modality): lesion label values} (`mome.labels.lesion_values`); None: every declared
+            label value > 0.
+    """
     missing = [f"{im['dataset']}/{im['case']}_{im['channel']:04d}" for im in images
-               if not _pred_path(pred_root, im).exists()]  # fmt: skip
+               if not pred_path(pred_root, im).is_file()]  # fmt: skip
     if missing:
         raise InputError(f"--pred {pred_root} lacks {len(missing)} predictions: {', '.join(missing[:10])}.")
     rows = []
     for im in images:
         gt = read_nifti(im["label"], dtype=np.int64)
-        pred = read_nifti(_pred_path(pred_root, im), dtype=np.int64)
+        pred = read_nifti(pred_path(pred_root, im), dtype=np.int64)
         if pred.data.shape != gt.data.shape:
             raise InputError(f"{pred.path}: shape {pred.data.shape} differs from its reference {gt.data.shape}.")
-        metrics = case_metrics(pred.data > 0, gt.data > 0, spacing=gt.spacing, connectivity=connectivity)
-        rows.append({k: im[k] for k in ("dataset", "modality", "case", "channel")} | metrics)
+        if not np.allclose(pred.affine, gt.affine, atol=1e-3):
+            raise InputError(f"{pred.path}: affine differs from its reference's (not predicted in the input grid).")
+        if lesion is not None:
+            values = lesion[(im["dataset"], im["modality"])]
+        else:
+            values = [v for v in im["case_obj"].label_values if v > 0]
+        reference = binarise(gt.data, values)
+        metrics = case_metrics(pred.data > 0, reference, spacing=gt.spacing, connectivity=connectivity)
+        rows.append({k: im[k] for k in ("dataset", "group", "modality", "case", "channel")} | metrics)
     return rows
 
 
-def _pred_path(pred_root: Path, im: dict) -> Path:
-    return pred_root / im["dataset"] / f"{im['case']}_{im['channel']:04d}.nii.gz"
-
-
-def level_table(rows, unseen) -> list[dict]:
-    """Table 1 rows (seen data) and Table 2 rows (unseen data): Dice at the three averaging levels."""
+def table1(rows_by_model: dict) -> list[dict]:
+    """One row per model: Dice at the image, task and dataset levels, for each group present (Table 1)."""
     table = []
-    for group, keep in (("seen", lambda r: r["dataset"] not in unseen), ("unseen", lambda r: r["dataset"] in unseen)):
-        subset = [r for r in rows if keep(r)]
-        if subset:
-            levels = aggregate_levels(subset, value="dice")
-            table.append({"data": group} | levels)
-    return table
-
-
-def task_table(rows) -> list[dict]:
-    """Mean Dice (and image count) per dataset and modality, as Supplementary Table I."""
-    groups = defaultdict(list)
-    for r in rows:
-        groups[(r["dataset"], r["modality"])].append(r["dice"])
-    return [{"dataset": d, "modality": m, "images": len(v), "dice": float(np.mean(v))}
-            for (d, m), v in sorted(groups.items())]  # fmt: skip
-
-
-@torch.no_grad()
-def expert_usage(model, images, patch_size, device, expert_names, per_modality: int = 4) -> list[dict]:
-    """Share of each expert in mean|e_i^1 * g_i^1| for inputs of each modality (Suppl. Fig. I as a table).
-
-    Each image contributes a patch of `patch_size` around the centre of its lesion mask's bounding box (the
-    volume centre when it has no lesion); at most `per_modality` images per modality.
-    """
-    sums, counts = defaultdict(lambda: torch.zeros(len(model.experts))), defaultdict(int)
-    for im in images:
-        if counts[im["modality"]] >= per_modality:
-            continue
-        image, label, _, _ = load_case(im["case_obj"], modalities=[im["modality"]])
-        x = zscore(image)
-        centre = np.array(x.shape[1:]) // 2
-        if label is not None and (label > 0).any():
-            idx = np.argwhere(label > 0)
-            centre = (idx.min(0) + idx.max(0)) // 2
-        start = [int(np.clip(c - p // 2, 0, max(s - p, 0))) for c, p, s in zip(centre, patch_size, x.shape[1:])]
-        x = x[(slice(None), *[slice(s, s + p) for s, p in zip(start, patch_size)])]
-        x, _ = crop_or_pad(x, patch_size)
-        out = model(torch.from_numpy(np.ascontiguousarray(x))[None].to(device), return_all=True)
-        gate = out["gates"][0]  # (1, N, K, D, H, W)
-        for i, levels in enumerate(out["experts"]):
-            sums[im["modality"]][i] += (levels[0] * gate[:, i]).abs().mean().item()
-        counts[im["modality"]] += 1
-    table = []
-    for modality, total in sums.items():
-        share = total / total.sum().clamp_min(1e-12)
-        row = {"input_modality": modality, "images": counts[modality]}
-        row |= {f"expert_{name}": float(share[i]) for i, name in enumerate(expert_names)}
+    for name, rows in rows_by_model.items():
+        row = {"model": name}
+        for group in GROUPS:
+            subset = [r for r in rows if r["group"] == group]
+            if subset:
+                levels = aggregate_levels(subset, value="dice")
+                row |= {f"{group}_{k}": levels[k] for k in ("image", "task", "dataset")}
+                row |= {f"{group}_n_{k}": levels[f"n_{k}s"] for k in ("image", "task", "dataset")}
         table.append(row)
     return table
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders with labelsTr")
-    parser.add_argument("--pred", required=True, help="PRED_ROOT with one sub-folder of predictions per dataset")
-    parser.add_argument("--split", help="split.json of the training run; datasets listed there use --subset cases")
-    parser.add_argument("--subset", choices=("val", "train"), default="val", help="which cases of --split to score")
-    parser.add_argument("--unseen", nargs="*", default=[], help="dataset folder names kept out of training (Table 2)")
-    parser.add_argument("--model", help="MoME checkpoint for the expert-usage table (optional)")
+def table2(rows_by_model: dict) -> list[dict]:
+    """Mean Dice of each unseen dataset (rows) for every model (columns), and one row for all new-lesion sets."""
+    first = next(iter(rows_by_model.values()))
+    unseen = sorted({r["dataset"] for r in first if r["group"] == "unseen"})
+    new = sorted({r["dataset"] for r in first if r["group"] == "new_lesion"})
+    selections = [(d, lambda r, d=d: r["dataset"] == d) for d in unseen]
+    if new:
+        selections.append((f"new lesion types: {', '.join(new)}", lambda r: r["group"] == "new_lesion"))
+    table = []
+    for label, keep in selections:
+        row = {"dataset": label, "images": sum(1 for r in first if keep(r))}
+        row |= {name: float(np.mean([r["dice"] for r in rows if keep(r)])) for name, rows in rows_by_model.items()}
+        table.append(row)
+    return table
+
+
+def task_table(rows_by_model: dict) -> list[dict]:
+    """Mean Dice per dataset and modality (Supplementary Table I), one column per model."""
+    groups = defaultdict(lambda: defaultdict(list))
+    for name, rows in rows_by_model.items():
+        for r in rows:
+            groups[(r["group"], r["dataset"], r["modality"])][name].append(r["dice"])
+    table = []
+    for (group, dataset, modality), by_model in sorted(groups.items(), key=lambda kv: (GROUPS.index(kv[0][0]), kv[0])):
+        row = {"data": group, "dataset": dataset, "modality": modality, "images": len(next(iter(by_model.values())))}
+        table.append(row | {name: float(np.mean(v)) for name, v in by_model.items()})
+    return table
+
+
+def printed_table1(table: list[dict]) -> str:
+    """Table 1 for the terminal: the three levels per group, the counts in the header line."""
+    groups = [g for g in GROUPS if f"{g}_image" in table[0]]
+    compact = [{"model": r["model"]} | {f"{g} {k}": r[f"{g}_{k}"] for g in groups for k in ("image", "task", "dataset")}
+               for r in table]  # fmt: skip
+    counts = "; ".join(
+        f"{g}: {table[0][f'{g}_n_image']} images, {table[0][f'{g}_n_task']} tasks, {table[0][f'{g}_n_dataset']} "
+        "datasets"
+        for g in groups
+    )
+    return f"({counts})\n" + format_table(compact)
+
+
+def parse_args(argv=None):
+    parser = make_parser(__doc__)
+    parser.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders with labels")
+    parser.add_argument("--pred", nargs="+", required=True, help="one PRED_ROOT per model, each with one sub-folder "
+                        "of predictions per dataset")  # fmt: skip
+    parser.add_argument("--names", nargs="+", help="one name per --pred (default: the folder names)")
+    parser.add_argument("--split-file", "--split", dest="split_file", nargs="+",
+                        help="split.json of the training run, a {dataset: {train, test}} file or nnU-Net's "
+                        "splits_final.json; the held-out cases of seen datasets are scored")  # fmt: skip
+    parser.add_argument("--fold", type=non_negative_int, default=0, help="fold of an nnU-Net splits_final.json")
+    parser.add_argument("--subset", choices=("train", "val", "test"),
+                        help="which list of the split to score (default: test, else val)")  # fmt: skip
+    parser.add_argument("--test-set", action="store_true", help="score imagesTs/labelsTs instead of imagesTr/labelsTr")
+    parser.add_argument("--cases", nargs="+", help="only these case ids")
+    parser.add_argument("--unseen", nargs="*", default=[], help="datasets never trained on, of seen lesion types "
+                        "(Table 2)")  # fmt: skip
+    parser.add_argument("--new-lesion", nargs="*", default=[], help="datasets of lesion types absent from training "
+                        "(one extra row)")  # fmt: skip
+    parser.add_argument(
+        "--label-rule",
+        nargs="+",
+        default=[],
+        help="[DATASET:]MODALITY=LABELS: the reference "
+        "lesion of a modality, e.g. T1ce=necrosis,enhancing (tumour core, as the paper's BraTS T1ce)",
+    )
+    parser.add_argument("--model", help="MoME checkpoint for the expert-usage tables (optional; a single network "
+                        "of mome.train_expert has no gate and is skipped)")  # fmt: skip
     parser.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26), help="lesion connectivity")
     parser.add_argument("--device", default="cpu", help="device for the expert-usage analysis")
     parser.add_argument("--out", required=True, help="output folder for the CSV tables")
     args = parser.parse_args(argv)
-    split = None
-    if args.split:
-        try:
-            split = json.loads(Path(args.split).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise InputError(f"--split {args.split} is not a readable split.json ({err}).") from err
+    check_output_dir(args.out, "--out")
+    for root in args.pred:
+        if not Path(root).is_dir():
+            raise InputError(f"--pred {root} is not a folder.")
+    args.names = args.names or [Path(p).name for p in args.pred]
+    if len(args.names) != len(args.pred):
+        raise InputError(f"--names gives {len(args.names)} names for {len(args.pred)} --pred folders.")
+    if len(set(args.names)) != len(args.names):
+        raise InputError(f"--names {args.names} must be unique (they name the table columns).")
     names = [Path(d).name for d in args.data]
-    unknown = sorted(set(args.unseen) - set(names))
-    if unknown:
-        raise InputError(f"--unseen {unknown} are not among the --data folders {names}.")
-    images = collect_images(args.data, split, args.subset)
+    for flag, chosen in (("--unseen", args.unseen), ("--new-lesion", args.new_lesion)):
+        unknown = sorted(set(chosen) - set(names))
+        if unknown:
+            raise InputError(f"{flag} {unknown} are not among the --data folders {names}.")
+    if set(args.unseen) & set(args.new_lesion):
+        raise InputError(f"{sorted(set(args.unseen) & set(args.new_lesion))} cannot be both --unseen and --new-lesion.")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    lesion = lesion_values(args.data, args.label_rule)
+    split = read_split_files(args.split_file, args.data, fold=args.fold) if args.split_file else None
+    groups = {d: "unseen" for d in args.unseen} | {d: "new_lesion" for d in args.new_lesion}
+    images = collect_images(args.data, split, subset=args.subset, test_set=args.test_set, cases=args.cases,
+                            groups=groups)  # fmt: skip
     if not images:
-        raise InputError("no labelled image to evaluate in --data (check --split and --subset).")
-    rows = score_images(images, args.pred, connectivity=args.connectivity)
+        raise InputError("no labelled image to evaluate in --data (check --split-file, --subset and --cases).")
+    model = info = None
+    if args.model:
+        model, info = load_model(args.model, torch.device(args.device))
+        if info["kind"] != "mome":
+            print(f"--model {args.model} is a single network (mome.train_expert): no gate, so no expert-usage table")
+            model = None
+    rows = {name: score_images(images, root, lesion, args.connectivity) for name, root in zip(args.names, args.pred)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_csv_atomic(out / "per_image.csv", rows)
-    levels, tasks = level_table(rows, set(args.unseen)), task_table(rows)
+    write_csv_atomic(out / "per_image.csv", [{"model": name} | r for name, rs in rows.items() for r in rs])
+    levels, tasks, unseen = table1(rows), task_table(rows), table2(rows)
     write_csv_atomic(out / "table1.csv", levels)
     write_csv_atomic(out / "per_task.csv", tasks)
     print("Dice per dataset and modality (Suppl. Table I)\n" + format_table(tasks))
-    print("\nDice at three averaging levels (Table 1: seen, Table 2: unseen)\n" + format_table(levels))
-    if args.model:
-        device = torch.device(args.device)
-        model, ckpt = load_mome(args.model, device)
-        usage = expert_usage(model, images, tuple(ckpt["args"]["patch"]), device, ckpt["config"]["modalities"])
-        write_csv_atomic(out / "expert_usage.csv", usage)
-        print("\nShare of each expert in the gate-weighted output, by input modality (Suppl. Fig. I)\n"
-              + format_table(usage, floats="{:.3f}"))  # fmt: skip
+    if unseen:
+        write_csv_atomic(out / "table2.csv", unseen)
+        print("\nDice per unseen dataset (Table 2)\n" + format_table(unseen))
+    print("\nDice at three averaging levels (Table 1)\n" + printed_table1(levels))
+    if model is not None:
+        seen = [im for im in images if im["group"] == "seen"] or images  # Suppl. Fig. I: the training modalities
+        magnitude, at_lesions = expert_usage(model, seen, info["patch"], torch.device(args.device),
+                                             info["modalities"], lesion)  # fmt: skip
+        write_csv_atomic(out / "expert_usage.csv", magnitude)
+        print("\nShare of each expert in mean|e_i * g_i| over the patch, by input modality (Suppl. Fig. I)\n"
+              + format_table(magnitude, floats="{:.3f}"))  # fmt: skip
+        if at_lesions:
+            write_csv_atomic(out / "expert_usage_lesion.csv", at_lesions)
+            print("\nShare of each expert in the fused lesion-vs-background margin at reference lesion voxels\n"
+                  + format_table(at_lesions, floats="{:.3f}"))  # fmt: skip
     print(f"\ntables written to {out}")
 
 

@@ -64,6 +64,7 @@ def build_expert(cfg: MoMEConfig) -> PlainUNet:
         strides=cfg.strides,
         n_conv_per_stage=cfg.n_conv_per_stage,
         n_conv_per_stage_decoder=cfg.n_conv_per_stage_decoder,
+        conv_bias=cfg.conv_bias,
         deep_supervision=cfg.deep_supervision,
         checkpointing=cfg.checkpointing,
     )
@@ -79,6 +80,7 @@ def build_gate(cfg: MoMEConfig) -> HierarchicalGate:
         strides=cfg.strides,  # same strides as the experts, so gate level l matches expert level l
         n_conv_per_stage=cfg.n_conv_per_stage,
         n_conv_per_stage_decoder=cfg.n_conv_per_stage_decoder,
+        conv_bias=cfg.conv_bias,
         deep_supervision=True,
         checkpointing=cfg.checkpointing,
     )

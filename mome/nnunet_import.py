@@ -30,19 +30,24 @@ except ImportError:  # numpy 1.x
 _NUMPY_SCALAR_GLOBALS = [np.dtype, _np_scalar, (_np_scalar, "numpy.core.multiarray.scalar")] + [
     getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType") and name != "ObjectDType"
 ]
+
+
+def _allowed_names() -> set[str]:
+    """The dotted names of the numpy globals allowed above (to name only the others in a refusal)."""
+    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _NUMPY_SCALAR_GLOBALS}
+
+
 _STAGE_CONV = re.compile(r"^encoder\.stages\.(\d+)\.0\.convs\.(\d+)\.conv\.weight$")
 _DECODER_CONV = re.compile(r"^decoder\.stages\.(\d+)\.convs\.(\d+)\.conv\.weight$")
 
 
-def read_nnunet_checkpoint(path) -> dict[str, torch.Tensor]:
-    """Read `network_weights` from an nnU-Net v2 checkpoint with `torch.load(weights_only=True)`.
+def read_nnunet_file(path, *, trust_pickle: bool = False) -> dict:
+    """Read a whole nnU-Net v2 checkpoint dict (`network_weights`, `init_args`, `logging`, ...).
 
-    Plain weights_only loading rejects the numpy scalars that nnU-Net writes into its training log, so on failure
-    the file is read again with numpy scalar/dtype constructors allowlisted (never with weights_only=False).
-    A bare state_dict (no `network_weights` key) is accepted too.
-
-    Returns:
-        the raw state_dict (aliases and prefixes untouched).
+    First with `torch.load(weights_only=True)`; nnU-Net stores numpy floats in `logging` and `_best_ema`, so on
+    failure the file is read again with numpy scalar/dtype constructors allowlisted. Anything else that the file
+    pickles is refused unless `trust_pickle` (the `--trust-pickle` flag), which then reads it with
+    `weights_only=False`: that runs the file's pickle code, so only for files whose origin you trust.
     """
     path = Path(path)
     if not path.is_file():
@@ -62,11 +67,30 @@ def read_nnunet_checkpoint(path) -> dict[str, torch.Tensor]:
                 extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
             except Exception:  # not even a torch zip archive: corrupt or some other format
                 raise InputError(f"checkpoint {path} is not a readable torch file ({err})") from err
-            raise InputError(
-                f"checkpoint {path} cannot be read with torch.load(weights_only=True) because it pickles {extra}"
-            ) from err
+            extra = [name for name in extra if name not in _allowed_names()]
+            if not trust_pickle:
+                raise InputError(
+                    f"checkpoint {path} cannot be read with torch.load(weights_only=True) because it pickles "
+                    f"{extra}; pass --trust-pickle if you trust its origin"
+                ) from err
+            try:
+                ckpt = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception as inner:
+                raise InputError(f"checkpoint {path} is not a readable torch file ({type(inner).__name__})") from inner
     if not isinstance(ckpt, dict):
         raise InputError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected an nnU-Net checkpoint dict")
+    return ckpt
+
+
+def read_nnunet_checkpoint(path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """The state_dict under `network_weights` of an nnU-Net v2 checkpoint (see `read_nnunet_file`).
+
+    A bare state_dict (no `network_weights` key) is accepted too.
+
+    Returns:
+        the raw state_dict (aliases and prefixes untouched).
+    """
+    ckpt = read_nnunet_file(path, trust_pickle=trust_pickle)
     weights = ckpt.get("network_weights", ckpt)
     if not isinstance(weights, dict) or not weights or not all(torch.is_tensor(v) for v in weights.values()):
         raise InputError(f"checkpoint {path} has no tensor state_dict under 'network_weights'")
@@ -172,23 +196,26 @@ def load_checked(module: nn.Module, weights: dict[str, torch.Tensor], *, source:
     module.load_state_dict(weights, strict=True)
 
 
-def load_nnunet_expert(path, *, deep_supervision: bool = True) -> PlainUNet:
+def load_nnunet_expert(path, *, deep_supervision: bool = True, trust_pickle: bool = False) -> PlainUNet:
     """Build a PlainUNet from an nnU-Net v2 PlainConvUNet checkpoint, its topology inferred from the weights.
 
     Args:
         path: nnU-Net checkpoint file (e.g. `fold_0/checkpoint_best.pth`) or a bare state_dict file.
         deep_supervision: forward returns all levels (highest resolution first) or only full-resolution logits.
+        trust_pickle: see `read_nnunet_file`.
 
     Returns:
         the network in eval mode on the CPU.
     """
-    weights = plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+    weights = plain_state_dict(read_nnunet_checkpoint(path, trust_pickle=trust_pickle), source=str(path))
     net = PlainUNet(**infer_unet_arch(weights, source=str(path)), deep_supervision=deep_supervision)
     load_checked(net, weights, source=str(path))
     return net.eval()
 
 
-def load_nnunet_mome(gate_path, expert_paths, *, gate_norm: str = "none", deep_supervision: bool = True) -> MoME:
+def load_nnunet_mome(
+    gate_path, expert_paths, *, gate_norm: str = "none", deep_supervision: bool = True, trust_pickle: bool = False
+) -> MoME:
     """Assemble a MoME model from the official release: a gate checkpoint and one checkpoint per expert.
 
     Args:
@@ -196,17 +223,20 @@ def load_nnunet_mome(gate_path, expert_paths, *, gate_norm: str = "none", deep_s
         expert_paths: expert checkpoints in the official order T1, T1ce, T2, FLAIR, DWI (`checkpoint_best1..5`).
         gate_norm: "none" reproduces the official model.
         deep_supervision: as in `MoME`.
+        trust_pickle: see `read_nnunet_file`.
 
     Returns:
-        MoME in eval mode on the CPU.
+        MoME in eval mode on the CPU (`python -m mome.convert_checkpoint` saves it as one checkpoint).
     """
-    experts = nn.ModuleList(load_nnunet_expert(p, deep_supervision=deep_supervision) for p in expert_paths)
+    experts = nn.ModuleList(
+        load_nnunet_expert(p, deep_supervision=deep_supervision, trust_pickle=trust_pickle) for p in expert_paths
+    )
     arch = experts[0].arch
     for path, expert in zip(expert_paths, experts):
         if expert.arch != arch:
             raise InputError(f"expert checkpoint {path} has a different topology from {expert_paths[0]}")
     n, k, f0 = len(experts), arch["num_classes"], arch["features"][0]
-    gate_unet = load_nnunet_expert(gate_path)
+    gate_unet = load_nnunet_expert(gate_path, trust_pickle=trust_pickle)
     if gate_unet.arch["in_channels"] != arch["in_channels"] + n * f0:
         raise InputError(
             f"gate checkpoint {gate_path} takes {gate_unet.arch['in_channels']} input channels, expected image + "

@@ -11,14 +11,13 @@ Options for short schedules (not in the paper; the defaults are the official beh
 `--gate-init uniform`, `--gate-maps shared`, `--gate-lr` and `--gate-optimizer adam`.
 """
 
-import argparse
 import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from mome.data import describe, draw_batch
+from mome.data import prepare_data, training_batch_iterator
 from mome.losses import curriculum_loss
 from mome.model import build_mome
 from mome.nnunet_import import load_checked, plain_state_dict, read_nnunet_checkpoint
@@ -27,11 +26,11 @@ from mome.train_common import (
     check_common_args,
     config_from_args,
     last_epoch,
-    prepare_data,
     save_run,
+    write_split,
 )
-from shared.checkpoint import load_checkpoint, restore_run
-from shared.cli import run_cli
+from shared.checkpoint import load_checkpoint, prepare_run_dir, restore_run
+from shared.cli import make_parser, positive_float, run_cli
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -52,7 +51,7 @@ KIND = "mome"
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = make_parser(__doc__)
     g = parser.add_argument_group("MoME")
     g.add_argument("--experts", nargs="+", help="phase-1 checkpoints (mome.train_expert or nnU-Net v2), one per "
                    "modality in --modalities order")  # fmt: skip
@@ -73,7 +72,7 @@ def parse_args(argv=None):
     )
     g.add_argument(
         "--gate-lr",
-        type=float,
+        type=positive_float,
         help="initial learning rate of the gate (default: --lr, as the paper); "
         "the gate starts from scratch while the experts are pretrained",
     )
@@ -88,8 +87,6 @@ def parse_args(argv=None):
     add_common_args(parser, lr=1e-3, epochs=800)
     args = parser.parse_args(argv)
     check_common_args(args)
-    if args.gate_lr is not None and args.gate_lr <= 0:
-        raise InputError(f"--gate-lr must be positive, got {args.gate_lr}.")
     if args.random_experts == bool(args.experts):
         raise InputError("give either --experts (one checkpoint per modality) or --random-experts, not both or none.")
     if args.experts and len(args.experts) != len(args.modalities):
@@ -104,12 +101,20 @@ def expert_weights(path, modality: str) -> dict:
     except InputError:
         ckpt = None  # not our format (nnU-Net checkpoints pickle numpy scalars): try nnU-Net's
     if ckpt is not None and ckpt.get("kind") == "mome_expert":
+        if ckpt.get("modality") == "all":
+            raise InputError(f"--experts {path} is a universal nnU-Net (--modality all), not the {modality} expert.")
         if ckpt.get("modality") != modality:
             raise InputError(f"--experts {path} is the {ckpt.get('modality')} expert, expected {modality}.")
         return ckpt["model"]
     if ckpt is not None and "kind" in ckpt:
         raise InputError(f"--experts {path} is a {ckpt['kind']} checkpoint, expected a mome_expert one.")
-    return plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+    weights = plain_state_dict(read_nnunet_checkpoint(path), source=str(path))
+    if "encoder.stages.0.0.convs.0.conv.weight" not in weights:
+        raise InputError(
+            f"--experts {path} holds neither a mome.train_expert run nor an nnU-Net PlainConvUNet; pass the "
+            f"checkpoint.pt of mome.train_expert --modality {modality} (or an nnU-Net checkpoint_final.pth)."
+        )
+    return weights
 
 
 def load_experts(model, paths, modalities, transfer_heads: bool) -> None:
@@ -145,40 +150,33 @@ def main(argv=None) -> None:
     dist_info = init_distributed(args.device)
     device = dist_info.device
     rng = seed_everything(args.seed, rank=dist_info.rank)
+    ckpt = prepare_run_dir(args.out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
     out = Path(args.out)
     ckpt_path = out / "checkpoint.pt"
-    if ckpt_path.exists() and not args.resume:
-        raise InputError(f"--out {out} already holds a checkpoint; pass --resume to continue it or pick a new folder.")
 
-    samples = prepare_data(args, dist_info)
     cfg = config_from_args(args, gate_mode=args.gate, gate_norm=args.gate_norm,
                            gate_per_class=args.gate_maps == "per-class")  # fmt: skip
     model = build_mome(cfg).to(device)
-    if args.experts:
+    if args.experts:  # read and checked before any data is prepared
         load_experts(model, args.experts, cfg.modalities, args.transfer_heads)
     if args.gate_init == "uniform":
         model.gate.init_uniform()
+    split, data = prepare_data(args, dist_info)
+    if dist_info.is_main:
+        write_split(out / "split.json", split)
     if dist_info.is_main:
         n_params = sum(p.numel() for p in model.parameters())
         print(f"phase 2: MoME ({cfg.num_experts} experts + {args.gate} gate, {n_params / 1e6:.2f} M parameters) "
-              f"on {len(samples)} images\n{describe(samples)}")  # fmt: skip
+              f"on {len(data.case_of)} images\n{data.describe()}")  # fmt: skip
     optimizers = build_optimizers(model, args)  # [SGD over experts (+ gate)] or [SGD over experts, Adam over gate]
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start_epoch = 0
-    if args.resume and ckpt_path.exists():
-        try:
-            ckpt = restore_run(ckpt_path, kind=KIND, model=model, optimizer=optimizers[0], scaler=scaler,
-                               generator=rng, device=device)  # fmt: skip
-            if len(optimizers) > 1:
-                optimizers[1].load_state_dict(ckpt["gate_optimizer"])
-        except InputError:
-            raise  # an unreadable file or another kind of checkpoint says so itself
-        except (KeyError, ValueError) as err:
-            raise InputError(
-                f"--resume {ckpt_path}: its optimizer state does not fit --gate-optimizer {args.gate_optimizer}; "
-                "resume with the flags the run started with."
-            ) from err
+    if ckpt is not None:
+        restore_run(ckpt, kind=KIND, model=model, optimizer=optimizers[0], scaler=scaler, generator=rng,
+                    device=device)  # fmt: skip
+        if len(optimizers) > 1:  # --gate-optimizer adam (the same flag as the first call: prepare_run_dir)
+            optimizers[1].load_state_dict(ckpt["gate_optimizer"])
         start_epoch = int(ckpt["epoch"])
         if dist_info.is_main:
             print(f"resumed {ckpt_path} at epoch {start_epoch}")
@@ -186,20 +184,22 @@ def main(argv=None) -> None:
     # the lowest deep-supervision head has loss weight 0 (nnU-Net), so its parameters get no gradient
     forward_model, raw_model = maybe_compile(wrap_ddp(model, dist_info, find_unused_parameters=True), use_compile)
     clipped = list(model.parameters() if args.clip_experts else model.gate.parameters())
-    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * args.steps_per_epoch)
+    steps, stop_epoch = args.steps_per_epoch, last_epoch(args, start_epoch)
+    logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start_epoch * steps)
+    batches = training_batch_iterator(args, data, rank=dist_info.rank, device=device, start=start_epoch * steps,
+                                      stop=stop_epoch * steps)  # fmt: skip
 
-    for epoch in range(start_epoch, last_epoch(args, start_epoch)):
+    for epoch in range(start_epoch, stop_epoch):
         for optimizer in optimizers:  # stepped once per epoch, as nnU-Net's PolyLRScheduler
             for group in optimizer.param_groups:
                 group["lr"] = poly_lr(epoch, args.epochs, group["initial_lr"])
         lr = optimizers[0].param_groups[0]["lr"]  # the experts' lr, logged
         forward_model.train()
         t0, sums = time.time(), {"loss": 0.0, "mome": 0.0, "experts": 0.0}
-        bar = tqdm(range(args.steps_per_epoch), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
+        bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not dist_info.is_main, leave=False)
         for it in bar:
-            x, y, expert = draw_batch(samples, batch_size=args.batch_size, patch_size=args.patch, rng=rng,
-                                      oversample=args.oversample, augmentation=not args.no_augment)  # fmt: skip
-            x, y, expert = x.to(device, non_blocking=True), y.to(device, non_blocking=True), expert.to(device)
+            batch = next(batches)  # on `device`, augmented
+            x, y, expert = batch["image"], batch["label"], batch["expert"]
             with autocast_context(device, enabled=args.amp):
                 out_all = forward_model(x, return_all=True)
                 losses = curriculum_loss(
@@ -212,7 +212,7 @@ def main(argv=None) -> None:
                     curriculum=not args.no_curriculum,
                 )  # Eq. 2 (Eq. 4 alone with --no-curriculum)
             loss = losses["loss"]
-            check_finite_loss(loss, epoch * args.steps_per_epoch + it, checkpoint_path=ckpt_path)
+            check_finite_loss(loss, epoch * steps + it, checkpoint_path=ckpt_path)
             scaler.scale(loss).backward()
             for optimizer in optimizers:
                 scaler.unscale_(optimizer)
@@ -224,9 +224,9 @@ def main(argv=None) -> None:
             for key in sums:
                 sums[key] += float(losses[key].detach())
             bar.set_postfix(loss=f"{loss.item():.4f}")
-        means = {k: all_reduce_mean(v / args.steps_per_epoch) for k, v in sums.items()}
+        means = {k: all_reduce_mean(v / steps) for k, v in sums.items()}
         f_epoch = 0.0 if args.no_curriculum else float(losses["f_epoch"])
-        logger.log(step=(epoch + 1) * args.steps_per_epoch, epoch=epoch, lr=lr, f_epoch=f_epoch,
+        logger.log(step=(epoch + 1) * steps, epoch=epoch, lr=lr, f_epoch=f_epoch,
                    seconds=time.time() - t0, **means)  # fmt: skip
         rng_states = gather_rng_state(rng)
         if dist_info.is_main:
@@ -234,7 +234,7 @@ def main(argv=None) -> None:
                   f" f_epoch {f_epoch:.3f}) lr {lr:.2e} ({time.time() - t0:.1f} s)")  # fmt: skip
             gate_state = optimizers[1].state_dict() if len(optimizers) > 1 else None
             save_run(ckpt_path, kind=KIND, model=raw_model, cfg=cfg, optimizer=optimizers[0], scaler=scaler,
-                     epoch=epoch + 1, args=args, rng=rng_states, gate_optimizer=gate_state)  # fmt: skip
+                     epoch=epoch + 1, args=args, rng=rng_states, grid=data.grid, gate_optimizer=gate_state)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -1,64 +1,91 @@
-"""What the two MoME training phases share: flags, the model config from flags, data set-up, checkpoints.
+"""The flags and run files that the two MoME training phases share.
 
-The training loops themselves stay inline in `train_expert.py` (phase 1) and `train.py` (phase 2).
+The training loops themselves stay inline in `train_expert.py` (phase 1) and `train.py` (phase 2); the data
+path (cache, split, batches) is in `data.py`.
 """
 
-import argparse
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
 
 from mome.config import MoMEConfig
-from mome.data import prepare_samples, save_split, split_cases
-from shared.checkpoint import save_checkpoint
-from shared.cli import add_run_args
-from shared.dataset import MODALITIES, canonical_modality
+from mome.expert import per_stage
+from shared.atomic import atomic_path
+from shared.checkpoint import plain_args, save_checkpoint
+from shared.cli import (
+    add_run_args,
+    non_negative_float,
+    number_in,
+    positive_float,
+    positive_int,
+    probability,
+)
+from shared.dataset import MODALITIES, canonical_modality, declared_label_values, load_dataset_json
 from shared.errors import InputError
-from shared.harness import DistInfo
+from shared.loader import add_loader_args
+
+fold_index = number_in(int, "-1 (train on every case) or a fold index >= 0", low=-1)
+fold_count = number_in(int, "at least 2 folds", low=2)
+RUN_FILES = "checkpoint.pt, log.csv, split.json"
 
 
-def add_common_args(parser: argparse.ArgumentParser, *, lr: float, epochs: int) -> None:
-    """Flags of both phases: data, split, patches, model size, schedule, run harness."""
+def add_common_args(parser, *, lr: float, epochs: int) -> None:
+    """Flags of both phases: data, split, patches, model size, schedule, run harness, loader."""
     g = parser.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folders (DatasetXXX_Name)")
-    g.add_argument("--fold", type=int, default=0, help="validation fold held out of training; -1 trains on all cases")
-    g.add_argument("--folds", type=int, default=5, help="number of deterministic k-fold splits per dataset")
-    g.add_argument("--patch", type=int, nargs=3, default=(128, 128, 128), help="training patch size (voxels)")
-    g.add_argument("--batch-size", type=int, default=2, help="patches per step and process (nnU-Net plans: 2)")
-    g.add_argument("--oversample", type=float, default=0.33, help="fraction of each batch centred on lesion voxels")
-    g.add_argument("--no-augment", action="store_true", help="turn off flips/rotations/intensity augmentation")
-    g.add_argument("--keep-labels", action="store_true", help="keep label values instead of lesion = label > 0")
+    g.add_argument("--fold", type=fold_index, default=0, help="k-fold split held out of training (-1: train on all)")
+    g.add_argument("--folds", type=fold_count, default=5, help="number of deterministic k-fold splits per dataset")
+    g.add_argument("--split-file", nargs="+", help="fixed splits instead of k-folds: {dataset: {train, test}} "
+                   "files or nnU-Net splits_final.json (its --fold); only the train cases are used")  # fmt: skip
+    g.add_argument("--patch", type=positive_int, nargs=3, default=[128, 128, 128], help="training patch (voxels)")
+    g.add_argument("--batch-size", type=positive_int, default=2, help="patches per step and process (plans: 2)")
+    g.add_argument("--oversample", type=probability, default=0.33, help="fraction of each batch centred on lesion "
+                   "voxels (nnU-Net's last round(B * (1 - p)) samples)")  # fmt: skip
+    g.add_argument("--no-augment", action="store_true", help="turn off nnU-Net's default augmentation")
+    g.add_argument("--keep-labels", action="store_true", help="keep label values instead of lesion = label > 0; "
+                   "the seg heads get one class per declared label value (0..max)")  # fmt: skip
+    g.add_argument(
+        "--label-rule",
+        nargs="+",
+        default=[],
+        help="[DATASET:]MODALITY=LABELS: the lesion of one "
+        "modality, e.g. T1ce=necrosis,enhancing (the paper's BraTS T1ce: tumour core); mome/labels.py",
+    )
     g.add_argument("--modalities", nargs="+", default=list(MODALITIES), help="expert order (modality names)")
     g = parser.add_argument_group("model")
-    g.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 320, 320], help="UNet stage widths")
+    g.add_argument("--features", type=positive_int, nargs="+", default=[32, 64, 128, 256, 320, 320],
+                   help="UNet stage widths")  # fmt: skip
     g.add_argument("--checkpointing", action="store_true", help="activation checkpointing in the UNets (less memory)")
     g = parser.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=epochs, help="epochs (nnU-Net: 250 steps each)")
-    g.add_argument("--steps-per-epoch", type=int, default=250, help="training steps per epoch")
-    g.add_argument("--lr", type=float, default=lr, help="initial SGD learning rate (poly decay, exponent 0.9)")
-    g.add_argument("--weight-decay", type=float, default=3e-5, help="SGD weight decay (nnU-Net: 3e-5)")
+    g.add_argument("--epochs", type=positive_int, default=epochs, help="epochs (nnU-Net: 250 steps each)")
+    g.add_argument("--steps-per-epoch", type=positive_int, default=250, help="training steps per epoch")
+    g.add_argument("--lr", type=positive_float, default=lr, help="initial SGD learning rate (poly decay, 0.9)")
+    g.add_argument("--weight-decay", type=non_negative_float, default=3e-5, help="SGD weight decay (nnU-Net)")
     g = parser.add_argument_group("run")
-    add_run_args(g, out_holds="checkpoint.pt, log.csv, split.json, cache/", unit="epochs", compiled="the model")
+    add_run_args(g, out_holds=RUN_FILES, unit="epochs", compiled="the model")
+    add_loader_args(g)
 
 
 def check_common_args(args) -> None:
-    """Refuse bad flag values with one sentence each."""
+    """Refuse bad combinations of flags with one sentence each; canonicalise the modality names."""
     for path in args.data:
         if not Path(path, "dataset.json").is_file():
             raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
+    names = [Path(d).name for d in args.data]
+    if len(set(names)) != len(names):
+        raise InputError(f"--data names a dataset folder twice ({names}); each dataset is one cache and split.")
     if min(args.patch) < 8:
         raise InputError(f"--patch {args.patch}: every side must be at least 8 voxels.")
-    for name, value in (("--batch-size", args.batch_size), ("--epochs", args.epochs),
-                        ("--steps-per-epoch", args.steps_per_epoch)):  # fmt: skip
-        if value < 1:
-            raise InputError(f"{name} must be at least 1, got {value}.")
-    if args.stop_after is not None and args.stop_after < 1:
-        raise InputError(f"--stop-after must be at least 1, got {args.stop_after}.")
-    if not 0.0 <= args.oversample <= 1.0:
-        raise InputError(f"--oversample must lie in [0, 1], got {args.oversample}.")
-    if args.lr <= 0:
-        raise InputError(f"--lr must be positive, got {args.lr}.")
+    if len(args.features) < 2:
+        raise InputError(f"--features {args.features}: a UNet needs at least 2 stages.")
+    if args.workers is not None and args.workers < 0:
+        raise InputError(f"--workers must be at least 0, got {args.workers}.")
+    if args.fold >= args.folds:
+        raise InputError(f"--fold {args.fold} must be below --folds {args.folds} (or -1).")
+    if args.keep_labels and args.label_rule:
+        raise InputError("--keep-labels keeps every label value, so a --label-rule (binary lesion) cannot apply.")
     args.modalities = [canonical_modality(m) for m in args.modalities]
     if len(set(args.modalities)) != len(args.modalities):
         raise InputError(f"--modalities {args.modalities} names a modality twice.")
@@ -67,48 +94,35 @@ def check_common_args(args) -> None:
         raise InputError(f"--patch {args.patch} must be divisible by 2^{depth} for {len(args.features)} UNet stages.")
 
 
+def num_classes(args) -> int:
+    """Seg-head classes: 2 (background, lesion) as MoME, or with --keep-labels 0..max declared label value."""
+    if not args.keep_labels:
+        return 2
+    values = [v for d in args.data for v in declared_label_values(load_dataset_json(d)["labels"])]
+    if min(values) < 0:
+        raise InputError(f"--keep-labels: negative label values {sorted({v for v in values if v < 0})} cannot be "
+                         "seg-head classes.")  # fmt: skip
+    return max(max(values) + 1, 2)
+
+
 def config_from_args(args, **overrides) -> MoMEConfig:
     """The model config these flags describe (experts and gate share the topology)."""
     try:
         return MoMEConfig(modalities=tuple(args.modalities), features=tuple(args.features),
                           strides=(1,) + (2,) * (len(args.features) - 1), checkpointing=args.checkpointing,
-                          **overrides)  # fmt: skip
+                          num_classes=num_classes(args), **overrides)  # fmt: skip
     except ValueError as err:
         raise InputError(f"invalid model flags: {err}") from err
 
 
-def prepare_data(args, dist_info: DistInfo, only_modality: str | None = None) -> list:
-    """Split the datasets, cache the training samples (rank 0 first), and keep those with an expert.
-
-    Args:
-        only_modality: phase 1 keeps the samples of this modality only.
-    """
-    out = Path(args.out)
-    split = split_cases(args.data, fold=args.fold, folds=args.folds)
-    train_ids = {name: s["train"] for name, s in split.items()}
-    if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(out / "split.json", split)
-        samples = prepare_samples(args.data, train_ids, args.modalities, out / "cache", binarise=not args.keep_labels)
-    if dist_info.world_size > 1:
-        torch.distributed.barrier()  # the cache is complete before the other ranks read it
-    if not dist_info.is_main:
-        samples = prepare_samples(args.data, train_ids, args.modalities, out / "cache", binarise=not args.keep_labels)
-    unknown = sorted({s.modality for s in samples if s.expert < 0})
-    if unknown and dist_info.is_main:
-        print(f"skipping samples of modalities without an expert: {unknown} (experts: {args.modalities})")
-    samples = [s for s in samples if s.expert >= 0]
-    if only_modality is not None:
-        samples = [s for s in samples if s.modality == only_modality]
-    if not samples:
-        wanted = only_modality or args.modalities
-        raise InputError(f"--data holds no training image of modality {wanted} in the chosen split.")
-    return samples
-
-
 def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimizer, scaler, epoch: int, args,
-             rng: dict | list, **extra) -> None:  # fmt: skip
-    """Atomically write everything needed to predict with, or resume, a run (un-compiled, un-wrapped model)."""
+             rng: dict | list, grid, **extra) -> None:  # fmt: skip
+    """Atomically write everything needed to predict with, or resume, a run (un-compiled, un-wrapped model).
+
+    Besides the state: the flags (`--resume` refuses other values), the training patch (the sliding window of
+    mome.predict) and `grid`, the shape of every training image (None when they differ), which mome.predict
+    requires of its inputs.
+    """
     save_checkpoint(
         path,
         kind=kind,
@@ -117,10 +131,18 @@ def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimi
         optimizer=optimizer.state_dict(),
         scaler=scaler.state_dict(),
         epoch=epoch,
-        args={k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()},
+        args=plain_args(args),
+        patch=list(args.patch),
+        grid=None if grid is None else list(grid),
         rng=rng,
         **extra,
     )
+
+
+def write_split(path, split: dict) -> None:
+    """OUT/split.json: the cases each dataset trained on and held out (read by mome.evaluate --split-file)."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(split, indent=1))
 
 
 def last_epoch(args, start_epoch: int) -> int:
@@ -132,3 +154,11 @@ def config_from_checkpoint(ckpt: dict) -> MoMEConfig:
     """Rebuild the MoMEConfig stored in a checkpoint (lists back to tuples)."""
     fields = {k: tuple(v) if isinstance(v, list) else v for k, v in ckpt["config"].items()}
     return MoMEConfig(**fields)
+
+
+def stride_divisor(cfg: MoMEConfig) -> list[int]:
+    """Per axis, the product of the strides: every patch side must be a multiple of it."""
+    divisor = [1, 1, 1]
+    for stride in per_stage(cfg.strides, n_stages=len(cfg.features), name="strides"):
+        divisor = [d * s for d, s in zip(divisor, stride)]
+    return divisor

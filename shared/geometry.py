@@ -1,4 +1,4 @@
-"""Voxel-grid operations on (..., X, Y, Z) arrays: resampling, reorientation to RAS, brain mask, centred crop/pad.
+"""Voxel-grid operations on (..., X, Y, Z) arrays: resampling, reorientation to RAS, brain mask, crops and pads.
 
 Every function acts on the last three axes, so a single volume (X, Y, Z) and a multi-channel array
 (C, X, Y, Z) go through the same code; each change of grid returns what is needed to undo it, so a
@@ -160,8 +160,9 @@ def crop_or_pad(data: np.ndarray, shape, pad_value=0):
     """Centre-crop or pad the last three axes of `data` to `shape`.
 
     Per axis with difference d = |target - size|, d // 2 voxels go before and the rest after (an odd
-    difference puts the extra voxel at the end, as nnU-Net and torchio do). MoME feeds 160x196x160 volumes at
-    1 mm in MNI152 space (its preprocessing crops the registered image to that box).
+    difference puts the extra voxel at the end, as nnU-Net and torchio do). This is not MoME's crop of the
+    MNI152 grid, which is off-centre: use `mni_crop` for that (centred, 182x218x182 -> 160x196x160 would keep
+    [11:171, 11:207, 11:171]).
 
     Args:
         data: (..., X, Y, Z) array.
@@ -206,4 +207,49 @@ def uncrop_or_unpad(data: np.ndarray, info: CropPadInfo, original_shape=None, fi
     inner = data[(..., *(slice(p0, p0 + b - a) for (a, b), (p0, _) in zip(info.crop, info.pad)))]
     out = np.full((*data.shape[:-3], *info.original_shape), fill, dtype=data.dtype)
     out[(..., *(slice(a, b) for a, b in info.crop))] = inner
+    return out
+
+
+# MoME's official preprocessing (Codes_prepro/crop.py): after affine registration to the MNI152 1 mm template
+# (182x218x182 voxels), keep img[20:180, 20:216, 0:160] -> 160x196x160. The box is not centred: it drops 20
+# voxels at the low end of x and y and the top 22 slices of z.
+MNI152_SHAPE = (182, 218, 182)
+MNI_CROP_BOX = ((20, 180), (20, 216), (0, 160))
+MNI_CROPPED_SHAPE = tuple(b - a for a, b in MNI_CROP_BOX)  # (160, 196, 160)
+
+
+def mni_crop(data: np.ndarray, affine: np.ndarray | None = None):
+    """MoME's crop of an image on the MNI152 1 mm grid: [20:180, 20:216, 0:160] of 182x218x182 -> 160x196x160.
+
+    Args:
+        data: (..., 182, 218, 182) array registered to the MNI152 1 mm template (e.g. with ANTs or FSL flirt).
+        affine: optional (4, 4) voxel -> world affine of `data`.
+    Returns:
+        cropped (..., 160, 196, 160) array (a copy), and its affine: the same matrix with the origin moved to
+        the box's first voxel, so every kept voxel keeps its world position (None when `affine` is None).
+    """
+    shape = _spatial(data)
+    if shape != MNI152_SHAPE:
+        raise InputError(
+            f"data: spatial shape {shape} is not the {'x'.join(map(str, MNI152_SHAPE))} grid of the MNI152 1 mm "
+            "template, so MoME's crop [20:180, 20:216, 0:160] does not apply (register the image to MNI152 first)."
+        )
+    cropped = np.ascontiguousarray(data[(..., *(slice(a, b) for a, b in MNI_CROP_BOX))])
+    if affine is None:
+        return cropped, None
+    affine = np.asarray(affine, dtype=np.float64)
+    if affine.shape != (4, 4):
+        raise InputError(f"affine: expected a 4x4 matrix, got shape {affine.shape}.")
+    new_affine = affine.copy()
+    new_affine[:3, 3] = affine[:3, :3] @ np.array([a for a, _ in MNI_CROP_BOX], dtype=np.float64) + affine[:3, 3]
+    return cropped, new_affine
+
+
+def mni_uncrop(data: np.ndarray, fill=0) -> np.ndarray:
+    """Undo `mni_crop`: put a (..., 160, 196, 160) array back into the 182x218x182 MNI grid, `fill` elsewhere."""
+    shape = _spatial(data)
+    if shape != MNI_CROPPED_SHAPE:
+        raise InputError(f"data: spatial shape {shape} is not the {MNI_CROPPED_SHAPE} output of mni_crop.")
+    out = np.full((*data.shape[:-3], *MNI152_SHAPE), fill, dtype=data.dtype)
+    out[(..., *(slice(a, b) for a, b in MNI_CROP_BOX))] = data
     return out

@@ -1,4 +1,5 @@
-"""MoME end to end on tiny phantoms: phase 1 -> phase 2 -> exact resume -> predict -> evaluate, and CLI errors.
+"""MoME end to end on tiny phantoms: phase 1 (+ the universal nnU-Net) -> phase 2 -> exact resume -> predict ->
+evaluate side by side, and CLI errors.
 
 Run: pytest tests/test_mome_pipeline.py
 """
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from mome import evaluate, predict, train, train_expert
+from mome import demo, evaluate, predict, train, train_expert
 from shared.checkpoint import load_checkpoint
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
@@ -23,6 +24,15 @@ from shared.phantom import write_phantom_datasets
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--features", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size", "2", "--steps-per-epoch", "2",
         "--fold", "0", "--folds", "3", "--device", "cpu", "--no-compile"]  # fmt: skip
+
+
+@pytest.fixture(scope="module", autouse=True)
+def cache_root(tmp_path_factory):
+    """The preprocessed caches of these runs (default: data/cache of the checkout, which tests must not touch)."""
+    with pytest.MonkeyPatch.context() as patch:
+        root = tmp_path_factory.mktemp("cache")
+        patch.setenv("BRAINSEG_CACHE", str(root))
+        yield root
 
 
 @pytest.fixture(scope="module")
@@ -45,6 +55,15 @@ def experts(data, tmp_path_factory):
     return paths
 
 
+@pytest.fixture(scope="module")
+def universal(data, tmp_path_factory):
+    """The universal nnU-Net baseline: one network on every channel of every dataset (--modality all)."""
+    out = tmp_path_factory.mktemp("nnunet")
+    train_expert.main(["--modality", "all", "--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--epochs", "1",
+                       "--out", str(out), *TINY])  # fmt: skip
+    return str(out / "checkpoint.pt")
+
+
 def _weights(path):
     return load_checkpoint(path)["model"]
 
@@ -55,12 +74,21 @@ def test_phase1_expert_checkpoint_names_its_modality(experts):
     assert tuple(ckpt["config"]["features"]) == (4, 8, 16)
 
 
-def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, tmp_path):
+def test_universal_nnunet_checkpoint_is_no_expert(universal):
+    ckpt = load_checkpoint(universal, expect_kind="mome_expert")
+    assert ckpt["modality"] == "all"
+    with pytest.raises(InputError, match="is a universal nnU-Net .--modality all., not the T1 expert"):
+        train.expert_weights(universal, "T1")
+
+
+def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, universal, tmp_path):
     common = ["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2", *TINY]
-    train.main([*common, "--out", str(tmp_path / "straight")])
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1"])
+    # straight in the main process; interrupted with 2 loader workers and resumed with 1: the batch of step t is
+    # a function of (seed, rank, t), so the weights must come out bit-identical
+    train.main([*common, "--out", str(tmp_path / "straight"), "--workers", "0"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--stop-after", "1", "--workers", "2"])
     assert load_checkpoint(tmp_path / "resumed" / "checkpoint.pt")["epoch"] == 1
-    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume"])
+    train.main([*common, "--out", str(tmp_path / "resumed"), "--resume", "--workers", "1"])
     straight, resumed = (
         _weights(tmp_path / "straight" / "checkpoint.pt"),
         _weights(tmp_path / "resumed" / "checkpoint.pt"),
@@ -81,33 +109,46 @@ def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, tmp_path
     torch.testing.assert_close(mome[f"experts.0.{conv}"], ckpt_expert[conv], rtol=0, atol=1e-9)
     assert not torch.equal(mome["experts.0.decoder.seg_layers.1.weight"], ckpt_expert["decoder.seg_layers.1.weight"])
 
+    # MoME and the universal nnU-Net predict the held-out cases; evaluate puts them side by side
     split = tmp_path / "straight" / "split.json"
-    pred = tmp_path / "pred"
-    for d in data:
-        name = Path(d).name
-        val = json.loads(split.read_text())[name]["val"]
-        predict.main(["--model", str(tmp_path / "straight" / "checkpoint.pt"), "--input", f"{d}/imagesTr",
-                      "--output", str(pred / name), "--cases", *val, "--device", "cpu"])  # fmt: skip
-        image = nib.load(f"{d}/imagesTr/{val[0]}_0000.nii.gz")
-        out = nib.load(str(pred / name / f"{val[0]}_0000.nii.gz"))
-        assert out.shape == image.shape
-        np.testing.assert_allclose(out.affine, image.affine)
-        assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
-
     model = str(tmp_path / "straight" / "checkpoint.pt")
-    evaluate.main(["--data", *data, "--pred", str(pred), "--split", str(split), "--unseen", Path(data[1]).name,
-                   "--model", model, "--out", str(tmp_path / "eval")])  # fmt: skip
+    for name, checkpoint in (("mome", model), ("nnunet", universal)):
+        for d in data:
+            val = json.loads(split.read_text())[Path(d).name]["val"]
+            predict.main(["--model", checkpoint, "--input", f"{d}/imagesTr", "--output",
+                          str(tmp_path / name / Path(d).name), "--cases", *val, "--device", "cpu"])  # fmt: skip
+            image = nib.load(f"{d}/imagesTr/{val[0]}_0000.nii.gz")
+            out = nib.load(str(tmp_path / name / Path(d).name / f"{val[0]}_0000.nii.gz"))
+            assert out.shape == image.shape
+            np.testing.assert_allclose(out.affine, image.affine)
+            assert set(np.unique(np.asarray(out.dataobj))) <= {0, 1}
+
+    evaluate.main(["--data", *data, "--pred", str(tmp_path / "mome"), str(tmp_path / "nnunet"), "--names", "MoME",
+                   "nnU-Net", "--split-file", str(split), "--unseen", Path(data[1]).name, "--model", model,
+                   "--out", str(tmp_path / "eval")])  # fmt: skip
     with open(tmp_path / "eval" / "table1.csv") as f:
-        table = {r["data"]: r for r in csv.DictReader(f)}
-    assert set(table) == {"seen", "unseen"}
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(table) == ["MoME", "nnU-Net"]
     with open(tmp_path / "eval" / "per_image.csv") as f:
         rows = list(csv.DictReader(f))
-    seen = [float(r["dice"]) for r in rows if r["dataset"] == Path(data[0]).name]
-    assert float(table["seen"]["image"]) == pytest.approx(np.mean(seen))
-    with open(tmp_path / "eval" / "expert_usage.csv") as f:
-        usage = list(csv.DictReader(f))
-    for row in usage:
-        assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(1.0, abs=1e-5)
+    for name in table:
+        for group, dataset in (("seen", data[0]), ("unseen", data[1])):
+            dice = [float(r["dice"]) for r in rows if r["model"] == name and r["dataset"] == Path(dataset).name]
+            assert float(table[name][f"{group}_image"]) == pytest.approx(np.mean(dice))
+    with open(tmp_path / "eval" / "table2.csv") as f:
+        (unseen,) = list(csv.DictReader(f))
+    assert unseen["dataset"] == Path(data[1]).name and float(unseen["nnU-Net"]) == pytest.approx(
+        float(table["nnU-Net"]["unseen_image"])
+    )
+    # a single network is taken as --model too; it has no gate, so no usage table is written
+    evaluate.main(["--data", *data, "--pred", str(tmp_path / "nnunet"), "--split-file", str(split), "--unseen",
+                   Path(data[1]).name, "--model", universal, "--out", str(tmp_path / "eval_nnunet")])  # fmt: skip
+    assert (tmp_path / "eval_nnunet" / "table1.csv").is_file()
+    assert not (tmp_path / "eval_nnunet" / "expert_usage.csv").exists()
+    for usage_table in ("expert_usage.csv", "expert_usage_lesion.csv"):
+        with open(tmp_path / "eval" / usage_table) as f:
+            for row in csv.DictReader(f):
+                assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(1.0, abs=1e-5)
 
 
 def test_phase2_demo_options_gate_lr_shared_maps_uniform_init(data, experts, tmp_path):
@@ -121,7 +162,7 @@ def test_phase2_demo_options_gate_lr_shared_maps_uniform_init(data, experts, tmp
     assert (experts_group["lr"], gate_group["lr"]) == (1e-3, 2e-2)
     assert ckpt["config"]["gate_per_class"] is False
     assert ckpt["model"]["gate.unet.decoder.seg_layers.1.weight"].shape[0] == 3  # one map per expert
-    model, _ = predict.load_mome(out / "checkpoint.pt", torch.device("cpu"))
+    model, _ = predict.load_model(out / "checkpoint.pt", torch.device("cpu"))
     assert model(torch.randn(1, 1, 16, 16, 16)).shape == (1, 2, 16, 16, 16)
 
     broken = tmp_path / "broken_0000.nii.gz"  # a valid model but an input that is not NIfTI: no output folder
@@ -140,12 +181,11 @@ def test_bad_arguments_are_refused_with_one_sentence(data, experts, tmp_path):
         train.expert_weights(experts[0], "FLAIR")
     with pytest.raises(InputError, match="must be divisible by 2"):
         train.parse_args(["--data", *data, "--random-experts", "--patch", "20", "20", "20", "--out", str(tmp_path)])
-    with pytest.raises(InputError, match="--gate-lr must be positive"):
-        train.parse_args(["--data", *data, "--random-experts", "--gate-lr", "0", "--out", str(tmp_path)])
-    with pytest.raises(InputError, match="no dataset.json found"):
-        train_expert.parse_args(["--modality", "T1", "--data", str(tmp_path), "--out", str(tmp_path)])
     with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
-        predict.load_mome(experts[0], torch.device("cpu"))
+        predict.load_model(experts[0], torch.device("cpu"), expect_kind="mome")
+    torch.save({"w": torch.zeros(1)}, tmp_path / "plain.pt")
+    with pytest.raises(InputError, match="plain state_dict; pass the checkpoint.pt of mome.train"):
+        predict.load_model(tmp_path / "plain.pt", torch.device("cpu"))
 
 
 def test_cli_exit_code_and_message_on_broken_input(data, tmp_path):
@@ -177,10 +217,25 @@ def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, expe
     straight, resumed = (_weights(tmp_path / run / "checkpoint.pt") for run in ("straight", "resumed"))
     for key in straight:
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
-    with pytest.raises(InputError, match="does not fit --gate-optimizer sgd"):
+    with pytest.raises(InputError, match="only continues the same run: --gate-optimizer: adam -> sgd"):
         train.main(args("sgd", "resumed", "--resume"))
     # a phase-1 checkpoint in --out is named as such, not blamed on the optimizer flag
     (tmp_path / "wrong_kind").mkdir()
     shutil.copy(experts[0], tmp_path / "wrong_kind" / "checkpoint.pt")
     with pytest.raises(InputError, match="is a mome_expert checkpoint, expected mome"):
         train.main(args("adam", "wrong_kind", "--resume"))
+
+
+def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
+    """The main job's plumbing (data, five experts, nnU-Net, MoME, three prediction sets, tables) in seconds."""
+    demo.main(["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--expert-epochs", "1",
+               "--epochs", "1", "--nnunet-epochs", "1", "--steps-per-epoch", "1", "--cases", "4", "--unseen-cases",
+               "1", "--shape", "16", "--device", "cpu", "--workers", "0"])  # fmt: skip
+    printed = capsys.readouterr().out
+    assert "Dice at three averaging levels (Table 1)" in printed and "new lesion types:" in printed
+    with open(tmp_path / "runs" / "eval" / "table1.csv") as f:
+        table = {r["model"]: r for r in csv.DictReader(f)}
+    assert list(table) == ["MoME", "nnU-Net (universal)", "experts, oracle routing"]
+    # seen: one held-out case per dataset (4 tumour images, 1 DWI); unseen: scanner B; new lesion: MS + chronic
+    assert (table["MoME"]["seen_n_image"], table["MoME"]["unseen_n_image"], table["MoME"]["new_lesion_n_image"]) == (
+        "5", "5", "4")  # fmt: skip

@@ -9,6 +9,8 @@ from shared.geometry import (
     apply_brain_mask,
     crop_or_pad,
     from_canonical,
+    mni_crop,
+    mni_uncrop,
     resample_to_shape,
     resample_to_spacing,
     to_canonical,
@@ -195,3 +197,32 @@ def test_crop_or_pad_bad_arguments():
         uncrop_or_unpad(np.zeros((4, 4, 5)), info)
     with pytest.raises(InputError, match=r"original_shape: \(4, 5, 7\) differs"):
         uncrop_or_unpad(out, info, (4, 5, 7))
+
+
+def test_mni_crop_is_momes_box_keeps_world_positions_and_uncrops():
+    data = np.arange(182 * 218 * 182, dtype=np.int32).reshape(182, 218, 182)
+    affine = np.array([[-1.0, 0, 0, 90], [0, 1, 0, -126], [0, 0, 1, -72], [0, 0, 0, 1]])  # FSL's MNI152 1 mm
+    out, new_affine = mni_crop(data, affine)
+    assert out.shape == (160, 196, 160)
+    # official Codes_prepro/crop.py: img[20:180, 20:216, 0:160]
+    assert out[0, 0, 0] == data[20, 20, 0] and out[-1, -1, -1] == data[179, 215, 159]
+    # voxel (i, j, k) of the crop is voxel (i + 20, j + 20, k) of the input: same world point
+    for ijk in ((0, 0, 0), (5, 7, 9), (159, 195, 159)):
+        world_new = new_affine @ np.array([*ijk, 1.0])
+        world_old = affine @ np.array([ijk[0] + 20, ijk[1] + 20, ijk[2], 1.0])
+        np.testing.assert_allclose(world_new, world_old)
+    # a centred crop would keep another box
+    assert not np.array_equal(out, crop_or_pad(data, (160, 196, 160))[0])
+    back = mni_uncrop(out, fill=-1)
+    assert back.shape == (182, 218, 182)
+    np.testing.assert_array_equal(back[20:180, 20:216, 0:160], out)
+    assert (back[:20] == -1).all() and (back[:, 216:] == -1).all() and (back[:, :, 160:] == -1).all()
+    channels, none = mni_crop(np.zeros((2, 182, 218, 182), np.float32))
+    assert channels.shape == (2, 160, 196, 160) and none is None
+
+
+def test_mni_crop_refuses_other_grids():
+    with pytest.raises(InputError, match=r"\(160, 196, 160\) is not the 182x218x182 grid of the MNI152"):
+        mni_crop(np.zeros((160, 196, 160)))
+    with pytest.raises(InputError, match="is not the .* output of mni_crop"):
+        mni_uncrop(np.zeros((182, 218, 182)))

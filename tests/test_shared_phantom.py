@@ -13,7 +13,20 @@ from scipy import ndimage
 
 from shared.cli import run_cli
 from shared.errors import InputError
-from shared.phantom import CLASSES, DATASETS, generate_case, main, write_phantom_datasets
+from shared.phantom import (
+    CLASSES,
+    CONTRAST,
+    DATASETS,
+    SCANNERS,
+    _render,
+    _session,
+    case_rng,
+    generate_case,
+    main,
+    thick_slices,
+    write_phantom_datasets,
+)
+from shared.phantom_anatomy import grid
 
 SHAPE = (32, 32, 32)
 SEEDS = [(0, 0), (0, 1), (5, 0)]  # (seed, case index)
@@ -206,3 +219,49 @@ def test_cli_module_entry_point(tmp_path):
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["Dataset902_PhantomWMH"]
     assert (tmp_path / "Dataset902_PhantomWMH" / "imagesTr" / "PhantomWMH_000_0001.nii.gz").is_file()
+
+
+def test_thick_slices_by_hand():
+    profile = np.array([0.0, 0.0, 3.0, 3.0, 0.0, 0.0], dtype=np.float32)
+    # slabs of 2: means 0, 3, 0 at centres 0.5, 2.5, 4.5; voxels in between interpolate linearly
+    np.testing.assert_allclose(thick_slices(profile, 2), [0.0, 0.75, 2.25, 2.25, 0.75, 0.0])
+    volume = np.broadcast_to(profile, (2, 3, 6)).copy()
+    np.testing.assert_allclose(thick_slices(volume, 2)[1, 2], [0.0, 0.75, 2.25, 2.25, 0.75, 0.0])
+    # 7 voxels in slabs of 3: means 1, 4 and 6 (voxel 6 repeated) at centres 1, 4, 7
+    ramp = np.arange(7, dtype=np.float64)
+    np.testing.assert_allclose(thick_slices(ramp, 3), [1, 1, 2, 3, 4, 4 + 2 / 3, 4 + 4 / 3])
+    assert thick_slices(profile, 1) is profile
+
+
+def test_scanner_b_bias_noise_and_contrast_against_scanner_a():
+    coords = grid((8, 8, 8))
+    bias_a = _session(np.random.default_rng(3), coords)["bias"]
+    bias_b = _session(np.random.default_rng(3), coords, bias_scale=2.0)["bias"]
+    np.testing.assert_allclose(bias_b, bias_a**2, rtol=1e-12)  # the log bias field doubled
+    # a uniform white-matter cube with unit bias and gain: what remains is the class mean and the noise
+    class_map = np.full((8, 8, 8), CLASSES.index("wm"), dtype=np.uint8)
+    session = {"gain": 1.0, "jitter": np.ones(len(CLASSES)), "bias": np.ones((8, 8, 8))}
+    flat = np.ones((8, 8, 8))
+    image_a = _render("T2", class_map, flat, session, np.random.default_rng(5), scanner=SCANNERS["A"])
+    image_b = _render("T2", class_map, flat, session, np.random.default_rng(5), scanner=SCANNERS["B"])
+    wm = CONTRAST["T2"][CLASSES.index("wm")]
+    noise_a, noise_b = image_a - wm, image_b - wm**0.8  # contrast power 0.8 on the class mean
+    # twice the noise (the same draws), thick slices leave a uniform image unchanged
+    np.testing.assert_allclose(noise_b, 2 * noise_a, atol=1e-6)
+
+
+def test_scanner_b_datasets_are_new_patients_in_their_own_folders(tmp_path):
+    (root_b,) = write_phantom_datasets(tmp_path, ["stroke_acute"], cases=2, shape=(16, 16, 16), seed=0, scanner="B")
+    (root_a,) = write_phantom_datasets(tmp_path, ["stroke_acute"], cases=2, shape=(16, 16, 16), seed=0)
+    assert root_b.name == "Dataset915_PhantomStrokeAcuteScannerB" and root_a.name == "Dataset905_PhantomStrokeAcute"
+    meta = json.loads((root_b / "dataset.json").read_text())
+    assert meta["phantom"]["scanner"] == "B" and "scanner" not in json.loads((root_a / "dataset.json").read_text())
+    label_b = nib.load(root_b / "labelsTr" / "PhantomStrokeAcuteScannerB_000.nii.gz").get_fdata()
+    label_a = nib.load(root_a / "labelsTr" / "PhantomStrokeAcute_000.nii.gz").get_fdata()
+    assert not np.array_equal(label_a, label_b)
+    # scanner A's cases are those of the default generator (the option changes nothing for existing data)
+    images, label = generate_case("stroke_acute", (16, 16, 16), rng_seed=0, case_index=0)
+    np.testing.assert_array_equal(label, label_a)
+    assert case_rng(0, "stroke_acute", 0).integers(1 << 30) != case_rng(0, "stroke_acuteScannerB", 0).integers(1 << 30)
+    with pytest.raises(InputError, match="--scanner: unknown scanner 'C'"):
+        write_phantom_datasets(tmp_path, ["wmh"], cases=1, shape=(16, 16, 16), scanner="C")
