@@ -18,8 +18,8 @@ from shared.augment import sample_params
 from shared.cache import CachedCase, Preprocessing, build_cache
 from shared.dataset import canonical_modality, load_case
 from shared.errors import InputError
+from shared.intensity import normalise_intensity
 from shared.sampling import forced_foreground, patch_start, random_start, read_region
-from shared.transforms import normalise_intensity
 
 # --intensity of the SSL stages -> the cache's normalisation. percentile: 0 -> 0, the 99.5th percentile of the
 # non-zero voxels -> 1, clipped (our SSL default: the inner-cutout noise lives in [0, 1]); ct: the official SSL

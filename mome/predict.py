@@ -33,9 +33,9 @@ from shared.errors import InputError
 from shared.geometry import crop_or_pad, mni_crop, mni_uncrop, uncrop_or_unpad
 from shared.harness import autocast_context, pick_device
 from shared.inputs import add_input_args, inputs_from_args
+from shared.intensity import zscore
 from shared.nifti import read_nifti, write_nifti
 from shared.sliding_window import sliding_window_inference
-from shared.transforms import zscore
 
 KINDS = ("mome", "mome_expert")  # mome.train / mome.convert_checkpoint, mome.train_expert
 

@@ -17,7 +17,7 @@ import torch
 from mome.labels import binarise
 from shared.dataset import load_case
 from shared.geometry import crop_or_pad
-from shared.transforms import zscore
+from shared.intensity import zscore
 
 
 def lesion_patch(image: np.ndarray, lesion: np.ndarray, patch_size) -> tuple[np.ndarray, np.ndarray]:

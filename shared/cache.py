@@ -34,7 +34,7 @@ from shared.atomic import atomic_path, remove_stale_temps
 from shared.dataset import canonical_modality, list_cases, load_case, load_dataset_json
 from shared.errors import InputError
 from shared.geometry import resample_to_spacing, to_canonical
-from shared.transforms import normalise_intensity
+from shared.intensity import normalise_intensity
 
 CACHE_VERSION = 1  # bump when the file layout or a preprocessing step changes meaning
 FG_SAMPLES = 10_000  # nnU-Net: at most this many stored voxels per class ...

@@ -15,7 +15,7 @@ from mome.data import MoMEDraw, prepare_data
 from shared.augment import PIPELINES, BatchAugmentation, initial_patch_size
 from shared.checkpoint import load_checkpoint
 from shared.harness import DistInfo
-from shared.transforms import zscore
+from shared.intensity import zscore
 
 SINGLE = DistInfo(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), is_main=True)
 

@@ -15,7 +15,7 @@ from mome import MoMEConfig, predict
 from mome.model import build_expert
 from shared.checkpoint import save_checkpoint
 from shared.errors import InputError
-from shared.transforms import zscore
+from shared.intensity import zscore
 
 
 def single_network(path, *, features=(4, 8), grid, patch, seed=0):
