@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The project's single entry point (see README.md).
-#   bash run.sh                  main job: the MoME demo on the phantom data (builds the data if absent)
+#   bash run.sh                  main job: the MoME demo on the phantom data (the demo writes its data if absent)
 #   bash run.sh test [ARGS]      set up .venv, lint, run the pytest suite (ARGS go to pytest, e.g. -m slow)
 #   bash run.sh data             write the demo phantom datasets into data/demo if absent
 #   bash run.sh bench            run the benchmark scripts and print their tables
@@ -74,8 +74,9 @@ method_demo() {
 cmd=${1:-main}
 [ $# -gt 0 ] && shift
 case "$cmd" in
-    main) setup; make_data; method_demo mome ;;
-    mome|moe_missing|brainsegfounder|sam_med3d_moe) setup; make_data; method_demo "$cmd" ;;
+    # each demo writes the phantom datasets it needs (and skips complete ones)
+    main) setup; method_demo mome ;;
+    mome|moe_missing|brainsegfounder|sam_med3d_moe) setup; method_demo "$cmd" ;;
     test) setup; run_tests "$@" ;;
     data) setup; make_data ;;
     bench) setup; run_bench ;;
