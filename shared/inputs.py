@@ -23,20 +23,11 @@ from pathlib import Path
 
 from shared.cli import check_output_dir, non_negative_int
 from shared.dataset import Case, canonical_modality, declared_label_values, list_cases, load_dataset_json
-from shared.errors import InputError
+from shared.errors import InputError, short_list
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SPLITS = ("Tr", "Ts")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_LIST_LIMIT = 10  # ids named in a message before "and N more"
-
-
-def _short(names) -> str:
-    """Sorted names joined by commas, cut after _LIST_LIMIT so a message stays one readable sentence."""
-    names = sorted(names)
-    return ", ".join(names[:_LIST_LIMIT]) + (
-        f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
-    )
 
 
 def nifti_stem(name: str) -> str | None:
@@ -154,7 +145,7 @@ def resolve_inputs(path, split: str = "Ts", cases=None, flag: str = "--input") -
     if cases:
         unknown = set(cases) - {c.case_id for c in found}
         if unknown:
-            raise InputError(f"--cases {_short(unknown)}: not among the {len(found)} case(s) of {where}.")
+            raise InputError(f"--cases {short_list(unknown)}: not among the {len(found)} case(s) of {where}.")
         found = [c for c in found if c.case_id in set(cases)]
     return found
 
@@ -256,13 +247,13 @@ def selected_cases(cases=None, split=None, *, fold: int | None = None, subset: s
         chosen = parts[None]
     elif dataset is not None:
         if dataset not in parts:
-            raise InputError(f"--split {split} holds the splits of {_short(parts)}, not of {dataset}.")
+            raise InputError(f"--split {split} holds the splits of {short_list(parts)}, not of {dataset}.")
         chosen = parts[dataset]
     elif len(parts) == 1:
         chosen = next(iter(parts.values()))
     else:
-        raise InputError(f"--split {split} holds the splits of several datasets ({_short(parts)}); which one is meant "
-                         "is not known here.")  # fmt: skip
+        raise InputError(f"--split {split} holds the splits of several datasets ({short_list(parts)}); which one is "
+                         "meant is not known here.")  # fmt: skip
     if not chosen[subset]:
         raise InputError(f"--split {split} lists no {subset} case.")
     return list(chosen[subset])

@@ -21,7 +21,7 @@ from shared.cli import (
     probability,
     run_cli,
 )
-from shared.errors import InputError
+from shared.errors import InputError, short_list
 
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTION = """Train a tiny thing.
@@ -139,6 +139,12 @@ def test_run_cli_exit_codes_and_messages(capsys):
             run_cli(main)
         assert exit_info.value.code == code
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_short_list_sorts_and_cuts_after_ten_names():
+    assert short_list(["c", "a", 2]) == "2, a, c"
+    assert short_list(f"c{i:02d}" for i in range(12)) == ", ".join(f"c{i:02d}" for i in range(10)) + " and 2 more"
+    assert short_list([]) == ""
 
 
 def test_run_cli_leaves_the_process_group_after_main(monkeypatch):
