@@ -59,7 +59,7 @@ from shared.cli import (
     probability,
     run_cli,
 )
-from shared.dataset import canonical_modality, split_dataset
+from shared.dataset import canonical_modality
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -76,6 +76,7 @@ from shared.harness import (
     wrap_ddp,
 )
 from shared.loader import add_loader_args, default_workers, training_batches
+from shared.splits import split_datasets
 
 
 def parse_args(argv=None):
@@ -212,7 +213,7 @@ def main(argv=None) -> None:
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    splits = {Path(d).name: split_dataset(d, fold=args.fold, folds=args.folds) for d in args.data}
+    splits = split_datasets(args.data, fold=args.fold, folds=args.folds)
     train_cases = cached_cases(args, splits, "train", dist_info)
     if not train_cases:
         raise InputError(f"--data {' '.join(args.data)}: no training case has the channels of --dedicated "

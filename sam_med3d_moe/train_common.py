@@ -30,9 +30,9 @@ from shared.cli import (
     positive_int,
     probability,
 )
-from shared.dataset import split_dataset
 from shared.errors import InputError
 from shared.loader import add_loader_args, default_workers, training_batches
+from shared.splits import split_datasets
 
 fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
 fold_count = number_in(int, "an integer >= 2", low=2)
@@ -84,11 +84,6 @@ def check_common_args(args) -> None:
             raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
 
 
-def split_cases(data_dirs, fold: int, folds: int) -> dict:
-    """Folder name -> {"train": ids, "val": ids} from `kfold_splits` (fold -1: all cases train, none held out)."""
-    return {Path(root).name: split_dataset(root, fold, folds) for root in data_dirs}
-
-
 def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> tuple[list, list]:
     """Build or reuse the caches, list the targets of `part`, then write OUT/split.json (rank 0): a dataset that
     is refused leaves nothing in OUT.
@@ -96,7 +91,7 @@ def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> 
     Returns:
         the cached cases (`shared.cache.CachedCase`) and the targets (`data.Target`) of every dataset.
     """
-    split = split_cases(args.data, args.fold, args.folds)
+    split = split_datasets(args.data, fold=args.fold, folds=args.folds)  # fold -1: every case trains
     ids = {name: s[part] for name, s in split.items()}
     entries = load_cases(args.data, ids, args.modalities, args.spacing, args.ct_clamp, cache_root=args.cache,
                          processes=max(1, args.workers or 1))  # fmt: skip
