@@ -135,7 +135,8 @@ ROWS = [
     ("convert missing release", convert_checkpoint, lambda e: ["--release", "/nope", "--output",
      str(e["root"] / "out.pt")], "--release /nope is not a folder"),  # fmt: skip
     ("convert truncated", convert_checkpoint, lambda e: ["--gate", F(e, "truncated.pt"), "--experts",
-     F(e, "truncated.pt"), "--modalities", "DWI", "--output", str(e["root"] / "out.pt")], "not a readable torch file"),
+     F(e, "truncated.pt"), "--modalities", "DWI", "--output", str(e["root"] / "out.pt")],
+     "truncated.pt: not a readable checkpoint"),
 ]  # fmt: skip
 
 
