@@ -94,10 +94,9 @@ def few_shot_subsets(case_ids: list, fraction: float, seed: int, repeats: int) -
 
     Repeat r draws from (seed, fraction, r) alone, redrawing (up to 100 times) while its subset equals that of
     an earlier repeat, so small pools still give distinct subsets where they exist. Every arm of a study that
-    uses the same seed therefore trains on the same subsets, whatever its number of repeats.
+    uses the same seed therefore trains on the same subsets, whatever its number of repeats. `fraction` lies in
+    (0, 1] (--train-fraction is parsed by `shared.cli.fraction`).
     """
-    if not 0.0 < fraction <= 1.0:
-        raise InputError(f"--train-fraction must lie in (0, 1], got {fraction}.")
     n = max(1, math.ceil(fraction * len(case_ids) - 1e-9))  # - 1e-9: 0.1 * 30 is 3.0000000000000004
     subsets: list[list] = []
     for repeat in range(repeats):

@@ -88,8 +88,6 @@ fold_count = cli.number_in(int, "at least 2 folds", low=2)
 
 def check_run_args(args) -> None:
     """Checks across flags, and the model layout, before any work (one sentence each)."""
-    if args.workers is not None and args.workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {args.workers}.")
     if args.warmup >= args.steps:
         raise InputError(f"--warmup {args.warmup} must be smaller than --steps {args.steps}.")
     if max(args.patch) < 64:

@@ -80,8 +80,6 @@ def check_common_args(args) -> None:
         raise InputError(f"--patch {args.patch}: every side must be at least 8 voxels.")
     if len(args.features) < 2:
         raise InputError(f"--features {args.features}: a UNet needs at least 2 stages.")
-    if args.workers is not None and args.workers < 0:
-        raise InputError(f"--workers must be at least 0, got {args.workers}.")
     if args.fold >= args.folds:
         raise InputError(f"--fold {args.fold} must be below --folds {args.folds} (or -1).")
     if args.keep_labels and args.label_rule:
