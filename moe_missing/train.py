@@ -49,10 +49,11 @@ from shared.cache import build_cache
 from shared.checkpoint import prepare_run_dir, restore_run
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     make_parser,
     non_negative_float,
     non_negative_int,
-    number_in,
     overlap_fraction,
     positive_float,
     positive_int,
@@ -85,9 +86,9 @@ def parse_args(argv=None):
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folder(s) (DatasetXXX_Name) with "
                    "labelsTr; several datasets must all have the --modalities")  # fmt: skip
     g.add_argument("--modalities", nargs="+", help="input channels in order (default: the first dataset's channels)")
-    g.add_argument("--fold", type=number_in(int, "-1 or a fold index", low=-1), default=0, help="cross-validation "
+    g.add_argument("--fold", type=fold_index, default=0, help="cross-validation "
                    "fold held out; -1 trains on all cases")  # fmt: skip
-    g.add_argument("--folds", type=number_in(int, "at least 2", low=2), default=3, help="number of deterministic "
+    g.add_argument("--folds", type=fold_count, default=3, help="number of deterministic "
                    "folds (paper: 3)")  # fmt: skip
     g.add_argument("--patch", type=positive_int, nargs=3, default=(96, 96, 96), help="training crop size at 1 mm")
     g.add_argument("--batch-size", type=positive_int, default=4, help="crops per step and process (paper: 4)")

@@ -16,8 +16,9 @@ from shared.atomic import atomic_path
 from shared.checkpoint import plain_args, save_checkpoint
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     non_negative_float,
-    number_in,
     positive_float,
     positive_int,
     probability,
@@ -26,8 +27,6 @@ from shared.dataset import MODALITIES, canonical_modality, declared_label_values
 from shared.errors import InputError
 from shared.loader import add_loader_args
 
-fold_index = number_in(int, "-1 (train on every case) or a fold index >= 0", low=-1)
-fold_count = number_in(int, "at least 2 folds", low=2)
 RUN_FILES = "checkpoint.pt, log.csv, split.json"
 
 

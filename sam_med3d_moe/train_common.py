@@ -23,6 +23,8 @@ from shared.checkpoint import (
 )
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     non_negative_float,
     non_negative_int,
     number_in,
@@ -34,8 +36,6 @@ from shared.errors import InputError
 from shared.loader import add_loader_args, default_workers, training_batches
 from shared.splits import split_datasets
 
-fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
-fold_count = number_in(int, "an integer >= 2", low=2)
 threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
 
 

@@ -168,6 +168,8 @@ non_negative_float = number_in(float, "a non-negative number", low=0.0)
 probability = number_in(float, "a probability in [0, 1]", low=0.0, high=1.0)
 fraction = number_in(float, "a fraction in (0, 1]", low=0.0, high=1.0, low_open=True)
 overlap_fraction = number_in(float, "a fraction in [0, 1)", low=0.0, high=1.0, high_open=True)
+fold_index = number_in(int, "a fold index >= 0, or -1 (train on every case)", low=-1)  # --fold of a training CLI
+fold_count = number_in(int, "at least 2 folds", low=2)  # --folds
 
 
 # ----------------------------------------------------------------------------- output paths (checked before work)

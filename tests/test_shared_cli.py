@@ -11,6 +11,8 @@ import pytest
 from shared.cli import (
     check_output_dir,
     check_output_file,
+    fold_count,
+    fold_index,
     fraction,
     make_parser,
     non_negative_float,
@@ -91,6 +93,8 @@ def test_valid_flags_parse_to_numbers():
         (probability, {"0": 0.0, "1": 1.0, "0.25": 0.25}, ["1.5", "-0.1", "nan"]),
         (fraction, {"1": 1.0, "0.1": 0.1}, ["0", "1.01", "-1"]),
         (overlap_fraction, {"0": 0.0, "0.5": 0.5}, ["1", "-0.5"]),
+        (fold_index, {"-1": -1, "0": 0, "4": 4}, ["-2", "0.5"]),
+        (fold_count, {"2": 2, "10": 10}, ["1", "0", "2.5"]),
     ],
 )
 def test_validators_accept_and_refuse(validator, good, bad):
