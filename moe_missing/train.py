@@ -22,7 +22,6 @@ the best checkpoint by --val-metric is kept as best.pt beside the last one, chec
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -43,7 +42,6 @@ from moe_missing.losses import (
 from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from moe_missing.runs import KIND, save_run
 from moe_missing.validate import METRICS, improved, validation_score
-from shared.atomic import atomic_path
 from shared.augment import PIPELINES, BatchAugmentation
 from shared.cache import build_cache
 from shared.checkpoint import prepare_run_dir, restore_run
@@ -77,7 +75,7 @@ from shared.harness import (
     wrap_ddp,
 )
 from shared.loader import add_loader_args, default_workers, training_batches
-from shared.splits import split_datasets
+from shared.splits import split_datasets, write_split
 
 
 def parse_args(argv=None):
@@ -221,9 +219,7 @@ def main(argv=None) -> None:
                          f"{args.dedicated}.")  # fmt: skip
     val_cases = cached_cases(args, splits, "val", dist_info) if args.val_every > 0 else []
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(splits, indent=1))
+        write_split(out / "split.json", splits)
 
     cfg = config_from_args(args)
     model = build_model(cfg).to(device)

@@ -5,14 +5,12 @@ path (cache, split, batches) is in `data.py`.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from mome.config import MoMEConfig
 from mome.expert import per_stage
-from shared.atomic import atomic_path
 from shared.checkpoint import plain_args, save_checkpoint
 from shared.cli import (
     add_run_args,
@@ -134,12 +132,6 @@ def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimi
         rng=rng,
         **extra,
     )
-
-
-def write_split(path, split: dict) -> None:
-    """OUT/split.json: the cases each dataset trained on and held out (read by mome.evaluate --split-file)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(split, indent=1))
 
 
 def last_epoch(args, start_epoch: int) -> int:

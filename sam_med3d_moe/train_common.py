@@ -6,14 +6,12 @@ The loops themselves stay inline in `train.py` (general model), `finetune_expert
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from sam_med3d_moe.config import SamConfig
 from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases
-from shared.atomic import atomic_path
 from shared.augment import BatchAugmentation
 from shared.checkpoint import (
     load_run_checkpoint,
@@ -34,7 +32,7 @@ from shared.cli import (
 )
 from shared.errors import InputError
 from shared.loader import add_loader_args, default_workers, training_batches
-from shared.splits import split_datasets
+from shared.splits import split_datasets, write_split
 
 threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
 
@@ -98,8 +96,7 @@ def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> 
     targets = build_targets(entries, union=args.union, labels=getattr(args, "labels", None),
                             min_voxels=args.min_voxels)  # fmt: skip
     if is_main:
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(split, indent=1))
+        write_split(out / "split.json", split)
     return entries, targets
 
 

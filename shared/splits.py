@@ -14,7 +14,8 @@ Split files, each read by `read_split` into one representation, {dataset name or
 - BrainSegFounder's / MONAI's brats21_folds.json: {"training": [{"fold": k, "image": [...], "label": ...}]} (or
   that list alone): the entries of fold `fold` are the validation cases, the others the training cases.
 Given the case ids of the datasets at hand, it gives an unnamed split to the dataset that holds its ids and checks
-every split of those datasets against their cases; `dataset_split` then picks the split of one dataset.
+every split of those datasets against their cases; `dataset_split` then picks the split of one dataset. A training
+run records its split with `write_split` (OUT/split.json).
 """
 
 import json
@@ -23,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.atomic import atomic_path
 from shared.dataset import list_cases
 from shared.errors import InputError, short_list
 
@@ -90,6 +92,15 @@ def split_datasets(data_dirs, *, fold: int, folds: int, seed: int = 12345) -> di
 
 
 # ----------------------------------------------------------------------------- split files
+
+
+def write_split(path, split: dict) -> None:
+    """Write a run's OUT/split.json, {dataset folder name: {"train": ids, "val": ids, ...}}, atomically (its folder
+    is created); `read_split` and the evaluate CLIs' --split read it back."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(split, indent=1))
 
 
 def _id_list(value, where: str) -> list[str]:

@@ -9,7 +9,7 @@ import pytest
 
 from shared.dataset import write_dataset_json
 from shared.errors import InputError
-from shared.splits import dataset_split, kfold_splits, read_split, split_dataset, split_datasets
+from shared.splits import dataset_split, kfold_splits, read_split, split_dataset, split_datasets, write_split
 
 IDS = [f"BraTS2021_{i:05d}" for i in range(5)]
 DS = "Dataset001_Tumour"
@@ -124,6 +124,15 @@ def test_every_layout_reads_to_the_same_split(tmp_path):
             assert read_split(path, fold=fold) == {DS if name == "run split.json" else None: SPLIT}, name
     fixed = write_json(tmp_path / "fixed.json", {DS: {"train": IDS[:3], "test": IDS[3:]}, "Other": {"train": []}})
     assert read_split(fixed) == {DS: {"train": IDS[:3], "test": IDS[3:]}, "Other": {"train": []}}
+
+
+def test_a_written_split_json_reads_back(tmp_path):
+    split = {DS: SPLIT, "Dataset002_B": {"train": ["b0"], "val": []}}
+    path = tmp_path / "run" / "split.json"  # the run folder need not exist yet
+    write_split(path, split)
+    assert read_split(path) == split and json.loads(path.read_text()) == split
+    assert [p.name for p in path.parent.iterdir()] == ["split.json"]  # written atomically: no temp file left
+    assert read_split(path, case_ids={DS: IDS, "Dataset002_B": ["b0"]}) == split
 
 
 def test_nnunet_splits_final(tmp_path):
