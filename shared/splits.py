@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from shared.atomic import atomic_path
+from shared.cli import read_json_file
 from shared.dataset import list_cases
 from shared.errors import InputError, short_list
 
@@ -211,12 +212,7 @@ def read_split(path, *, fold: int | None = None, flag: str = "--split", case_ids
     """
     path = Path(path)
     where = f"{flag} {path}"
-    try:
-        content = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{where}: file not found.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{where}: not a readable JSON split file ({err}).") from None
+    content = read_json_file(path, flag, "JSON split file")
     known = None if case_ids is None else {name: {str(c) for c in ids} for name, ids in case_ids.items()}
     if isinstance(content, dict) and isinstance(content.get("training"), list):
         content = content["training"]  # BrainSegFounder's / MONAI's brats21_folds.json

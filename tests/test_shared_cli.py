@@ -21,6 +21,7 @@ from shared.cli import (
     positive_float,
     positive_int,
     probability,
+    read_json_file,
     run_cli,
 )
 from shared.errors import InputError, short_list
@@ -103,6 +104,21 @@ def test_validators_accept_and_refuse(validator, good, bad):
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             validator(text)
+
+
+def test_read_json_file_refuses_in_one_sentence(tmp_path):
+    (tmp_path / "good.json").write_text('{"a": [1, 2]}')
+    assert read_json_file(tmp_path / "good.json", "--prompts", "JSON prompt file") == {"a": [1, 2]}
+    with pytest.raises(InputError, match=r"^--plans .*nope\.json: file not found\.$"):
+        read_json_file(tmp_path / "nope.json", "--plans", "plans.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"^--plans .*bad\.json: not a readable plans\.json \(Expecting .*\)\.$"):
+        read_json_file(tmp_path / "bad.json", "--plans", "plans.json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match=r"^--split .*binary\.json: not a readable JSON split file \(.*codec"):
+        read_json_file(tmp_path / "binary.json", "--split", "JSON split file")
+    with pytest.raises(InputError, match=r"^--split .*: not a readable JSON split file \(.*Is a directory"):
+        read_json_file(tmp_path, "--split", "JSON split file")
 
 
 def test_output_file_checks(tmp_path):
