@@ -82,6 +82,7 @@ from shared.harness import (
 )
 from shared.loader import default_workers, training_batches
 from shared.metrics import dice
+from shared.splits import write_split
 from shared.stats import mean_std
 
 LOSSES = {"dice": dice_loss, "dicece": dice_bce_loss}
@@ -217,7 +218,9 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     if dist_info.is_main:
         print(f"fraction {fraction:g}, repeat {repeat}: {len(subset)} of {len(pool)} training cases "
               f"({', '.join(subset[:6])}{' ...' * (len(subset) > 6)})")  # fmt: skip
-        write_split(out / "split.json", args.data, subset, [c.case_id for c in val_cases])
+        write_split(
+            out / "split.json", {Path(args.data).name: {"train": subset, "val": [c.case_id for c in val_cases]}}
+        )
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay)
     scaler = make_grad_scaler(device, pick_amp_dtype(device, enabled=args.amp))
@@ -292,13 +295,6 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     return result(final, best) if stop == args.steps else None
 
 
-def write_split(path: Path, data_dir, train: list, val: list) -> None:
-    """split.json as the other packages write it: {dataset folder name: {"train": ids, "val": ids}}."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps({Path(data_dir).name: {"train": list(train), "val": list(val)}}, indent=1))
-
-
 def summarise(args, results: list) -> dict:
     """OUT/summary.json: the arm, its runs, and mean +- std (ddof 1) of the final mean Dice per fraction."""
     fractions = {}
@@ -342,7 +338,7 @@ def main(argv=None) -> None:
     cached = {c.case_id: c for c in entries}
     val_cases = [cached[c] for c in split["val"]]
     if dist_info.is_main:
-        write_split(out / "split.json", args.data, split["train"], split["val"])
+        write_split(out / "split.json", {Path(args.data).name: split})
     results = []
     for fraction in args.train_fraction:
         for repeat in range(args.repeats):

@@ -20,7 +20,6 @@ kept as best.pt (the official `model_bestValRMSE.pt`). OUT/split.json lists the 
 """
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -45,7 +44,6 @@ from brainsegfounder.train_common import (
     save_run,
 )
 from shared import cli
-from shared.atomic import atomic_path
 from shared.checkpoint import prepare_run_dir, restore_run, save_checkpoint
 from shared.cli import run_cli
 from shared.dataset import list_cases
@@ -65,6 +63,7 @@ from shared.harness import (
     wrap_ddp,
 )
 from shared.loader import default_workers, training_batches
+from shared.splits import write_split
 
 
 def parse_args(argv=None):
@@ -188,9 +187,7 @@ def main(argv=None) -> None:
         print(f"SSL pretraining: {n_params:,} parameters, {len(cases)} training and {len(val_cases)} validation "
               f"volumes{' (transductive: imagesTs included)' * args.transductive}, channels "
               f"{' '.join(args.channels)}, {workers} loader worker(s)")  # fmt: skip
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(record, indent=1))
+        write_split(out / "split.json", record)
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)

@@ -4,11 +4,25 @@ Everything here works on case ids; the images are read by `brainsegfounder.data`
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 
-from shared.dataset import kfold_splits, list_cases, read_split_file, split_dataset
+from shared.dataset import list_cases
 from shared.errors import InputError
+from shared.splits import dataset_split, kfold_splits, read_split, split_dataset
+
+
+def file_split(split_file, data_dir, case_ids, *, fold: int) -> dict:
+    """{"train": ids, "val": ids}, sorted, of `data_dir` in a --split-file (`shared.splits.read_split`: nnU-Net's
+    splits_final.json, a BSF fold list, a plain split, a run's split.json) with `fold`, checked against `case_ids`.
+
+    Refuses (besides what `read_split` refuses) a file of other datasets only and an empty training list.
+    """
+    name = Path(data_dir).name
+    splits = read_split(split_file, fold=fold, flag="--split-file", case_ids={name: case_ids}, need_train=True)
+    split = dataset_split(splits, name, where=f"--split-file {split_file}")
+    return {"train": sorted(split["train"]), "val": sorted(split.get("val", []))}
 
 
 def held_out_split(data_dir, *, fold: int, folds: int, split_file=None, holdout: int = 0,
@@ -16,13 +30,13 @@ def held_out_split(data_dir, *, fold: int, folds: int, split_file=None, holdout:
     """{"train": ids, "val": ids} of the labelled cases of one dataset: what fine-tuning trains and validates on,
     and what Stage-2 pretraining must not see (the validation cases).
 
-    In order of precedence: a split file (`shared.dataset.read_split_file`: nnU-Net's splits_final.json, a BSF
-    fold list, a plain split) with `fold`; a fixed held-out set of `holdout` cases drawn with `holdout_seed`
+    In order of precedence: a split file (`file_split`: nnU-Net's splits_final.json, a BSF fold list, a plain
+    split) with `fold`; a fixed held-out set of `holdout` cases drawn with `holdout_seed`
     (the paper's ATLAS recipe: 100 held-out training images); the deterministic k-fold split (`fold` -1: none).
     """
     ids = [c.case_id for c in list_cases(data_dir, "Tr") if c.label is not None]
     if split_file is not None:
-        return read_split_file(split_file, ids, fold=fold)
+        return file_split(split_file, data_dir, ids, fold=fold)
     if holdout:
         if not 0 < holdout < len(ids):
             raise InputError(f"--holdout {holdout} must lie in [1, {len(ids)}) for the {len(ids)} labelled cases of "
@@ -54,7 +68,7 @@ def pretraining_split(data_dir, *, fold: int, folds: int, split_file=None, holdo
     if any(c.label is not None for c in cases):
         val = held_out_split(data_dir, fold=fold, folds=folds, split_file=split_file, holdout=holdout)["val"]
     elif split_file is not None:
-        val = read_split_file(split_file, ids, fold=fold)["val"]
+        val = file_split(split_file, data_dir, ids, fold=fold)["val"]
     elif fold == -1:
         val = []
     else:
@@ -63,7 +77,7 @@ def pretraining_split(data_dir, *, fold: int, folds: int, split_file=None, holdo
 
 
 def split_ids(ids: list, fold: int, folds: int, where: str) -> list:
-    """The validation ids of fold `fold` of the k-fold rule (`shared.dataset.kfold_splits`) over `ids`."""
+    """The validation ids of fold `fold` of the k-fold rule (`shared.splits.kfold_splits`) over `ids`."""
     if not 0 <= fold < folds or folds > len(ids):
         raise InputError(f"--fold {fold} / --folds {folds} do not fit the {len(ids)} cases of {where}.")
     return kfold_splits(ids, k=folds)[fold][1]
@@ -80,10 +94,9 @@ def few_shot_subsets(case_ids: list, fraction: float, seed: int, repeats: int) -
 
     Repeat r draws from (seed, fraction, r) alone, redrawing (up to 100 times) while its subset equals that of
     an earlier repeat, so small pools still give distinct subsets where they exist. Every arm of a study that
-    uses the same seed therefore trains on the same subsets, whatever its number of repeats.
+    uses the same seed therefore trains on the same subsets, whatever its number of repeats. `fraction` lies in
+    (0, 1] (--train-fraction is parsed by `shared.cli.fraction`).
     """
-    if not 0.0 < fraction <= 1.0:
-        raise InputError(f"--train-fraction must lie in (0, 1], got {fraction}.")
     n = max(1, math.ceil(fraction * len(case_ids) - 1e-9))  # - 1e-9: 0.1 * 30 is 3.0000000000000004
     subsets: list[list] = []
     for repeat in range(repeats):

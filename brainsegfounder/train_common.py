@@ -70,9 +70,9 @@ def add_run_args(parser: argparse.ArgumentParser, *, lr: float, steps: int, warm
 
 def add_split_args(group) -> None:
     """Which labelled cases are held out: the same flags in pretrain (its SSL validation set) and finetune."""
-    group.add_argument("--fold", type=fold_index, default=0,
+    group.add_argument("--fold", type=cli.fold_index, default=0,
                        help="validation fold held out; -1 holds out none (no validation)")  # fmt: skip
-    group.add_argument("--folds", type=fold_count, default=5, help="number of deterministic k-fold splits")
+    group.add_argument("--folds", type=cli.fold_count, default=5, help="number of deterministic k-fold splits")
     group.add_argument(
         "--split-file",
         help="folds from a file: nnU-Net's splits_final.json, a BrainSegFounder fold "
@@ -82,14 +82,8 @@ def add_split_args(group) -> None:
                        help="a fixed held-out set of N random cases instead of a fold (paper ATLAS: 100)")  # fmt: skip
 
 
-fold_index = cli.number_in(int, "-1 or a fold index >= 0", low=-1)
-fold_count = cli.number_in(int, "at least 2 folds", low=2)
-
-
 def check_run_args(args) -> None:
     """Checks across flags, and the model layout, before any work (one sentence each)."""
-    if args.workers is not None and args.workers < 0:
-        raise InputError(f"--workers must be 0 or more, got {args.workers}.")
     if args.warmup >= args.steps:
         raise InputError(f"--warmup {args.warmup} must be smaller than --steps {args.steps}.")
     if max(args.patch) < 64:

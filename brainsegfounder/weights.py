@@ -17,19 +17,18 @@ Formats (`Weights.format`):
 The layout (feature size, depths, heads, window, input and output channels) is read off the tensor shapes.
 Two things cannot be: the modality of each input channel (named by the caller) and the patch-merging order
 (MONAI < 1.5 concatenates two cells twice; the released Tang and BrainSegFounder weights were trained so).
-Files are read with `weights_only=True`; a pickled file is refused with the converter command that reads it
-once with `trust_pickle=True` (which runs code from the file).
+Files are read by `shared.checkpoint.load_foreign_checkpoint` (`weights_only=True`, numpy scalars allowed); a
+pickled file is refused with the converter command that reads it once with `trust_pickle=True` (which runs code
+from the file).
 """
 
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from shared.checkpoint import strip_prefix
+from shared.checkpoint import load_foreign_checkpoint, strip_prefix
 from shared.errors import InputError
 
 RUN_KINDS = ("brainsegfounder_ssl", "brainsegfounder_seg")
@@ -62,39 +61,6 @@ class Weights:
     ignored: list = field(default_factory=list)  # keys of the file left out (SSL heads)
     meta: dict = field(default_factory=dict)  # recorded target, patch, brats_labels of a segmentation model
     path: str = ""
-
-
-def _numpy_scalar_globals() -> list:
-    """The pickle globals of numpy scalars and dtypes: trainers store metrics such as BSF's `best_acc` as numpy
-    floats. Rebuilding them runs no code from the file, so they are allowed with `weights_only=True`."""
-    scalar = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
-    dtypes = [getattr(np.dtypes, name) for name in getattr(np.dtypes, "__all__", [])]
-    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"), np.dtype, *dtypes]
-
-
-def _torch_load(path: Path, flag: str, trust_pickle: bool):
-    if not path.is_file():
-        raise InputError(f"{flag} {path}: file not found.")
-    if path.stat().st_size == 0:
-        raise InputError(f"{flag} {path}: file is empty.")
-    try:
-        with torch.serialization.safe_globals(_numpy_scalar_globals()):
-            return torch.load(path, map_location="cpu", weights_only=not trust_pickle)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(err))
-        if not trust_pickle and found:
-            raise InputError(
-                f"{flag} {path} holds pickled Python objects (such as {found[1]}), which are not loaded because "
-                "unpickling runs code; if you trust the file, convert it once: python -m "
-                f"brainsegfounder.convert_checkpoint {path} --out PLAIN.pt --trust-pickle."
-            ) from err
-        raise InputError(f"{flag} {path}: not a readable checkpoint (not a torch.save file, or damaged).") from err
-    except ModuleNotFoundError as err:  # a pickled module whose classes are not installed
-        raise InputError(f"{flag} {path}: unpickling it needs the Python module {err.name!r}; install it, or save "
-                         "the model's state_dict() where it was trained.") from err  # fmt: skip
-    except Exception as err:  # truncated zip, not a torch file
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise InputError(f"{flag} {path}: not a readable checkpoint ({first}).") from err
 
 
 def _find_state(payload, path: Path, flag: str) -> dict:
@@ -188,7 +154,9 @@ def read_weights(path, flag: str = "--init", trust_pickle: bool = False) -> Weig
         InputError: unreadable, pickled without `trust_pickle`, another package's checkpoint, no Swin encoder.
     """
     path = Path(path)
-    payload = _torch_load(path, flag, trust_pickle)
+    payload = load_foreign_checkpoint(path, trust_pickle=trust_pickle, flag=flag, remedy="if you trust the file, "
+                                      f"convert it once: python -m brainsegfounder.convert_checkpoint {path} --out "
+                                      "PLAIN.pt --trust-pickle")  # fmt: skip
     if isinstance(payload, dict) and isinstance(payload.get("kind"), str):
         if payload["kind"] in (*RUN_KINDS, CONVERTED_KIND):
             return _ours(payload, path, flag)

@@ -56,9 +56,10 @@ from shared.dataset import list_cases
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.harness import pick_device
-from shared.inputs import add_subset_args, read_split, selected_cases
+from shared.inputs import add_subset_args, selected_cases
 from shared.metrics import case_metrics
 from shared.nifti import write_nifti
+from shared.splits import read_split
 
 CASE_COLUMNS = ("dice", "ppv", "ltpr", "lfpr", "lesion_f1", "hd95", "n_gt_lesions", "n_pred_lesions", "lesion_tp",
                 "lesion_fp", "lesion_fn")  # fmt: skip
@@ -94,7 +95,7 @@ def held_out_cases(run: Run, dataset: str) -> list[str]:
     parts = read_split(run.folder / "split.json", flag=f"--held-out: {run.name}'s")
     if dataset not in parts:
         raise InputError(f"--held-out: {run.folder / 'split.json'} holds no split of {dataset}.")
-    if not parts[dataset]["val"]:
+    if not parts[dataset].get("val"):
         raise InputError(f"--held-out: {run.folder} holds out no case of {dataset} (trained with --fold -1?).")
     return parts[dataset]["val"]
 

@@ -22,7 +22,6 @@ the best checkpoint by --val-metric is kept as best.pt beside the last one, chec
 """
 
 import argparse
-import json
 import time
 from pathlib import Path
 
@@ -43,23 +42,23 @@ from moe_missing.losses import (
 from moe_missing.model import STEMS, MoEUNetConfig, build_model
 from moe_missing.runs import KIND, save_run
 from moe_missing.validate import METRICS, improved, validation_score
-from shared.atomic import atomic_path
 from shared.augment import PIPELINES, BatchAugmentation
 from shared.cache import build_cache
 from shared.checkpoint import prepare_run_dir, restore_run
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     make_parser,
     non_negative_float,
     non_negative_int,
-    number_in,
     overlap_fraction,
     positive_float,
     positive_int,
     probability,
     run_cli,
 )
-from shared.dataset import canonical_modality, split_dataset
+from shared.dataset import canonical_modality
 from shared.errors import InputError
 from shared.harness import (
     MetricsLogger,
@@ -76,6 +75,7 @@ from shared.harness import (
     wrap_ddp,
 )
 from shared.loader import add_loader_args, default_workers, training_batches
+from shared.splits import split_datasets, write_split
 
 
 def parse_args(argv=None):
@@ -84,9 +84,9 @@ def parse_args(argv=None):
     g.add_argument("--data", nargs="+", required=True, help="nnU-Net raw dataset folder(s) (DatasetXXX_Name) with "
                    "labelsTr; several datasets must all have the --modalities")  # fmt: skip
     g.add_argument("--modalities", nargs="+", help="input channels in order (default: the first dataset's channels)")
-    g.add_argument("--fold", type=number_in(int, "-1 or a fold index", low=-1), default=0, help="cross-validation "
+    g.add_argument("--fold", type=fold_index, default=0, help="cross-validation "
                    "fold held out; -1 trains on all cases")  # fmt: skip
-    g.add_argument("--folds", type=number_in(int, "at least 2", low=2), default=3, help="number of deterministic "
+    g.add_argument("--folds", type=fold_count, default=3, help="number of deterministic "
                    "folds (paper: 3)")  # fmt: skip
     g.add_argument("--patch", type=positive_int, nargs=3, default=(96, 96, 96), help="training crop size at 1 mm")
     g.add_argument("--batch-size", type=positive_int, default=4, help="crops per step and process (paper: 4)")
@@ -212,16 +212,14 @@ def main(argv=None) -> None:
     ckpt_path, best_path = out / "checkpoint.pt", out / "best.pt"
     resumed = prepare_run_dir(out, resume=args.resume, args=args, kind=KIND, is_main=dist_info.is_main)
 
-    splits = {Path(d).name: split_dataset(d, fold=args.fold, folds=args.folds) for d in args.data}
+    splits = split_datasets(args.data, fold=args.fold, folds=args.folds)
     train_cases = cached_cases(args, splits, "train", dist_info)
     if not train_cases:
         raise InputError(f"--data {' '.join(args.data)}: no training case has the channels of --dedicated "
                          f"{args.dedicated}.")  # fmt: skip
     val_cases = cached_cases(args, splits, "val", dist_info) if args.val_every > 0 else []
     if dist_info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(splits, indent=1))
+        write_split(out / "split.json", splits)
 
     cfg = config_from_args(args)
     model = build_model(cfg).to(device)

@@ -6,36 +6,16 @@ under several aliases: `.conv.*` = `.all_modules.0.*`, `.norm.*` = `.all_modules
 `plain_state_dict` folds them onto the single names that `PlainUNet` uses, checking that aliases agree.
 """
 
-import pickle
 import re
-from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 
 from mome.expert import PlainUNet
 from mome.gate import HierarchicalGate
 from mome.model import MoME
+from shared.checkpoint import load_foreign_checkpoint
 from shared.errors import InputError
-
-try:  # numpy >= 2
-    from numpy._core.multiarray import scalar as _np_scalar
-except ImportError:  # numpy 1.x
-    from numpy.core.multiarray import scalar as _np_scalar
-
-# nnU-Net stores numpy floats in `logging` and `_best_ema`. Rebuilding a numpy scalar from its dtype and raw
-# bytes runs no user code, so these constructors are allowed in addition to torch's weights_only defaults.
-# Pickles from numpy 1.x name the scalar constructor `numpy.core.multiarray.scalar`, hence the alias.
-_NUMPY_SCALAR_GLOBALS = [np.dtype, _np_scalar, (_np_scalar, "numpy.core.multiarray.scalar")] + [
-    getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType") and name != "ObjectDType"
-]
-
-
-def _allowed_names() -> set[str]:
-    """The dotted names of the numpy globals allowed above (to name only the others in a refusal)."""
-    return {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in _NUMPY_SCALAR_GLOBALS}
-
 
 _STAGE_CONV = re.compile(r"^encoder\.stages\.(\d+)\.0\.convs\.(\d+)\.conv\.weight$")
 _DECODER_CONV = re.compile(r"^decoder\.stages\.(\d+)\.convs\.(\d+)\.conv\.weight$")
@@ -44,39 +24,12 @@ _DECODER_CONV = re.compile(r"^decoder\.stages\.(\d+)\.convs\.(\d+)\.conv\.weight
 def read_nnunet_file(path, *, trust_pickle: bool = False) -> dict:
     """Read a whole nnU-Net v2 checkpoint dict (`network_weights`, `init_args`, `logging`, ...).
 
-    First with `torch.load(weights_only=True)`; nnU-Net stores numpy floats in `logging` and `_best_ema`, so on
-    failure the file is read again with numpy scalar/dtype constructors allowlisted. Anything else that the file
-    pickles is refused unless `trust_pickle` (the `--trust-pickle` flag), which then reads it with
-    `weights_only=False`: that runs the file's pickle code, so only for files whose origin you trust.
+    Read by `shared.checkpoint.load_foreign_checkpoint`: with `torch.load(weights_only=True)` and numpy scalars and
+    dtypes allowed (nnU-Net stores numpy floats in `logging` and `_best_ema`). Anything else that the file pickles
+    is refused unless `trust_pickle` (the `--trust-pickle` flag), which then reads it with `weights_only=False`:
+    that runs the file's pickle code, so only for files whose origin you trust.
     """
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"nnU-Net checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        ckpt = None  # a global outside torch's allowlist: retry with numpy scalars allowed
-    except Exception as err:
-        raise InputError(f"checkpoint {path} is not a readable torch file ({type(err).__name__}: {err})") from err
-    if ckpt is None:
-        try:
-            with torch.serialization.safe_globals(_NUMPY_SCALAR_GLOBALS):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as err:
-            try:
-                extra = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-            except Exception:  # not even a torch zip archive: corrupt or some other format
-                raise InputError(f"checkpoint {path} is not a readable torch file ({err})") from err
-            extra = [name for name in extra if name not in _allowed_names()]
-            if not trust_pickle:
-                raise InputError(
-                    f"checkpoint {path} cannot be read with torch.load(weights_only=True) because it pickles "
-                    f"{extra}; pass --trust-pickle if you trust its origin"
-                ) from err
-            try:
-                ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as inner:
-                raise InputError(f"checkpoint {path} is not a readable torch file ({type(inner).__name__})") from inner
+    ckpt = load_foreign_checkpoint(path, trust_pickle=trust_pickle, flag="nnU-Net checkpoint")
     if not isinstance(ckpt, dict):
         raise InputError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected an nnU-Net checkpoint dict")
     return ckpt

@@ -7,9 +7,9 @@ stores `UNet_class_name`, `UNet_base_num_features`, `unet_max_num_features`, `n_
 another (`inherits_from`), whose keys it overrides.
 """
 
-import json
 from pathlib import Path
 
+from shared.cli import read_json_file
 from shared.errors import InputError
 
 
@@ -77,11 +77,8 @@ def read_plans(plans, configuration: str = "3d_fullres", *, source: str = "--pla
     """
     if not isinstance(plans, dict):
         path = Path(plans)
+        plans = read_json_file(path, source, "plans.json")
         source = f"{source} {path}"
-        try:
-            plans = json.loads(path.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise InputError(f"{source}: not a readable plans.json ({err}).") from err
         if not isinstance(plans, dict):
             raise InputError(f"{source}: expected a JSON object, got {type(plans).__name__}.")
     conf = _configuration(plans, configuration, source)

@@ -27,7 +27,6 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     save_run,
-    write_split,
 )
 from shared.checkpoint import load_checkpoint, prepare_run_dir, restore_run
 from shared.cli import make_parser, positive_float, run_cli
@@ -46,6 +45,7 @@ from shared.harness import (
     seed_everything,
     wrap_ddp,
 )
+from shared.splits import write_split
 
 KIND = "mome"
 

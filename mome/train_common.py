@@ -5,19 +5,18 @@ path (cache, split, batches) is in `data.py`.
 """
 
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from mome.config import MoMEConfig
 from mome.expert import per_stage
-from shared.atomic import atomic_path
 from shared.checkpoint import plain_args, save_checkpoint
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     non_negative_float,
-    number_in,
     positive_float,
     positive_int,
     probability,
@@ -26,8 +25,6 @@ from shared.dataset import MODALITIES, canonical_modality, declared_label_values
 from shared.errors import InputError
 from shared.loader import add_loader_args
 
-fold_index = number_in(int, "-1 (train on every case) or a fold index >= 0", low=-1)
-fold_count = number_in(int, "at least 2 folds", low=2)
 RUN_FILES = "checkpoint.pt, log.csv, split.json"
 
 
@@ -80,8 +77,6 @@ def check_common_args(args) -> None:
         raise InputError(f"--patch {args.patch}: every side must be at least 8 voxels.")
     if len(args.features) < 2:
         raise InputError(f"--features {args.features}: a UNet needs at least 2 stages.")
-    if args.workers is not None and args.workers < 0:
-        raise InputError(f"--workers must be at least 0, got {args.workers}.")
     if args.fold >= args.folds:
         raise InputError(f"--fold {args.fold} must be below --folds {args.folds} (or -1).")
     if args.keep_labels and args.label_rule:
@@ -137,12 +132,6 @@ def save_run(path, *, kind: str, model: torch.nn.Module, cfg: MoMEConfig, optimi
         rng=rng,
         **extra,
     )
-
-
-def write_split(path, split: dict) -> None:
-    """OUT/split.json: the cases each dataset trained on and held out (read by mome.evaluate --split-file)."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(split, indent=1))
 
 
 def last_epoch(args, start_epoch: int) -> int:

@@ -29,7 +29,6 @@ from mome.train_common import (
     config_from_args,
     last_epoch,
     save_run,
-    write_split,
 )
 from shared.checkpoint import prepare_run_dir, restore_run
 from shared.cli import make_parser, run_cli
@@ -49,6 +48,7 @@ from shared.harness import (
     seed_everything,
     wrap_ddp,
 )
+from shared.splits import write_split
 
 KIND = "mome_expert"
 

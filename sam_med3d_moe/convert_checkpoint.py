@@ -14,7 +14,7 @@ import torch
 
 from sam_med3d_moe.config import CONFIG_NAMES, config_by_name
 from sam_med3d_moe.model import build_model, load_weights
-from shared.checkpoint import save_checkpoint, strip_prefix
+from shared.checkpoint import load_foreign_checkpoint, save_checkpoint, strip_prefix
 from shared.cli import check_output_file, make_parser, run_cli
 from shared.errors import InputError
 
@@ -40,20 +40,7 @@ def parse_args(argv=None):
 
 def convert(path, trust_pickle: bool, config: str = "vit_b_ori") -> dict:
     """Read an official checkpoint and return its checked state_dict (tensors only, DDP prefix removed)."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"--input {path}: file not found.")
-    try:  # a file that is already plain needs no trust
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # weights_only refuses the pickled extras of official files
-        if not trust_pickle:
-            raise InputError(
-                f"--input {path} pickles Python objects; pass --trust-pickle if you trust its origin."
-            ) from err
-        try:
-            payload = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as inner:
-            raise InputError(f"--input {path}: not a readable PyTorch checkpoint ({type(inner).__name__}).") from inner
+    payload = load_foreign_checkpoint(path, trust_pickle=trust_pickle, flag="--input")  # a plain file needs no trust
     if isinstance(payload, dict) and "model_state_dict" in payload:
         payload = payload["model_state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, torch.Tensor) for v in payload.values()):

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.cli import read_json_file
 from shared.errors import InputError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -97,12 +98,7 @@ def read_prompt_file(path) -> dict[str, list[PromptSet]]:
         InputError: unreadable JSON, a malformed entry, or a name used twice for one case.
     """
     path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"--prompts {path}: file not found.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"--prompts {path} is not readable JSON ({err}).") from None
+    data = read_json_file(path, "--prompts", "JSON prompt file")
     if not isinstance(data, dict) or not data:
         raise InputError(f"--prompts {path}: expected {{case id: [prompt sets]}}, got {type(data).__name__}.")
     out = {}

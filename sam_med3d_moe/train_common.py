@@ -6,14 +6,12 @@ The loops themselves stay inline in `train.py` (general model), `finetune_expert
 
 import argparse
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
 
 from sam_med3d_moe.config import SamConfig
 from sam_med3d_moe.data import AUGMENTATION, DrawBatch, build_targets, load_cases
-from shared.atomic import atomic_path
 from shared.augment import BatchAugmentation
 from shared.checkpoint import (
     load_run_checkpoint,
@@ -23,6 +21,8 @@ from shared.checkpoint import (
 )
 from shared.cli import (
     add_run_args,
+    fold_count,
+    fold_index,
     non_negative_float,
     non_negative_int,
     number_in,
@@ -30,12 +30,10 @@ from shared.cli import (
     positive_int,
     probability,
 )
-from shared.dataset import split_dataset
 from shared.errors import InputError
 from shared.loader import add_loader_args, default_workers, training_batches
+from shared.splits import split_datasets, write_split
 
-fold_index = number_in(int, "a fold index >= 0, or -1 for every case", low=-1)
-fold_count = number_in(int, "an integer >= 2", low=2)
 threshold = number_in(float, "a threshold in [0, 1)", low=0.0, high=1.0, high_open=True)  # the selector's tau
 
 
@@ -84,11 +82,6 @@ def check_common_args(args) -> None:
             raise InputError(f"--data {path}: no dataset.json found; expected an nnU-Net raw dataset folder.")
 
 
-def split_cases(data_dirs, fold: int, folds: int) -> dict:
-    """Folder name -> {"train": ids, "val": ids} from `kfold_splits` (fold -1: all cases train, none held out)."""
-    return {Path(root).name: split_dataset(root, fold, folds) for root in data_dirs}
-
-
 def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> tuple[list, list]:
     """Build or reuse the caches, list the targets of `part`, then write OUT/split.json (rank 0): a dataset that
     is refused leaves nothing in OUT.
@@ -96,15 +89,14 @@ def prepare_data(args, out: Path, is_main: bool = True, part: str = "train") -> 
     Returns:
         the cached cases (`shared.cache.CachedCase`) and the targets (`data.Target`) of every dataset.
     """
-    split = split_cases(args.data, args.fold, args.folds)
+    split = split_datasets(args.data, fold=args.fold, folds=args.folds)  # fold -1: every case trains
     ids = {name: s[part] for name, s in split.items()}
     entries = load_cases(args.data, ids, args.modalities, args.spacing, args.ct_clamp, cache_root=args.cache,
                          processes=max(1, args.workers or 1))  # fmt: skip
     targets = build_targets(entries, union=args.union, labels=getattr(args, "labels", None),
                             min_voxels=args.min_voxels)  # fmt: skip
     if is_main:
-        with atomic_path(out / "split.json") as tmp:
-            tmp.write_text(json.dumps(split, indent=1))
+        write_split(out / "split.json", split)
     return entries, targets
 
 

@@ -23,11 +23,18 @@ A training CLI starts or resumes its run folder in one call, before any work::
 `prepare_run_dir` refuses a --resume with other flags than the first call (`check_same_run`), except
 `shared.cli.RESUME_MUTABLE_FLAGS` (and `RESUME_EXTENDABLE_FLAGS` when they grow), and removes the stale temp
 files of a killed save.
+
+Files of other programs (nnU-Net, SAM-Med3D, BrainSegFounder / MONAI trainers) are read by
+`load_foreign_checkpoint`, which unpickles Python objects only with --trust-pickle.
 """
 
 import os
+import pickle
+import re
 from collections.abc import Iterable, Mapping
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from shared.atomic import atomic_path, remove_stale_temps
@@ -36,6 +43,16 @@ from shared.errors import InputError
 from shared.harness import set_rng_state
 
 _PLAIN_TYPES = (torch.Tensor, bool, int, float, str, type(None))
+
+# Trainers of other programs store metrics as numpy floats (nnU-Net's `logging` and `_best_ema`, BrainSegFounder's
+# `best_acc`). Rebuilding a numpy scalar from its dtype and raw bytes runs no code from the file, so its constructor
+# and the dtypes are allowed with weights_only=True, under both module names (numpy 1.x pickles say numpy.core,
+# numpy 2 numpy._core). ObjectDType is left out: an object scalar is an arbitrary Python object.
+_NP_SCALAR = np._core.multiarray.scalar if hasattr(np, "_core") else np.core.multiarray.scalar
+NUMPY_SAFE_GLOBALS = [(_NP_SCALAR, "numpy.core.multiarray.scalar"), (_NP_SCALAR, "numpy._core.multiarray.scalar"),
+                      np.dtype] + [getattr(np.dtypes, n) for n in dir(np.dtypes) if n.endswith("DType")
+                                   and n != "ObjectDType"]  # fmt: skip
+_NUMPY_SAFE_NAMES = {g[1] if isinstance(g, tuple) else f"{g.__module__}.{g.__qualname__}" for g in NUMPY_SAFE_GLOBALS}
 
 
 def _check_plain(value, where: str) -> None:
@@ -98,14 +115,75 @@ def load_checkpoint(path, map_location="cpu", expect_kind: str | None = None) ->
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # truncated zip, foreign pickle, or a type weights_only refuses
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"{path}: not a readable checkpoint ({type(err).__name__}: {first_line}).") from err
+        raise InputError(f"{path}: not a readable checkpoint ({_first_line(err)}).") from err
     if not isinstance(payload, dict):
         raise InputError(f"{path}: checkpoint holds a {type(payload).__name__}, expected a dict.")
     kind = payload.get("kind")
     if expect_kind is not None and kind is not None and kind != expect_kind:
         raise InputError(f"{path} is a {kind} checkpoint, expected {expect_kind}.")
     return payload
+
+
+def _first_line(err: Exception) -> str:
+    """`Type: first line of the message` of an exception, for a one-sentence refusal."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _pickled_globals(path, err: Exception) -> list[str]:
+    """The globals outside torch's and the numpy allowlist that `path` pickles; [] when none can be named."""
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not a zip archive: a legacy torch.save file (named by the error), or no torch file at all
+        names = re.findall(r"Unsupported global: GLOBAL (\S+)", str(err))
+    return sorted({n for n in names if n not in _NUMPY_SAFE_NAMES})
+
+
+def load_foreign_checkpoint(path, *, trust_pickle: bool, flag: str,
+                            remedy: str = "pass --trust-pickle if you trust its origin"):  # fmt: skip
+    """Read a checkpoint file of another program, which may pickle Python objects besides the tensors.
+
+    First with `torch.load(weights_only=True)`, numpy scalars and dtypes allowed (`NUMPY_SAFE_GLOBALS`, through
+    `torch.serialization.safe_globals`). A file that pickles anything else is refused, naming those globals,
+    unless `trust_pickle` (the --trust-pickle flag): then it is read with `weights_only=False`, which runs the
+    file's pickle code, so only for files whose origin the user trusts.
+
+    Args:
+        path: the file.
+        trust_pickle: unpickle what weights_only refuses.
+        flag: the flag (or words) that named the file, for messages ("--input", "nnU-Net checkpoint").
+        remedy: the end of the refusal of a pickled file: what the user may do.
+    Returns:
+        whatever the file holds (the caller checks it is the dict it expects), tensors on the CPU.
+    Raises:
+        InputError: the file is missing, empty, no readable torch file, pickles objects without `trust_pickle`,
+            or its pickle needs a Python module that is not installed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{flag} {path}: file not found.")
+    if path.stat().st_size == 0:
+        raise InputError(f"{flag} {path}: file is empty.")
+    try:
+        with torch.serialization.safe_globals(NUMPY_SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        refused = err  # a global outside the allowlists (or a damaged pickle)
+    except Exception as err:  # truncated zip, not a torch file
+        raise InputError(f"{flag} {path}: not a readable checkpoint ({_first_line(err)}).") from err
+    if not trust_pickle:
+        names = _pickled_globals(path, refused)
+        if not names:
+            raise InputError(f"{flag} {path}: not a readable checkpoint ({_first_line(refused)}).") from refused
+        raise InputError(f"{flag} {path} holds pickled Python objects ({', '.join(names)}), which are not loaded "
+                         f"because unpickling runs code; {remedy}.") from refused  # fmt: skip
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except ModuleNotFoundError as err:  # a pickled class whose module is not installed
+        raise InputError(f"{flag} {path}: unpickling it needs the Python module {err.name!r}; install it, or save "
+                         "the model's state_dict() where it was trained.") from err  # fmt: skip
+    except Exception as err:
+        raise InputError(f"{flag} {path}: not a readable checkpoint ({_first_line(err)}).") from err
 
 
 def strip_prefix(state_dict: Mapping, prefix: str = "module.") -> dict:

@@ -1,4 +1,5 @@
-"""Command-line conventions of every entry point: parser, flag validators, output checks, run flags, `run_cli`.
+"""Command-line conventions of every entry point: parser, flag validators, JSON input files, output checks, run
+flags, `run_cli`.
 
 A CLI reads top-down::
 
@@ -16,6 +17,7 @@ The input conventions of predict and evaluate CLIs (`--input`, `--split`, `--cas
 """
 
 import argparse
+import json
 import math
 import os
 import re
@@ -168,6 +170,30 @@ non_negative_float = number_in(float, "a non-negative number", low=0.0)
 probability = number_in(float, "a probability in [0, 1]", low=0.0, high=1.0)
 fraction = number_in(float, "a fraction in (0, 1]", low=0.0, high=1.0, low_open=True)
 overlap_fraction = number_in(float, "a fraction in [0, 1)", low=0.0, high=1.0, high_open=True)
+fold_index = number_in(int, "a fold index >= 0, or -1 (train on every case)", low=-1)  # --fold of a training CLI
+fold_count = number_in(int, "at least 2 folds", low=2)  # --folds
+
+
+# ----------------------------------------------------------------------------- input files
+
+
+def read_json_file(path, flag: str, what: str):
+    """The JSON value of the file `flag` names; a missing or unreadable one is refused in one sentence.
+
+    Args:
+        path: the file.
+        flag: the flag (or words) that named it, for messages ("--prompts").
+        what: the kind of file, for messages ("JSON split file", "plans.json").
+    Raises:
+        InputError: "FLAG PATH: file not found." or "FLAG PATH: not a readable WHAT (reason)."
+    """
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise InputError(f"{flag} {path}: file not found.") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise InputError(f"{flag} {path}: not a readable {what} ({err}).") from None
 
 
 # ----------------------------------------------------------------------------- output paths (checked before work)

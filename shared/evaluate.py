@@ -24,12 +24,11 @@ from shared.atomic import atomic_path
 from shared.brats import brats_values_for_gt
 from shared.cli import check_output_file, make_parser, non_negative_int, positive_int, run_cli
 from shared.dataset import declared_label_values, load_dataset_json
-from shared.errors import InputError
+from shared.errors import InputError, short_list
 from shared.inputs import add_subset_args, nifti_stem, selected_cases
 from shared.metrics import brats_regions, case_metrics, cscore, volume_correlation
 from shared.nifti import read_nifti
 
-_LIST_LIMIT = 10  # cases named in an error message before "and N more"
 _PRINTED = ("dice", "hd95", "ppv", "sensitivity", "ltpr", "lfpr", "lesion_f1", "volume_correlation", "cscore")
 
 
@@ -54,13 +53,6 @@ def list_cases(folder, flag: str) -> dict:
     if not cases:
         raise InputError(f"{flag} {folder}: no .nii or .nii.gz files found.")
     return cases
-
-
-def _short_list(names) -> str:
-    """Sorted names joined by commas, cut after _LIST_LIMIT so one message stays one readable sentence."""
-    names = sorted(str(n) for n in names)
-    text = ", ".join(names[:_LIST_LIMIT])
-    return text + (f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else "")
 
 
 def _read_labels(path) -> tuple[np.ndarray, tuple, np.ndarray]:
@@ -101,10 +93,10 @@ def scored_cases(pred_cases: dict, gt_cases: dict, cases=None, pred_dir="", gt_d
     no_reference = [c for c in wanted if c in pred_cases and c not in gt_cases]
     if not_predicted:
         raise InputError(f"--pred {pred_dir} lacks predictions of {len(not_predicted)} listed case(s): "
-                         f"{_short_list(not_predicted)}.")  # fmt: skip
+                         f"{short_list(not_predicted)}.")  # fmt: skip
     if no_reference:
         raise InputError(f"--gt {gt_dir} has no reference for {len(no_reference)} predicted case(s): "
-                         f"{_short_list(no_reference)}.")  # fmt: skip
+                         f"{short_list(no_reference)}.")  # fmt: skip
     return wanted
 
 
@@ -153,7 +145,7 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
         raise InputError(f"--regions brats: {Path(gt_dir).parent / 'dataset.json'} declares the labels "
                          f"{list(declared)}, which cannot hold the BraTS classes {list(brats_labels)}.")  # fmt: skip
     if labels and declared is not None and set(labels) - set(declared):
-        raise InputError(f"--labels {_short_list(set(labels) - set(declared))}: not declared in "
+        raise InputError(f"--labels {short_list(set(labels) - set(declared))}: not declared in "
                          f"{Path(gt_dir).parent / 'dataset.json'} (labels {list(declared)}).")  # fmt: skip
     pred_cases, gt_cases = list_cases(pred_dir, "--pred"), list_cases(gt_dir, "--gt")
     wanted = scored_cases(pred_cases, gt_cases, cases, pred_dir, gt_dir)
@@ -184,7 +176,7 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
     absent = sorted(set(labels or ()) - present - set(declared or ()))
     if absent:
         found = sorted(present)
-        raise InputError(f"--labels {_short_list(absent)}: in none of the {len(wanted)} scored case(s) of --pred "
+        raise InputError(f"--labels {short_list(absent)}: in none of the {len(wanted)} scored case(s) of --pred "
                          f"or --gt (values found: {found}); it would score Dice 1.0 for nothing.")  # fmt: skip
     if regions == "brats" and declared is None and len(gt_present - {0}) < 2:
         raise InputError(f"--regions brats: the references in --gt {gt_dir} hold only the values "

@@ -9,34 +9,25 @@ dataset's imagesTr or imagesTs, `--cases` a subset; `--output` is a folder::
     for case in cases:
         images = case.images(model_modalities)         # {modality: file or None}, or case.as_case(...)
 
-evaluate: `--cases` or `--split FILE` (OUT/split.json of a training run, or nnU-Net's splits_final.json with
-`--fold`) scores a subset::
+evaluate: `--cases` or `--split FILE` (OUT/split.json of a training run, nnU-Net's splits_final.json with `--fold`,
+or a plain {"train", "val"} split; read by `shared.splits.read_split`) scores a subset::
 
     add_subset_args(parser)
     ids = selected_cases(args.cases, args.split, fold=args.fold, subset=args.subset, dataset=name)  # None: all
 """
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from shared.cli import check_output_dir, non_negative_int
 from shared.dataset import Case, canonical_modality, declared_label_values, list_cases, load_dataset_json
-from shared.errors import InputError
+from shared.errors import InputError, short_list
+from shared.splits import dataset_split, read_split
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 SPLITS = ("Tr", "Ts")
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
-_LIST_LIMIT = 10  # ids named in a message before "and N more"
-
-
-def _short(names) -> str:
-    """Sorted names joined by commas, cut after _LIST_LIMIT so a message stays one readable sentence."""
-    names = sorted(names)
-    return ", ".join(names[:_LIST_LIMIT]) + (
-        f" and {len(names) - _LIST_LIMIT} more" if len(names) > _LIST_LIMIT else ""
-    )
 
 
 def nifti_stem(name: str) -> str | None:
@@ -154,7 +145,7 @@ def resolve_inputs(path, split: str = "Ts", cases=None, flag: str = "--input") -
     if cases:
         unknown = set(cases) - {c.case_id for c in found}
         if unknown:
-            raise InputError(f"--cases {_short(unknown)}: not among the {len(found)} case(s) of {where}.")
+            raise InputError(f"--cases {short_list(unknown)}: not among the {len(found)} case(s) of {where}.")
         found = [c for c in found if c.case_id in set(cases)]
     return found
 
@@ -191,53 +182,14 @@ def add_subset_args(parser) -> None:
     parser.add_argument("--subset", choices=("val", "train"), default="val", help="which cases of --split to score")
 
 
-def _id_list(value, where: str) -> list[str]:
-    """`value` if it is a list of case ids (strings), else an InputError naming `where`."""
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise InputError(f"{where} must be a list of case ids.")
-    return value
-
-
-def read_split(path, fold: int | None = None, flag: str = "--split") -> dict:
-    """The train/val case ids of a split file, as {dataset name: {"train": ids, "val": ids}}.
-
-    Our training CLIs write {dataset: {"train": [...], "val": [...]}} (OUT/split.json); nnU-Net writes a list of
-    folds [{"train": [...], "val": [...]}, ...] (splits_final.json), of which `fold` is taken, under the name None
-    (it applies to whichever dataset it came with).
-    """
-    path = Path(path)
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InputError(f"{flag} {path}: file not found.") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise InputError(f"{flag} {path} is not a readable JSON split file ({err}).") from None
-    if isinstance(data, list):
-        if fold is None:
-            raise InputError(f"{flag} {path} is an nnU-Net splits_final.json of {len(data)} folds; pass --fold.")
-        if not 0 <= fold < len(data):
-            raise InputError(f"--fold {fold}: {path} holds folds 0 to {len(data) - 1}.")
-        data = {None: data[fold]}
-    elif fold is not None:
-        raise InputError(f"--fold {fold}: {path} is a split.json of a training run (one split), not splits_final.json.")
-    if not isinstance(data, dict) or not data:
-        raise InputError(f'{flag} {path}: expected {{dataset: {{"train": [...], "val": [...]}}}} or a list of folds.')
-    split = {}
-    for name, parts in data.items():
-        where = f"{flag} {path}" + ("" if name is None else f" [{name}]")
-        if not isinstance(parts, dict) or not {"train", "val"} <= set(parts):
-            raise InputError(f'{where}: expected {{"train": [...], "val": [...]}}.')
-        split[name] = {part: _id_list(parts[part], f"{where} {part}") for part in ("train", "val")}
-    return split
-
-
 def selected_cases(cases=None, split=None, *, fold: int | None = None, subset: str = "val",
                    dataset: str | None = None) -> list[str] | None:  # fmt: skip
     """The case ids an evaluate CLI scores: --cases, the --subset of --split, or None for every case.
 
     Args:
         cases: --cases ids.
-        split: --split file (`read_split`).
+        split: --split file (`shared.splits.read_split`: a run's split.json, nnU-Net's splits_final.json with
+            `fold`, a plain {"train", "val"} split).
         fold: --fold, for a splits_final.json.
         subset: "val" or "train".
         dataset: the dataset folder name whose split is wanted; needed when the split file holds several, and
@@ -251,18 +203,12 @@ def selected_cases(cases=None, split=None, *, fold: int | None = None, subset: s
         if fold is not None:
             raise InputError("--fold selects a fold of --split FILE, which is not given.")
         return None
-    parts = read_split(split, fold=fold)
-    if None in parts:
-        chosen = parts[None]
-    elif dataset is not None:
-        if dataset not in parts:
-            raise InputError(f"--split {split} holds the splits of {_short(parts)}, not of {dataset}.")
-        chosen = parts[dataset]
-    elif len(parts) == 1:
-        chosen = next(iter(parts.values()))
-    else:
-        raise InputError(f"--split {split} holds the splits of several datasets ({_short(parts)}); which one is meant "
-                         "is not known here.")  # fmt: skip
+    parts = read_split(split, fold=fold, strict_fold=True)
+    for name, entry in parts.items():  # the --subset of either list may be scored, so both must be there
+        if "val" not in entry:
+            where = f"--split {split}" + ("" if name is None else f" [{name}]")
+            raise InputError(f'{where}: expected {{"train": [...], "val": [...]}}.')
+    chosen = dataset_split(parts, dataset, where=f"--split {split}")
     if not chosen[subset]:
         raise InputError(f"--split {split} lists no {subset} case.")
     return list(chosen[subset])

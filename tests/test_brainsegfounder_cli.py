@@ -75,6 +75,8 @@ ROWS = [
     ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--patch", "64", "40", "40"], "multiple of 32"),
     ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--warmup", "1"], "smaller than --steps"),
     ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--crops", "1"], "contrastive"),
+    ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--workers", "-1"],
+     "--workers: must be a non-negative integer, got -1."),
     ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--channels", "DWI"], "no training case"),
     ("pretrain", ["--data", W("tumour"), "--out", W("broken", "a_file"), *SSL], "is a file"),
     ("pretrain", ["--data", W("tumour"), "--out", W("out"), *SSL, "--init", W("broken", "truncated.pt")],
@@ -90,7 +92,8 @@ ROWS = [
      "--lr: 0.0004 -> 0.001"),
     # finetune
     ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--dropout", "2"], "--dropout"),
-    ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--train-fraction", "0"], "--train-fraction"),
+    ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--train-fraction", "0"],
+     "--train-fraction: must be a fraction in (0, 1], got 0."),
     ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--freeze-encoder"], "needs --init"),
     ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--brats-labels", "1", "2", "4"],
      "cannot be three of its tumour classes"),

@@ -1,4 +1,5 @@
-"""BrainSegFounder data: split files (nnU-Net, BSF fold lists, plain), leak-free pretraining cases, the batch draws.
+"""BrainSegFounder data: a --split-file's split (the layouts: tests/test_shared_splits.py), leak-free pretraining
+cases, the batch draws.
 
 Run: .venv/bin/python -m pytest -q tests/test_brainsegfounder_data.py
 """
@@ -11,54 +12,26 @@ import torch
 
 from brainsegfounder.data import SegDraw, SSLDraw, cache_cases, preprocessing, ssl_validation_views
 from brainsegfounder.regions import region_channels, region_targets
-from brainsegfounder.splits import few_shot_subsets, held_out_split, pretraining_split
+from brainsegfounder.splits import few_shot_subsets, file_split, held_out_split, pretraining_split
 from shared.augment import PIPELINES, BatchAugmentation
-from shared.dataset import read_split_file
 from shared.errors import InputError
 from shared.phantom import write_phantom_datasets
 
 IDS = [f"BraTS2021_{i:05d}" for i in range(5)]
 
 
-def test_nnunet_splits_final(tmp_path):
-    path = tmp_path / "splits_final.json"
-    path.write_text(json.dumps([{"train": IDS[2:], "val": IDS[:2]}, {"train": IDS[:3], "val": IDS[3:]}]))
-    assert read_split_file(path, IDS, fold=1) == {"train": IDS[:3], "val": IDS[3:]}
-    with pytest.raises(InputError, match=r"holds 2 folds, so --fold must lie in \[0, 2\)"):
-        read_split_file(path, IDS, fold=2)
-
-
-def test_bsf_fold_list_with_brats_and_nnunet_paths(tmp_path):
-    entries = [
-        {"fold": i % 2, "image": [f"TrainingData/{c}/{c}_flair.nii.gz", f"TrainingData/{c}/{c}_t1.nii.gz"],
-         "label": f"TrainingData/{c}/{c}_seg.nii.gz"}
-        for i, c in enumerate(IDS[:4])
-    ]  # fmt: skip
-    entries.append({"fold": 1, "image": [f"imagesTr/{IDS[4]}_0000.nii.gz"]})
-    path = tmp_path / "brats21_folds.json"
-    path.write_text(json.dumps({"training": entries}))
-    assert read_split_file(path, IDS, fold=0) == {"train": [IDS[1], IDS[3], IDS[4]], "val": [IDS[0], IDS[2]]}
-    path.write_text(json.dumps(entries))  # the bare list
-    assert read_split_file(path, IDS, fold=1)["val"] == [IDS[1], IDS[3], IDS[4]]
-    with pytest.raises(InputError, match="no entry has fold 3"):
-        read_split_file(path, IDS, fold=3)
-    with pytest.raises(InputError, match="names no case"):
-        read_split_file(path, IDS[1:], fold=0)
-
-
-def test_plain_and_run_split_files_are_checked(tmp_path):
+def test_file_split_sorts_and_refuses_other_datasets_and_no_training_case(tmp_path):
     path = tmp_path / "split.json"
-    path.write_text(json.dumps({"Dataset001_Tumour": {"train": IDS[:3], "val": IDS[3:]}}))
-    assert read_split_file(path, IDS) == {"train": IDS[:3], "val": IDS[3:]}
-    path.write_text(json.dumps({"train": IDS[:3], "val": IDS[2:]}))
-    with pytest.raises(InputError, match="in both the training and the validation list"):
-        read_split_file(path, IDS)
-    path.write_text(json.dumps({"train": ["nope"], "val": []}))
-    with pytest.raises(InputError, match=r"\['nope'\] are not cases"):
-        read_split_file(path, IDS)
-    path.write_text("{")
-    with pytest.raises(InputError, match="not a readable JSON"):
-        read_split_file(path, IDS)
+    path.write_text(json.dumps({"Dataset001_X": {"train": IDS[2::-1], "test": IDS[3:]}}))
+    assert file_split(path, tmp_path / "Dataset001_X", IDS, fold=0) == {"train": IDS[:3], "val": []}
+    with pytest.raises(InputError, match=r"^--split-file .*split\.json holds the splits of Dataset001_X, not of "
+                       r"Dataset002_Y\.$"):  # fmt: skip
+        file_split(path, tmp_path / "Dataset002_Y", IDS, fold=0)
+    path.write_text(json.dumps([{"train": [], "val": IDS[::-1]}]))
+    with pytest.raises(InputError, match=r"^--split-file .*split\.json: the training list of Dataset001_X is empty\.$"):
+        file_split(path, tmp_path / "Dataset001_X", IDS, fold=0)
+    path.write_text(json.dumps([{"train": IDS[4:1:-1], "val": IDS[1::-1]}]))
+    assert file_split(path, tmp_path / "Dataset001_X", IDS, fold=0) == {"train": IDS[2:], "val": IDS[:2]}
 
 
 def _dataset(root, n_labelled=6, n_unlabelled=0, n_test=2):
@@ -91,6 +64,12 @@ def test_pretraining_never_sees_what_finetuning_holds_out(tmp_path):
     split = pretraining_split(unlabelled, fold=2, folds=5)
     assert len(split["val"]) == 1 and len(split["train"]) == 4
     assert pretraining_split(unlabelled, fold=-1, folds=5)["val"] == []
+    split_file = tmp_path / "splits_final.json"
+    split_file.write_text(json.dumps([{"train": ["c00", "c01", "c02"], "val": ["c04", "c03"]}]))
+    assert held_out_split(root, fold=0, folds=5, split_file=split_file) == {"train": ["c00", "c01", "c02"],
+                                                                            "val": ["c03", "c04"]}  # fmt: skip
+    assert pretraining_split(root, fold=0, folds=5, split_file=split_file)["val"] == ["c03", "c04"]
+    assert pretraining_split(unlabelled, fold=0, folds=5, split_file=split_file)["val"] == ["c03", "c04"]
 
 
 def test_few_shot_subsets():

@@ -76,7 +76,8 @@ ROWS = [
      "--weight-decay: must be a non-negative number, got -1"),
     ("train_expert oversample 2", train_expert, lambda e: T(e, "--oversample", "2", *OUT(e)),
      "--oversample: must be a probability in [0, 1], got 2"),
-    ("train_expert workers -1", train_expert, lambda e: T(e, "--workers", "-1", *OUT(e)), "--workers"),
+    ("train_expert workers -1", train_expert, lambda e: T(e, "--workers", "-1", *OUT(e)),
+     "--workers: must be a non-negative integer, got -1."),
     ("train_expert patch not divisible", train_expert, lambda e: T(e, "--patch", "17", "16", "16", *OUT(e)),
      "must be divisible by 2^1"),
     ("train_expert fold >= folds", train_expert, lambda e: T(e, "--fold", "3", *OUT(e)), "--fold 3 must be below"),
@@ -135,7 +136,8 @@ ROWS = [
     ("convert missing release", convert_checkpoint, lambda e: ["--release", "/nope", "--output",
      str(e["root"] / "out.pt")], "--release /nope is not a folder"),  # fmt: skip
     ("convert truncated", convert_checkpoint, lambda e: ["--gate", F(e, "truncated.pt"), "--experts",
-     F(e, "truncated.pt"), "--modalities", "DWI", "--output", str(e["root"] / "out.pt")], "not a readable torch file"),
+     F(e, "truncated.pt"), "--modalities", "DWI", "--output", str(e["root"] / "out.pt")],
+     "truncated.pt: not a readable checkpoint"),
 ]  # fmt: skip
 
 

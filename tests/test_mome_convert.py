@@ -161,7 +161,11 @@ def test_pickled_inputs_need_trust_pickle(release, tmp_path):
     torch.save(ckpt, gate_path)
     args = ["--gate", str(gate_path), "--experts", *[str(root / f"checkpoint_best{k}.pth") for k in (1, 2)],
             "--modalities", "T1", "FLAIR", "--patch", "16", "16", "16", "--output", str(tmp_path / "o.pt")]  # fmt: skip
-    with pytest.raises(InputError, match=r"pickles \['argparse.Namespace'\]; pass --trust-pickle"):
+    with pytest.raises(
+        InputError,
+        match=r"holds pickled Python objects \(argparse\.Namespace\), which are not loaded because "
+        r"unpickling runs code; pass --trust-pickle if you trust its origin\.$",
+    ):
         convert_checkpoint.main(args)
     convert_checkpoint.main([*args, "--trust-pickle"])
     model, _ = predict.load_model(tmp_path / "o.pt", torch.device("cpu"))

@@ -122,10 +122,10 @@ def test_disagreeing_aliases_are_rejected():
 
 
 def test_shape_mismatch_and_bad_files(tmp_path):
-    with pytest.raises(InputError, match="does not exist"):
+    with pytest.raises(InputError, match=r"^nnU-Net checkpoint .*missing\.pth: file not found\.$"):
         read_nnunet_checkpoint(tmp_path / "missing.pth")
     (tmp_path / "junk.pth").write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="not a readable torch file"):
+    with pytest.raises(InputError, match=r"junk\.pth: not a readable checkpoint"):
         read_nnunet_checkpoint(tmp_path / "junk.pth")
     # an object that weights_only may not rebuild is refused, never loaded with weights_only=False
     torch.save({"network_weights": {"w": torch.zeros(1)}, "args": argparse.Namespace(a=1)}, tmp_path / "ns.pth")

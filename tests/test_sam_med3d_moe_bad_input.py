@@ -119,7 +119,7 @@ ROWS = {
                                          str(w["image"]), "--point", "1", "1", "1", "--output", str(o)]],
                                          "is a mome checkpoint"),
     "predict malformed prompts JSON": (lambda w, o: _predict(w, o.parent / "folder", "--prompts",
-                                       str(w["malformed_prompts"])), "is not readable JSON"),
+                                       str(w["malformed_prompts"])), "prompts.json: not a readable JSON prompt file"),
     "predict output is the images' folder": (lambda w, o: _predict(w, w["image"].parent, "--point", "1", "1", "1"),
                                              "is a folder of the input images"),
     "predict zero max crops": (lambda w, o: _predict(w, o, "--point", "1", "1", "1", "--max-crops", "0"),

@@ -4,6 +4,7 @@ import argparse
 import dataclasses
 import os
 import random
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from shared import checkpoint
 from shared.checkpoint import (
     check_same_run,
     load_checkpoint,
+    load_foreign_checkpoint,
     load_run_checkpoint,
     plain_args,
     prepare_run_dir,
@@ -172,6 +174,63 @@ def test_foreign_pickle_is_refused_by_weights_only(tmp_path):
     torch.save({"config": TinyConfig()}, path)  # arbitrary objects need unpickling code: refused
     with pytest.raises(InputError, match="pickled.pt: not a readable checkpoint"):
         load_checkpoint(path)
+
+
+def test_foreign_checkpoint_allows_numpy_scalars_and_dtypes_without_trust(tmp_path):
+    path = tmp_path / "nnunet.pth"
+    torch.save({"network_weights": {"w": torch.ones(2)}, "logging": {"ema": [np.float64(0.5), np.float32(1.5)]},
+                "best_acc": np.int64(3), "dtype": np.dtype("float16")}, path)  # fmt: skip
+    with pytest.raises(InputError):  # what the numpy allowlist adds to weights_only=True
+        load_checkpoint(path)
+    ckpt = load_foreign_checkpoint(path, trust_pickle=False, flag="--gate")
+    assert torch.equal(ckpt["network_weights"]["w"], torch.ones(2)) and ckpt["dtype"] == np.dtype("float16")
+    assert ckpt["logging"]["ema"] == [0.5, 1.5] and type(ckpt["best_acc"]) is np.int64
+    assert load_foreign_checkpoint(path, trust_pickle=True, flag="--gate")["best_acc"] == 3
+
+
+def test_foreign_pickle_needs_trust_pickle(tmp_path):
+    payload = {"state_dict": {"w": torch.zeros(3)}, "args": argparse.Namespace(lr=0.1), "best": np.float64(1)}
+    zipped, legacy = tmp_path / "official.pth", tmp_path / "legacy.pth"
+    torch.save(payload, zipped)
+    torch.save(payload, legacy, _use_new_zipfile_serialization=False)  # the globals are named by the error
+    for path in (zipped, legacy):
+        with pytest.raises(InputError, match=rf"^--input .*{path.name} holds pickled Python objects "
+                           r"\(argparse\.Namespace\), which are not loaded because unpickling runs code; pass "
+                           r"--trust-pickle if you trust its origin\.$"):  # fmt: skip
+            load_foreign_checkpoint(path, trust_pickle=False, flag="--input")
+        loaded = load_foreign_checkpoint(path, trust_pickle=True, flag="--input")
+        assert loaded["args"] == argparse.Namespace(lr=0.1) and torch.equal(loaded["state_dict"]["w"], torch.zeros(3))
+    with pytest.raises(InputError, match=r"runs code; convert it first\.$"):
+        load_foreign_checkpoint(zipped, trust_pickle=False, flag="source", remedy="convert it first")
+
+
+def test_foreign_checkpoint_refusals_name_the_flag_and_file(tmp_path):
+    with pytest.raises(InputError, match=r"^--init .*nope\.pt: file not found\.$"):
+        load_foreign_checkpoint(tmp_path / "nope.pt", trust_pickle=True, flag="--init")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(InputError, match=r"^--init .*empty\.pt: file is empty\.$"):
+        load_foreign_checkpoint(tmp_path / "empty.pt", trust_pickle=True, flag="--init")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    truncated = tmp_path / "truncated.pt"
+    torch.save({"w": torch.ones(1000)}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:500])
+    for name in ("junk.pt", "truncated.pt"):
+        for trust in (False, True):
+            with pytest.raises(InputError, match=rf"^--init .*{name}: not a readable checkpoint \(\w+"):
+                load_foreign_checkpoint(tmp_path / name, trust_pickle=trust, flag="--init")
+
+
+def test_foreign_checkpoint_names_a_missing_module(tmp_path, monkeypatch):
+    (tmp_path / "gone_module.py").write_text("class Thing:\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import gone_module
+
+    torch.save({"thing": gone_module.Thing()}, tmp_path / "thing.pt")
+    monkeypatch.delitem(sys.modules, "gone_module")
+    (tmp_path / "gone_module.py").unlink()
+    with pytest.raises(InputError, match=r"^--model .*thing\.pt: unpickling it needs the Python module 'gone_module'; "
+                       r"install it, or save the model's state_dict\(\) where it was trained\.$"):  # fmt: skip
+        load_foreign_checkpoint(tmp_path / "thing.pt", trust_pickle=True, flag="--model")
 
 
 def test_kind_mismatch_message(tmp_path):

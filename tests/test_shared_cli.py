@@ -11,6 +11,8 @@ import pytest
 from shared.cli import (
     check_output_dir,
     check_output_file,
+    fold_count,
+    fold_index,
     fraction,
     make_parser,
     non_negative_float,
@@ -19,9 +21,10 @@ from shared.cli import (
     positive_float,
     positive_int,
     probability,
+    read_json_file,
     run_cli,
 )
-from shared.errors import InputError
+from shared.errors import InputError, short_list
 
 REPO = Path(__file__).resolve().parents[1]
 DESCRIPTION = """Train a tiny thing.
@@ -91,6 +94,8 @@ def test_valid_flags_parse_to_numbers():
         (probability, {"0": 0.0, "1": 1.0, "0.25": 0.25}, ["1.5", "-0.1", "nan"]),
         (fraction, {"1": 1.0, "0.1": 0.1}, ["0", "1.01", "-1"]),
         (overlap_fraction, {"0": 0.0, "0.5": 0.5}, ["1", "-0.5"]),
+        (fold_index, {"-1": -1, "0": 0, "4": 4}, ["-2", "0.5"]),
+        (fold_count, {"2": 2, "10": 10}, ["1", "0", "2.5"]),
     ],
 )
 def test_validators_accept_and_refuse(validator, good, bad):
@@ -99,6 +104,21 @@ def test_validators_accept_and_refuse(validator, good, bad):
     for text in bad:
         with pytest.raises(argparse.ArgumentTypeError):
             validator(text)
+
+
+def test_read_json_file_refuses_in_one_sentence(tmp_path):
+    (tmp_path / "good.json").write_text('{"a": [1, 2]}')
+    assert read_json_file(tmp_path / "good.json", "--prompts", "JSON prompt file") == {"a": [1, 2]}
+    with pytest.raises(InputError, match=r"^--plans .*nope\.json: file not found\.$"):
+        read_json_file(tmp_path / "nope.json", "--plans", "plans.json")
+    (tmp_path / "bad.json").write_text("{not json")
+    with pytest.raises(InputError, match=r"^--plans .*bad\.json: not a readable plans\.json \(Expecting .*\)\.$"):
+        read_json_file(tmp_path / "bad.json", "--plans", "plans.json")
+    (tmp_path / "binary.json").write_bytes(b"\xff\xfe\x00")
+    with pytest.raises(InputError, match=r"^--split .*binary\.json: not a readable JSON split file \(.*codec"):
+        read_json_file(tmp_path / "binary.json", "--split", "JSON split file")
+    with pytest.raises(InputError, match=r"^--split .*: not a readable JSON split file \(.*Is a directory"):
+        read_json_file(tmp_path, "--split", "JSON split file")
 
 
 def test_output_file_checks(tmp_path):
@@ -139,6 +159,12 @@ def test_run_cli_exit_codes_and_messages(capsys):
             run_cli(main)
         assert exit_info.value.code == code
         assert capsys.readouterr().err == f"error: {message}\n"
+
+
+def test_short_list_sorts_and_cuts_after_ten_names():
+    assert short_list(["c", "a", 2]) == "2, a, c"
+    assert short_list(f"c{i:02d}" for i in range(12)) == ", ".join(f"c{i:02d}" for i in range(10)) + " and 2 more"
+    assert short_list([]) == ""
 
 
 def test_run_cli_leaves_the_process_group_after_main(monkeypatch):

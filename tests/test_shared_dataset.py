@@ -1,4 +1,4 @@
-"""Checks nnU-Net raw-dataset reader (aliases, errors, k-fold): pytest -q tests/test_shared_dataset.py"""
+"""Checks nnU-Net raw-dataset reader (aliases, errors): pytest -q tests/test_shared_dataset.py"""
 
 import json
 import re
@@ -11,11 +11,9 @@ from shared.dataset import (
     MODALITIES,
     canonical_modality,
     declared_label_values,
-    kfold_splits,
     list_cases,
     load_case,
     load_dataset_json,
-    split_dataset,
     write_dataset_json,
 )
 from shared.errors import InputError
@@ -263,56 +261,3 @@ def test_load_case_empty_corrupt_and_4d_files(dataset):
     save(path, np.zeros((*SHAPE, 2), dtype=np.float32))
     with pytest.raises(InputError, match=rf"{re.escape(str(path))}: expected a 3D volume, got shape \(4, 5, 6, 2\)"):
         load_case(list_cases(dataset)[2])
-
-
-# Fold 0-2 validation sets of a public nnU-Net v2 splits_final.json (github.com/EvaBr/cardiovas, 30 cases, seed
-# 12345); its folds 3-4 were edited by hand (their lists are not even sorted), so they are not used.
-_D = [2, 3, 4, 6, 7, 8, 10, 11, 12, 13, 14, 15, 16, 17, 20]
-_N = [2, 5, 6, 7, 8, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
-CARDIOVAS = [f"Diseased_{i}" for i in _D] + [f"Normal_{i}" for i in _N]
-CARDIOVAS_VAL = [
-    ["Diseased_13", "Diseased_2", "Diseased_6", "Normal_11", "Normal_14", "Normal_5"],
-    ["Diseased_10", "Diseased_16", "Diseased_17", "Normal_16", "Normal_17", "Normal_2"],
-    ["Diseased_3", "Diseased_4", "Diseased_7", "Normal_15", "Normal_18", "Normal_19"],
-]
-
-
-def test_kfold_matches_nnunet_splits_final():
-    splits = kfold_splits(CARDIOVAS[::-1], k=5, seed=12345)
-    for fold, val in enumerate(CARDIOVAS_VAL):
-        assert splits[fold][1] == val
-        assert splits[fold][0] == sorted(set(CARDIOVAS) - set(val))
-
-
-def test_kfold_partition_deterministic_order_independent():
-    ids = [f"case_{i:03d}" for i in range(11)]
-    splits = kfold_splits(ids, k=3)
-    assert [len(v) for _, v in splits] == [4, 4, 3]
-    assert sorted(c for _, v in splits for c in v) == ids
-    for train, val in splits:
-        assert sorted(train + val) == ids and not set(train) & set(val)
-    shuffled = list(np.random.default_rng(0).permutation(ids))
-    assert kfold_splits(shuffled, k=3) == splits
-    assert kfold_splits(ids, k=3, seed=1) != splits
-
-
-def test_kfold_bad_arguments():
-    with pytest.raises(InputError, match=r"k: number of folds must be between 2 and the number of cases \(3\), got 1"):
-        kfold_splits(["a", "b", "c"], k=1)
-    with pytest.raises(InputError, match=r"got 4"):
-        kfold_splits(["a", "b", "c"], k=4)
-    with pytest.raises(InputError, match=r"case_ids: duplicate case ids \['b'\]"):
-        kfold_splits(["a", "b", "b"], k=2)
-
-
-def test_split_dataset_uses_labelled_cases_only(dataset):
-    save(dataset / "imagesTr" / "d_0000.nii.gz", image(9))  # an unlabelled case is never split
-    assert split_dataset(dataset, fold=-1, folds=3) == {"train": ["a", "b", "c"], "val": []}
-    vals = [split_dataset(dataset, fold=f, folds=3) for f in range(3)]
-    assert sorted(v for s in vals for v in s["val"]) == ["a", "b", "c"]
-    for s in vals:
-        assert len(s["val"]) == 1 and sorted(s["train"] + s["val"]) == ["a", "b", "c"]
-    with pytest.raises(InputError, match=r"--fold must be -1 or in \[0, 3\), got 3"):
-        split_dataset(dataset, fold=3, folds=3)
-    with pytest.raises(InputError, match="3 labelled cases cannot be split into --folds 4"):
-        split_dataset(dataset, fold=0, folds=4)

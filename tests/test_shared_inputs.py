@@ -171,7 +171,7 @@ def test_selected_cases_refuses_unreadable_split_files(tmp_path):
     with pytest.raises(InputError, match=r"^--split .*missing\.json: file not found\.$"):
         selected_cases(split=tmp_path / "missing.json")
     (tmp_path / "bad.json").write_text("{not json")
-    with pytest.raises(InputError, match=r"^--split .*bad\.json is not a readable JSON split file"):
+    with pytest.raises(InputError, match=r"^--split .*bad\.json: not a readable JSON split file"):
         selected_cases(split=tmp_path / "bad.json")
     bad_ids = write_json(tmp_path / "ids.json", {"A": {"train": [], "val": [1, 2]}})
     with pytest.raises(InputError, match=r"ids\.json \[A\] val must be a list of case ids\.$"):
