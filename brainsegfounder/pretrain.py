@@ -175,8 +175,8 @@ def main(argv=None) -> None:
     ckpt_path = out / "checkpoint.pt"
     previous = prepare_run_dir(out, resume=args.resume, args=args, kind=SSL_KIND, is_main=dist_info.is_main)
 
+    arch, init = resolve_architecture(args)  # --init is read and checked before any case is cached
     cases, val_cases, record = pretraining_cases(args, processes=max(1, workers))
-    arch, init = resolve_architecture(args)
     cfg = SSLConfig(in_channels=len(args.channels), use_checkpoint=args.checkpointing, **arch)
     model = build_ssl_head(cfg).to(device)
     resuming = previous is not None

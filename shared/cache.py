@@ -11,7 +11,8 @@ where <key> hashes the preprocessing parameters and the dataset.json, so every r
 the same parameters reuses the same files. Each case also records the size and mtime of its source files: a
 case whose sources changed, or whose cached files have the wrong size or shape, is rebuilt, never read. The
 properties file is written last, so a case without one (a killed build) is rebuilt from scratch; every file
-is written atomically and builders hold a lock, so two processes starting at once do not corrupt the cache.
+is written atomically and builders hold a lock, so two processes starting at once do not corrupt the cache. A
+build refused for bad input (`InputError`) removes the entries it wrote, and the folders it created.
 
 The foreground coordinates are nnU-Net's "class locations": for each class a random subset of its voxels (all
 of them up to 10,000, and at least 1 %), drawn with a fixed seed, from which foreground patches are centred
@@ -23,6 +24,7 @@ import fcntl
 import hashlib
 import json
 import os
+import shutil
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -342,6 +344,19 @@ def _build_lock(folder: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def _remove_new_files(folder: Path, cases, existed: set, created: Path | None) -> None:
+    """Remove what a refused build wrote: the folder it created (with everything in it), else the files of `cases`
+    that were not in `existed` and the temp files of killed workers."""
+    if created is not None:
+        shutil.rmtree(created, ignore_errors=True)
+        return
+    for case in cases:
+        for path in _paths(folder, case.case_id).values():
+            if path not in existed:
+                path.unlink(missing_ok=True)
+    remove_stale_temps(folder, recursive=False)
+
+
 def _build_one(task) -> str:
     case, prep, folder = task
     write_case(case, prep, folder)
@@ -388,18 +403,27 @@ def build_cache(
     entries = {c.case_id: read_entry(c, folder) for c in cases}
     missing = [c for c in cases if entries[c.case_id] is None]
     if missing:
+        created = next((p for p in reversed([folder, *folder.parents]) if not p.exists()), None)  # top-most new one
         with _build_lock(folder):
             remove_stale_temps(folder, recursive=False)  # a killed build's; no live builder owns them under the lock
             tasks = [(c, prep, folder) for c in missing if read_entry(c, folder) is None]  # others may have built some
+            existed = {p for c, _, _ in tasks for p in _paths(folder, c.case_id).values() if p.exists()}
             bar = tqdm(total=len(tasks), desc=f"cache {root.name}", disable=not progress or not tasks or None)
-            if processes > 1 and len(tasks) > 1:
-                with get_context("fork").Pool(min(processes, len(tasks))) as pool:
-                    for _ in pool.imap_unordered(_build_one, tasks):
+            try:
+                if processes > 1 and len(tasks) > 1:
+                    with get_context("fork").Pool(min(processes, len(tasks))) as pool:
+                        for _ in pool.imap_unordered(_build_one, tasks):
+                            bar.update()
+                else:
+                    for task in tasks:
+                        _build_one(task)
                         bar.update()
-            else:
-                for task in tasks:
-                    _build_one(task)
-                    bar.update()
+            except InputError:
+                # a refused case leaves nothing behind: the entries of this build go, and any folder it created (an
+                # interrupted build keeps its complete entries instead, and the next build continues from them)
+                bar.close()
+                _remove_new_files(folder, [c for c, _, _ in tasks], existed, created)
+                raise
             bar.close()
         for case in missing:
             entries[case.case_id] = read_entry(case, folder)

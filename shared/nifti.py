@@ -29,8 +29,9 @@ class Volume:
 def read_nifti(path, dtype=np.float32, check_finite: bool = True) -> Volume:
     """Read a 3D NIfTI file; a 4D file with one volume is squeezed to 3D.
 
-    Raises InputError naming the file if it is missing, empty, corrupt, not 3D, or (with
-    `check_finite`) holds NaN/Inf voxels.
+    Raises InputError naming the file if it is missing, empty, corrupt, not 3D, (with `check_finite`) holds
+    NaN/Inf voxels, or is read as an integer `dtype` (a label map) but holds non-integer values. Both checks look
+    at the stored values: a cast to an integer type would turn NaN into an arbitrary integer and 0.7 into 0.
     """
     path = str(path)
     if not os.path.isfile(path):
@@ -48,10 +49,13 @@ def read_nifti(path, dtype=np.float32, check_finite: bool = True) -> Volume:
         raise InputError(f"{path}: expected a 3D volume, got shape {tuple(data.shape)}.")
     if min(data.shape) == 0:
         raise InputError(f"{path}: volume has an empty axis, shape {tuple(data.shape)}.")
-    data = data.astype(dtype, copy=False)
     if check_finite and np.issubdtype(data.dtype, np.floating) and not np.isfinite(data).all():
         n_bad = int((~np.isfinite(data)).sum())
         raise InputError(f"{path}: {n_bad} voxels are NaN or Inf.")
+    if np.issubdtype(np.dtype(dtype), np.integer) and np.issubdtype(data.dtype, np.floating):
+        if not np.array_equal(data, np.round(data)):
+            raise InputError(f"{path}: holds non-integer values, expected an integer label map.")
+    data = data.astype(dtype, copy=False)
     return Volume(data=data, affine=np.asarray(img.affine, dtype=np.float64), header=img.header.copy(), path=path)
 
 

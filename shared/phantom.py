@@ -14,7 +14,6 @@ contrast, a stronger bias field, more noise, thick slices resampled to the grid)
 of the MoME paper's Table 2 (in-house tumour and WMH sets from other sites), not a new lesion type.
 """
 
-import argparse
 import json
 import time
 import zlib
@@ -27,7 +26,7 @@ from scipy import ndimage
 from tqdm import tqdm
 
 from shared.atomic import atomic_path
-from shared.cli import run_cli
+from shared.cli import check_output_dir, make_parser, run_cli
 from shared.dataset import write_dataset_json
 from shared.errors import InputError
 from shared.phantom_anatomy import LESION_GENERATORS, grid, make_anatomy, smooth_field
@@ -328,10 +327,11 @@ def write_phantom_datasets(
     affine = np.diag([*spacing, 1.0])
     affine[:3, 3] = -(np.asarray(shape) - 1) / 2.0 * np.asarray(spacing)
 
+    check_output_dir(out, "--out")
     todo = []
     for dataset in datasets:
         spec = DATASETS[dataset]
-        root = Path(out) / dataset_folder_name(dataset, scanner)
+        root = check_output_dir(Path(out) / dataset_folder_name(dataset, scanner), "--out")
         json_path = root / "dataset.json"
         wanted = {"dataset": dataset, "seed": seed, "shape": list(shape), "spacing": list(spacing), "cases": cases}
         if scanner != "A":  # folders of scanner A written before this option existed stay valid
@@ -376,7 +376,7 @@ def write_phantom_datasets(
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = make_parser(__doc__, prog="python -m shared.phantom")
     parser.add_argument("--out", required=True, help="folder to hold the DatasetNNN_Name dataset folders")
     parser.add_argument("--cases", type=int, default=12, help="training cases per dataset")
     parser.add_argument(

@@ -233,4 +233,15 @@ def test_a_refused_dataset_leaves_no_cache_description(tmp_path):
     root = make_dataset(tmp_path / "Dataset005_Gap", missing=("c1",))
     with pytest.raises(InputError, match="c1"):
         build_cache(root, Preprocessing(missing="refuse"), cache_root=tmp_path / "c", progress=False)
-    assert not list((tmp_path / "c").rglob("params.json"))
+    assert not (tmp_path / "c").exists()  # not even case c0, built before c1 was refused
+
+
+@pytest.mark.parametrize("processes", [1, 2])
+def test_a_refused_build_keeps_the_entries_of_earlier_builds_only(tmp_path, processes):
+    root = make_dataset(tmp_path / "Dataset006_Gap", missing=("c3",))
+    prep = Preprocessing(missing="refuse")
+    build_cache(root, prep, case_ids=["c0"], cache_root=tmp_path / "c", progress=False)
+    before = sorted(p.name for p in (cache_folder(root, prep, tmp_path / "c") / "Tr").iterdir())
+    with pytest.raises(InputError, match="c3"):
+        build_cache(root, prep, cache_root=tmp_path / "c", processes=processes, progress=False)
+    assert sorted(p.name for p in (cache_folder(root, prep, tmp_path / "c") / "Tr").iterdir()) == before

@@ -59,6 +59,22 @@ def test_bad_files_name_the_file_and_the_problem(tmp_path, make, message):
     assert str(path) in str(err.value) and message in str(err.value)
 
 
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (np.where(np.arange(60).reshape(3, 4, 5) == 7, np.nan, 1.0).astype(np.float32), "1 voxels are NaN or Inf"),
+        (np.full((3, 4, 5), 0.7, np.float32), "holds non-integer values, expected an integer label map"),
+    ],
+)
+def test_an_integer_read_checks_the_stored_values_before_the_cast(tmp_path, data, message):
+    """A NaN cast to int64 is an arbitrary integer, 0.7 is 0: both would be scored as labels."""
+    path = _save(tmp_path / "labels.nii.gz", data)
+    with pytest.raises(InputError, match=message):
+        read_nifti(path, dtype=np.int64)
+    whole = _save(tmp_path / "whole.nii.gz", np.full((3, 4, 5), 2.0, np.float32))
+    assert read_nifti(whole, dtype=np.int64).data.max() == 2  # whole numbers stored as floats are labels
+
+
 def test_write_refuses_other_grid_and_keeps_existing_file(tmp_path):
     src = read_nifti(_save(tmp_path / "img.nii.gz", np.zeros((4, 5, 6), np.float32)))
     out = tmp_path / "pred.nii.gz"

@@ -197,6 +197,8 @@ def test_written_layout_dataset_json_and_skip(tmp_path, capsys):
         (["--cases", "0"], "--cases must be at least 1, got 0."),
         (["--shape", "8", "32", "32"], "--shape must be three sizes of at least 16 voxels, got (8, 32, 32)."),
         (["--datasets", "tumour", "tumor"], "--datasets: unknown dataset 'tumor'"),
+        (["--shape", "16", "16"], "--shape: expected 3 arguments."),
+        (["--cases", "two"], "--cases: invalid int value: 'two'."),
     ],
 )
 def test_cli_bad_arguments_one_sentence_exit_2(tmp_path, capsys, args, message):
