@@ -35,6 +35,7 @@ from brainsegfounder.weights import (
     segmentation_target,
 )
 from shared import cli
+from shared.atomic import undone_on_input_error
 from shared.brats import HINT, describe, labels_from_dataset
 from shared.cli import run_cli
 from shared.dataset import canonical_modality
@@ -169,13 +170,15 @@ def main(argv=None) -> None:
             raise InputError(f"case {case.case_id} of {case.dataset} has no {' '.join(missing)} image; the model "
                              f"takes {' '.join(info['channels'])}.")  # fmt: skip
     out = Path(args.output)
-    for case in tqdm(cases, desc="predict", disable=None):
-        source_case = dataclasses.replace(case.as_case(unique), label=None)  # the label is not read
-        image, reference = load_image(source_case, info["channels"])
-        probs = predict_probabilities(model, image, patch_size=patch, overlap=args.overlap,
-                                      tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
-        labels = probabilities_to_labels(probs, info["target"], values)
-        write_nifti(out / f"{case.case_id}.nii.gz", labels, like=reference, dtype=np.uint8)
+    with undone_on_input_error(out):
+        for case in tqdm(cases, desc="predict", disable=None):
+            source_case = dataclasses.replace(case.as_case(unique), label=None)  # the label is not read
+            image, reference = load_image(source_case, info["channels"])
+            probs = predict_probabilities(model, image, patch_size=patch, overlap=args.overlap,
+                                          tiles_per_batch=args.tiles_per_batch, device=device,
+                                          amp=args.amp)  # fmt: skip
+            labels = probabilities_to_labels(probs, info["target"], values)
+            write_nifti(out / f"{case.case_id}.nii.gz", labels, like=reference, dtype=np.uint8)
     print(f"wrote {len(cases)} predictions to {out}")
 
 

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from moe_missing.data import TARGET_SPACING, read_case, zscore_patches
 from moe_missing.model import MoEUNet
 from moe_missing.runs import load_model
+from shared.atomic import undone_on_input_error
 from shared.cli import make_parser, overlap_fraction, positive_int, run_cli
 from shared.dataset import Case, canonical_modality
 from shared.errors import InputError
@@ -119,13 +120,17 @@ def main(argv=None) -> None:
             f"--patch {' '.join(map(str, patch))} must be divisible by {model.cfg.divisor} for this model."
         )
     out = Path(args.output)
-    for case in tqdm(cases, desc="predict", disable=None):
-        label, ref, code = predict_case(model, case, modalities, patch_size=patch, overlap=args.overlap,
-                                        tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
-        missing = [m for m, c in zip(modalities, code) if not c]
-        if missing:
-            print(f"{case.case_id}: missing {missing}, predicted from {[m for m in modalities if m not in missing]}")
-        write_nifti(out / f"{case.case_id}.nii.gz", label, like=ref, dtype=np.uint8)
+    with undone_on_input_error(out):
+        for case in tqdm(cases, desc="predict", disable=None):
+            label, ref, code = predict_case(model, case, modalities, patch_size=patch, overlap=args.overlap,
+                                            tiles_per_batch=args.tiles_per_batch, device=device,
+                                            amp=args.amp)  # fmt: skip
+            missing = [m for m, c in zip(modalities, code) if not c]
+            if missing:
+                print(
+                    f"{case.case_id}: missing {missing}, predicted from {[m for m in modalities if m not in missing]}"
+                )
+            write_nifti(out / f"{case.case_id}.nii.gz", label, like=ref, dtype=np.uint8)
     print(f"wrote {len(cases)} predictions to {out}")
 
 

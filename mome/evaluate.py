@@ -30,7 +30,7 @@ from mome.predict import load_model
 from mome.splits import held_out, read_split_files
 from mome.usage import expert_usage
 from shared.cli import check_output_dir, make_parser, non_negative_int, run_cli
-from shared.dataset import canonical_modality, list_cases, load_dataset_json
+from shared.dataset import canonical_modality, check_declared, list_cases, load_dataset_json
 from shared.errors import InputError
 from shared.evaluate import format_table, write_csv_atomic
 from shared.metrics import aggregate_levels, case_metrics
@@ -112,6 +112,8 @@ def score_images(images, pred_root, lesion: dict | None = None, connectivity: in
             raise InputError(f"{pred.path}: shape {pred.data.shape} differs from its reference {gt.data.shape}.")
         if not np.allclose(pred.affine, gt.affine, atol=1e-3):
             raise InputError(f"{pred.path}: affine differs from its reference's (not predicted in the input grid).")
+        check_declared(gt.path, np.unique(gt.data), im["case_obj"].label_values)
+        check_declared(pred.path, np.unique(pred.data), im["case_obj"].label_values)
         if lesion is not None:
             values = lesion[(im["dataset"], im["modality"])]
         else:

@@ -32,6 +32,9 @@ def read_nnunet_file(path, *, trust_pickle: bool = False) -> dict:
     ckpt = load_foreign_checkpoint(path, trust_pickle=trust_pickle, flag="nnU-Net checkpoint")
     if not isinstance(ckpt, dict):
         raise InputError(f"checkpoint {path} holds a {type(ckpt).__name__}, expected an nnU-Net checkpoint dict")
+    if isinstance(ckpt.get("kind"), str):  # written by shared.checkpoint.save_checkpoint
+        raise InputError(f"checkpoint {path} is a {ckpt['kind']} checkpoint of this project, not an nnU-Net one; "
+                         "mome's own checkpoints need no conversion.")  # fmt: skip
     return ckpt
 
 

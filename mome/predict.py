@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from mome.model import build_expert, build_mome
 from mome.train_common import config_from_checkpoint, stride_divisor
+from shared.atomic import undone_on_input_error
 from shared.checkpoint import load_checkpoint
 from shared.cli import make_parser, overlap_fraction, positive_int, run_cli
 from shared.dataset import canonical_modality
@@ -176,12 +177,13 @@ def main(argv=None) -> None:
     patch = check_patch(args.patch or info["patch"], info["config"], "--patch")
     mirror_axes = info["mirror_axes"] if args.mirror else ()
     out = Path(args.output)
-    for path in tqdm(files, desc="predict", disable=None):
-        vol = read_nifti(path)
-        image, back = to_model_grid(vol.data, info["grid"], args.fit, str(path))
-        label = predict_volume(model, image, patch_size=patch, overlap=args.overlap, mirror_axes=mirror_axes,
-                               tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
-        write_nifti(out / path.name, back(label), like=vol, dtype=np.uint8)
+    with undone_on_input_error(out):
+        for path in tqdm(files, desc="predict", disable=None):
+            vol = read_nifti(path)
+            image, back = to_model_grid(vol.data, info["grid"], args.fit, str(path))
+            label = predict_volume(model, image, patch_size=patch, overlap=args.overlap, mirror_axes=mirror_axes,
+                                   tiles_per_batch=args.tiles_per_batch, device=device, amp=args.amp)  # fmt: skip
+            write_nifti(out / path.name, back(label), like=vol, dtype=np.uint8)
     print(f"wrote {len(files)} predictions to {out}")
 
 

@@ -21,6 +21,7 @@ and clicks outside the crop around the first click, are refused. Box prompts nee
 trained (`--box-prob > 0`); official SAM-Med3D weights have none.
 """
 
+import contextlib
 from pathlib import Path
 
 import nibabel as nib
@@ -33,6 +34,7 @@ from sam_med3d_moe.predictor import Predictor
 from sam_med3d_moe.preprocess import CT_CLAMP, to_model_grid
 from sam_med3d_moe.prompts import check_inside, prompt_set_from_flags, read_prompt_file
 from sam_med3d_moe.train_common import threshold
+from shared.atomic import undone_on_input_error
 from shared.cli import (
     check_output_dir,
     check_output_file,
@@ -217,17 +219,19 @@ def main(argv=None) -> None:
     if any(prompt is not None and prompt.box is not None for _, _, prompt, _ in jobs):
         predictor.check_box(args.allow_untrained_box, "--allow-untrained-box")
     rng = np.random.default_rng(args.seed)
-    for _, path, prompt, out in tqdm(jobs, desc="predict", disable=None if len(jobs) > 1 else True):
-        mask, vol, crops, routing = predict_one(predictor, args, path, prompt, rng)
-        out.parent.mkdir(parents=True, exist_ok=True)  # with the first mask: a refused input leaves no folder
-        write_nifti(out, mask, like=vol, dtype=np.uint8)
-        note = ""
-        if routing:  # an MoE: where the gate sent the last prompt
-            scores, cfg = routing[-1][0], predictor.moe.gate_cfg
-            k = int(np.argmax(scores[1:]))
-            to = cfg.tasks[k] if scores[1 + k] > cfg.tau else "the general expert"
-            note = f"; gate: last prompt to {to} (top expert score {scores[1 + k]:.2f}, tau {cfg.tau})"
-        tqdm.write(f"wrote {out} ({int(mask.sum())} voxels, {crops} crop{'s' if crops > 1 else ''}{note})")
+    one_file = args.output.endswith(NIFTI_ENDINGS)  # written once, atomically, after every check: nothing to undo
+    with contextlib.nullcontext() if one_file else undone_on_input_error(args.output):
+        for _, path, prompt, out in tqdm(jobs, desc="predict", disable=None if len(jobs) > 1 else True):
+            mask, vol, crops, routing = predict_one(predictor, args, path, prompt, rng)
+            out.parent.mkdir(parents=True, exist_ok=True)  # with the first mask: a refused input leaves no folder
+            write_nifti(out, mask, like=vol, dtype=np.uint8)
+            note = ""
+            if routing:  # an MoE: where the gate sent the last prompt
+                scores, cfg = routing[-1][0], predictor.moe.gate_cfg
+                k = int(np.argmax(scores[1:]))
+                to = cfg.tasks[k] if scores[1 + k] > cfg.tau else "the general expert"
+                note = f"; gate: last prompt to {to} (top expert score {scores[1 + k]:.2f}, tau {cfg.tau})"
+            tqdm.write(f"wrote {out} ({int(mask.sum())} voxels, {crops} crop{'s' if crops > 1 else ''}{note})")
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@ plain `open(path, "w")` would give (0644 under umask 022, or the mode of the fil
 
 Temp files are named `.tmp_<target name>.<8 random characters><ending>`. A process killed while writing leaves its
 temp file behind; `remove_stale_temps` removes those of a folder, and every training run calls it through
-`shared.checkpoint.prepare_run_dir` when it starts or resumes.
+`shared.checkpoint.prepare_run_dir` when it starts or resumes. `undone_on_input_error` extends "nothing
+half-written" from one file to a folder of outputs.
 """
 
 import contextlib
@@ -15,6 +16,8 @@ import re
 import stat
 import tempfile
 from pathlib import Path
+
+from shared.errors import InputError
 
 TEMP_PREFIX = ".tmp_"
 # `.tmp_<name>.<random><ending>`: tempfile's random part is 8 characters of [a-z0-9_]
@@ -117,3 +120,29 @@ def remove_stale_temps(folder, recursive: bool = True) -> list[Path]:
         if not recursive:
             dirs.clear()
     return sorted(removed)
+
+
+@contextlib.contextmanager
+def undone_on_input_error(folder):
+    """A block that writes files into `folder`; if it stops on an InputError, what it added to `folder` is removed.
+
+    A batch command (predict over a dataset) reads each case only when it reaches it, so a broken last case would
+    leave the first cases' outputs behind, looking like a finished run. Files that were in `folder` before stay
+    (one the block overwrote keeps its new content), and so does `folder` if it existed; an interruption (Ctrl-C)
+    or a crash keeps the finished outputs, to look at or to continue from.
+    """
+    folder = Path(folder)
+    existed = folder.exists()
+    before = set(folder.rglob("*")) if existed else set()
+    try:
+        yield folder
+    except InputError:
+        if folder.is_dir():
+            for path in sorted(set(folder.rglob("*")) - before, reverse=True):  # a folder after what it holds
+                if path.is_dir() and not path.is_symlink():
+                    path.rmdir()
+                else:
+                    path.unlink()
+            if not existed:
+                folder.rmdir()
+        raise

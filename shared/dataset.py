@@ -51,6 +51,21 @@ def declared_label_values(labels: dict) -> tuple:
     return tuple(sorted(int(v) for v in values))
 
 
+def check_declared(path, values, declared, source: str = "dataset.json") -> None:
+    """Refuse a label map holding values that `source` does not declare: they would be scored or trained as nothing.
+
+    Args:
+        path: the label map (named in the error).
+        values: the values it holds (any iterable of integers, e.g. `np.unique(labels)`).
+        declared: the label values `source` declares.
+    """
+    bad = sorted(set(int(v) for v in values) - set(int(v) for v in declared))
+    if bad:
+        raise InputError(
+            f"{path}: label values {bad} are not declared in {source} labels (declared: {list(declared)})."
+        )
+
+
 def _is_int(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
@@ -264,10 +279,5 @@ def load_case(case: Case, modalities=None, check_labels: bool = True, atol: floa
             )
         label = lab.data.astype(np.int64)
         if check_labels:
-            bad = sorted(set(values.astype(np.int64).tolist()) - set(case.label_values))
-            if bad:
-                raise InputError(
-                    f"{lab.path}: label values {bad} are not declared in dataset.json labels "
-                    f"(declared: {list(case.label_values)})."
-                )
+            check_declared(lab.path, values, case.label_values)
     return image, label, ref, present

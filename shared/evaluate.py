@@ -23,7 +23,7 @@ from tqdm import tqdm
 from shared.atomic import atomic_path
 from shared.brats import brats_values_for_gt
 from shared.cli import check_output_file, make_parser, non_negative_int, positive_int, run_cli
-from shared.dataset import declared_label_values, load_dataset_json
+from shared.dataset import check_declared, declared_label_values, load_dataset_json
 from shared.errors import InputError, short_list
 from shared.inputs import add_subset_args, nifti_stem, selected_cases
 from shared.metrics import brats_regions, case_metrics, cscore, volume_correlation
@@ -162,6 +162,10 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
                 "prediction to the reference first)."
             )
         gt_values = set(np.unique(gt).tolist())
+        if declared is not None:
+            json_path = Path(gt_dir).parent / "dataset.json"
+            check_declared(gt_cases[case], gt_values, declared, source=str(json_path))
+            check_declared(pred_cases[case], np.unique(pred), declared, source=str(json_path))
         gt_present |= gt_values
         present |= gt_values | set(np.unique(pred).tolist())
         if regions == "brats":

@@ -125,3 +125,36 @@ def test_temp_names_of_atomic_path_match_the_stale_pattern(tmp_path):
         assert is_temp_name(tmp.name)
         tmp.write_bytes(b"x")
     assert not is_temp_name("image.nii.gz")
+
+
+def test_undone_on_input_error_removes_only_what_the_block_added(tmp_path):
+    from shared.atomic import undone_on_input_error
+    from shared.errors import InputError
+
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / "old.nii.gz").write_text("before")
+    with pytest.raises(InputError):
+        with undone_on_input_error(out):
+            (out / "a.nii.gz").write_text("new")
+            (out / "sub").mkdir()
+            (out / "sub" / "b.nii.gz").write_text("new")
+            (out / "old.nii.gz").write_text("overwritten")
+            raise InputError("case 3 is broken")
+    assert sorted(p.name for p in out.rglob("*")) == ["old.nii.gz"]
+    assert (out / "old.nii.gz").read_text() == "overwritten"  # what was there stays, with its new content
+
+    fresh = tmp_path / "fresh"
+    with pytest.raises(InputError):
+        with undone_on_input_error(fresh):
+            fresh.mkdir()
+            (fresh / "a.nii.gz").write_text("new")
+            raise InputError("broken")
+    assert not fresh.exists()  # a folder the block created goes too
+
+    with pytest.raises(KeyboardInterrupt):
+        with undone_on_input_error(fresh):
+            fresh.mkdir()
+            (fresh / "a.nii.gz").write_text("done")
+            raise KeyboardInterrupt
+    assert (fresh / "a.nii.gz").read_text() == "done"  # an interruption keeps the finished outputs

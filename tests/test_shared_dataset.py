@@ -261,3 +261,12 @@ def test_load_case_empty_corrupt_and_4d_files(dataset):
     save(path, np.zeros((*SHAPE, 2), dtype=np.float32))
     with pytest.raises(InputError, match=rf"{re.escape(str(path))}: expected a 3D volume, got shape \(4, 5, 6, 2\)"):
         load_case(list_cases(dataset)[2])
+
+
+def test_check_declared_names_the_file_and_the_undeclared_values():
+    from shared.dataset import check_declared
+    from shared.errors import InputError
+
+    check_declared("a.nii.gz", np.array([0, 1, 2]), (0, 1, 2))
+    with pytest.raises(InputError, match=r"a.nii.gz: label values \[5, 7\] are not declared in x.json labels"):
+        check_declared("a.nii.gz", np.array([0, 1, 5, 7]), (0, 1), source="x.json")
