@@ -70,7 +70,7 @@ def main(argv=None) -> None:
     moe = runs / "moe"
     train_gate.main(["--general", str(general / "checkpoint.pt"), "--experts", str(expert / "checkpoint.pt"),
                      "--data", anatomy, tumour, "--modalities", "T1", "FLAIR", "--union", tumour, "--gate-lr", "1e-3",
-                     "--expert-lr", "1e-4", "--steps", str(args.gate_steps), "--out", str(moe), *common])  # fmt: skip
+                     "--steps", str(args.gate_steps), "--out", str(moe), *common])  # fmt: skip
 
     stage("5. evaluation on the held-out cases")
     results = {}

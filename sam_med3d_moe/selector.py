@@ -21,6 +21,21 @@ def top_expert(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s_top, index
 
 
+def uses_expert(scores: torch.Tensor, mode: str, tau: float) -> torch.Tensor:
+    """Whether the selector's output of each sample reads the top-1 specific expert's mask: s_top > tau, and never
+    in mode "general" (M_g only).
+
+    Args:
+        scores: (B, m) gate softmax, column 0 the general expert.
+    Returns:
+        (B,) bool.
+    """
+    s_top, _ = top_expert(scores)
+    if mode == "general":
+        return torch.zeros_like(s_top, dtype=torch.bool)
+    return s_top > tau
+
+
 def mask_selector(m_general: torch.Tensor, m_top: torch.Tensor, s_top: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """SAM-Med3D-MoE Eq. (Sec. 2.3): M_o = (1 - s_top) M_g + s_top M_top if s_top > tau, else M_g.
 

@@ -125,9 +125,22 @@ def test_expert_changes_only_the_decoder_and_moe_keeps_the_general_model(runs):
     assert "mask_decoder.transformer.layers.0.mlp.lin1.weight" in changed
     assert not any(k.startswith("mask_decoder.iou_prediction_head") for k in changed)
     assert all(torch.equal(v, moe[f"sam.{k}"]) for k, v in general.items())  # the general expert is never updated
-    assert not torch.equal(
-        moe["experts.0.iou_token.weight"], expert["model"]["mask_decoder.iou_token.weight"]
-    ) or not torch.equal(moe["experts.0.mask_tokens.weight"], expert["model"]["mask_decoder.mask_tokens.weight"])
+    # default --expert-lr 0: the MoE's expert is bit-identical to the expert run (the FT-expert row of Table 1)
+    decoder = {k[len("mask_decoder.") :]: v for k, v in expert["model"].items() if k.startswith("mask_decoder.")}
+    assert decoder and all(torch.equal(v, moe[f"experts.0.{k}"]) for k, v in decoder.items())
+
+
+def test_gate_training_with_expert_lr_trains_the_expert_decoder_only(runs, tmp_path):
+    # --tau 0: the selector uses the expert at every click, so it is stepped at every step
+    train_gate.main([*runs["gate_args"], "--expert-lr", "1e-4", "--tau", "0", "--out", str(tmp_path / "moe_lr")])
+    expert = load_checkpoint(runs["expert"] / "checkpoint.pt")["model"]
+    frozen = load_checkpoint(runs["moe"] / "checkpoint.pt")["model"]
+    trained = load_checkpoint(tmp_path / "moe_lr" / "checkpoint.pt")["model"]
+    changed = {k for k, v in trained.items() if not torch.equal(v, frozen[k])}
+    assert any(k.startswith("experts.0.") for k in changed)
+    assert all(k.startswith(("experts.0.", "gate.")) for k in changed)  # nothing else than the expert and gate
+    decoder = {k[len("mask_decoder.") :]: v for k, v in expert.items() if k.startswith("mask_decoder.")}
+    assert not all(torch.equal(v, trained[f"experts.0.{k}"]) for k, v in decoder.items())
 
 
 def test_assemble_refuses_an_expert_fine_tuned_from_another_general_model(runs, tmp_path):
