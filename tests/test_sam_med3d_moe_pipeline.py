@@ -6,6 +6,7 @@ Run: pytest tests/test_sam_med3d_moe_pipeline.py
 """
 
 import argparse
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -255,6 +256,49 @@ def test_evaluate_reports_clicks_max_and_box(runs, tmp_path):
     # the expert's own task (the tumour's union targets) makes them the fine-tuned classes of Table 1
     assert [r["classes"] for r in result["table1"]] == ["fine-tuned"] and result["routing"] == []
     assert {p.name for p in tmp_path.iterdir()} == {"expert_targets.csv", "expert_summary.csv", "expert_table1.csv"}
+
+
+def test_evaluate_an_moe_with_routing_and_selector_overrides(runs, tmp_path):
+    # frozen experts (default --expert-lr 0): "--selector general" must score exactly as the general model and
+    # "--selector top1 --tau 0" exactly as the expert run; the routing CSV splits clicks from boxes
+    def run(model, name, *extra):
+        args = evaluate.parse_args(
+            ["--model", str(runs[model] / "checkpoint.pt"), "--data", runs["anatomy"], runs["tumour"], "--split",
+             str(runs["moe"] / "split.json"), "--modalities", "T1", "FLAIR", "--union", Path(runs["tumour"]).name,
+             "--clicks", "2", "--box", "--finetuned-from", str(runs["moe"] / "checkpoint.pt"), "--out",
+             str(tmp_path), "--name", name, "--device", "cpu", *extra]
+        )  # fmt: skip
+        result = evaluate.evaluate(args)
+        with open(tmp_path / f"{name}_targets.csv") as f:
+            result["targets"] = list(csv.DictReader(f))
+        return result
+
+    general, expert = run("general", "general"), run("expert", "expert")
+    as_general = run("moe", "moe_general", "--selector", "general")
+    as_expert = run("moe", "moe_top1", "--selector", "top1", "--tau", "0")
+    metrics = [k for k in general["targets"][0] if k.startswith(("dice", "nsd"))]
+    for want, got in ((general, as_general), (expert, as_expert)):
+        assert [r["target"] for r in got["targets"]] == [r["target"] for r in want["targets"]]
+        for a, b in zip(want["targets"], got["targets"]):
+            assert all(float(a[m]) == pytest.approx(float(b[m]), abs=1e-4) for m in metrics), a["target"]
+    assert not all(a[m] == b[m] for a, b in zip(general["targets"], expert["targets"]) for m in metrics)
+    n_lesion = sum(r["dataset"] == Path(runs["tumour"]).name for r in general["targets"])
+    assert [(r["classes"], r["targets"]) for r in general["table1"]] == [
+        ("fine-tuned", n_lesion), ("other", len(general["targets"]) - n_lesion)
+    ]  # fmt: skip
+    share = [k for k in as_general["routing"][0] if k.startswith("share_") and k != "share_general"]
+    assert len(share) == 1
+    per_class = {(r["dataset"], r["label"]) for r in general["targets"]}
+    for result, to_expert in ((as_general, 0.0), (as_expert, 1.0)):
+        rows = result["routing"]
+        assert {(r["dataset"], r["label"], r["prompt"]) for r in rows} == {(*c, p) for c in per_class
+                                                                         for p in ("click", "box")}  # fmt: skip
+        for r in rows:
+            targets = sum((t["dataset"], t["label"]) == (r["dataset"], r["label"]) for t in general["targets"])
+            assert r["prompts"] == targets * (2 if r["prompt"] == "click" else 1)
+            assert r["share_general"] == 1 - to_expert and r[share[0]] == to_expert
+            assert r["accuracy"] == (to_expert if r["expected"] != "general" else 1 - to_expert)
+    assert (tmp_path / "moe_top1_routing.csv").exists() and not (tmp_path / "general_routing.csv").exists()
 
 
 def test_box_prompts_only_from_trained_box_embeddings(runs, tmp_path):
