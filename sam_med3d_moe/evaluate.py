@@ -162,7 +162,9 @@ def evaluate(args) -> dict:
         gt = torch.from_numpy(mask.astype(np.float32))[None, None].to(device)
         emb = predictor.embed(torch.from_numpy(image)[None, None])
         routing = {"click": [], "box": []}
-        dice, logits = evaluate_points(predictor.stepper(emb, routing["click"]), gt, rng, predictor.cfg, num_clicks=args.clicks)
+        dice, logits = evaluate_points(
+            predictor.stepper(emb, routing["click"]), gt, rng, predictor.cfg, num_clicks=args.clicks
+        )
         row = {"model": args.name, "dataset": target.dataset, "case": target.case_id, "modality": target.modality,
                "label": task_label(target.label), "target": target.name, "voxels": target.voxels,
                "in_crop": round(int(mask.sum()) / target.voxels, 4)}  # fmt: skip
@@ -201,7 +203,9 @@ def evaluate(args) -> dict:
     if predictor.moe is not None:
         gate_cfg = predictor.moe.gate_cfg  # with the --selector/--tau overrides
         names = list(gate_cfg.tasks)
-        routing = [{"model": args.name, **r} for r in routing_rows(records, tasks, names, gate_cfg.tau, gate_cfg.selector)]
+        routing = [
+            {"model": args.name, **r} for r in routing_rows(records, tasks, names, gate_cfg.tau, gate_cfg.selector)
+        ]
     out.mkdir(parents=True, exist_ok=True)
     for suffix, table in (("targets", rows), ("summary", summary), ("table1", table1), ("routing", routing)):
         _write_csv(out / f"{args.name}_{suffix}.csv", table)

@@ -74,15 +74,16 @@ def routing_rows(
 
 def table1_rows(rows: list[dict], tasks: list[ExpertTask], metrics: list[str]) -> list[dict]:
     """The paper's Table 1 split: mean of each metric over the targets of the fine-tuned classes (those some
-    expert was fine-tuned on) and over the other classes (the original tasks, which must not be forgotten).
+    expert was fine-tuned on; in the new-task setting, the new task) and over the other classes (the original
+    tasks, which must not be forgotten), and the mean over classes of the per-class means.
 
     Args:
         rows: per-target rows with "dataset", "label" (as `task_label` writes it) and the metrics.
         tasks: the experts' tasks that define "fine-tuned".
         metrics: the row keys to average.
     Returns:
-        up to two rows {"classes": "fine-tuned" | "other", "targets", <metric>: mean}; a group with no target is
-        left out.
+        up to two rows {"classes": "fine-tuned" | "other", "targets", "class_count", <metric>: mean over
+        targets, "class_mean_<metric>": mean over classes}; a group with no target is left out.
     """
     tuned = [expected_expert(tasks, r["dataset"], _label(r["label"])) > 0 for r in rows]
     out = []
@@ -91,8 +92,15 @@ def table1_rows(rows: list[dict], tasks: list[ExpertTask], metrics: list[str]) -
         ("other", [r for r, t in zip(rows, tuned) if not t]),
     ):
         if own:
+            per_class = defaultdict(list)
+            for r in own:
+                per_class[(r["dataset"], r["label"])].append(r)
             means = {m: round(float(np.mean([r[m] for r in own])), 4) for m in metrics}
-            out.append({"classes": group, "targets": len(own), **means})
+            class_means = {
+                f"class_mean_{m}": round(float(np.mean([np.mean([r[m] for r in c]) for c in per_class.values()])), 4)
+                for m in metrics
+            }
+            out.append({"classes": group, "targets": len(own), "class_count": len(per_class), **means, **class_means})
     return out
 
 

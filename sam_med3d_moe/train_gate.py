@@ -76,8 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--experts", nargs="+", required=True, help="sam_med3d_moe.finetune_expert checkpoints")
     g.add_argument("--gate-lr", type=positive_float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
     g.add_argument(
-        "--expert-lr", type=non_negative_float, default=0.0, help="AdamW lr of the experts (default 0: frozen, "
-        "the paper's abstract and Sec. 3.1; its implementation details: 1e-4, the top-1 expert only)"
+        "--expert-lr",
+        type=non_negative_float,
+        default=0.0,
+        help="AdamW lr of the experts (default 0: frozen, "
+        "the paper's abstract and Sec. 3.1; its implementation details: 1e-4, the top-1 expert only)",
     )
     g.add_argument("--tau", type=threshold, default=0.5, help="selector threshold on the top expert score")
     g.add_argument("--selector", choices=SELECTOR_MODES, default="weighted", help="mask selector (Table 2 variants)")

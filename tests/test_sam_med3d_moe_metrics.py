@@ -147,10 +147,11 @@ def test_table1_split_into_fine_tuned_and_other_classes():
         {"dataset": "Anatomy", "label": "3", "dice": 0.5},
         {"dataset": "Anatomy", "label": "3", "dice": 0.7},
         {"dataset": "Anatomy", "label": "1", "dice": 0.9},
+        {"dataset": "Anatomy", "label": "1", "dice": 0.3},
         {"dataset": "Tumour", "label": "union", "dice": 0.1},
     ]
     out = table1_rows(rows, tasks, ["dice"])
-    assert out == [
-        {"classes": "fine-tuned", "targets": 2, "dice": 0.6},
-        {"classes": "other", "targets": 2, "dice": 0.5},
+    assert out == [  # other: over targets (0.9 + 0.3 + 0.1) / 3, over classes ((0.9 + 0.3) / 2 + 0.1) / 2
+        {"classes": "fine-tuned", "targets": 2, "class_count": 1, "dice": 0.6, "class_mean_dice": 0.6},
+        {"classes": "other", "targets": 3, "class_count": 2, "dice": 0.4333, "class_mean_dice": 0.35},
     ]
