@@ -62,7 +62,11 @@ def aft_weight_selector(m_general, m_top, s_top, s_general, tau: float = 0.5) ->
     """Table 2 "Aft_weight": weights from a softmax over the two experts' gate scores (s_g, s_top), i.e.
     w_top = e^s_top / (e^s_g + e^s_top), instead of s_top itself, when s_top > tau.
 
-    The paper gives one sentence for this variant; this reading (softmax re-normalisation of the pair) is ours.
+    The paper gives one sentence for this variant ("softmax-fused outputs"); this reading (softmax re-normalisation
+    of the pair of scores) is ours. w_top = sigmoid(s_top - s_g) <= sigmoid(1) = 0.731 always, and with tau >= 0.5
+    (so s_top - s_g in (0, 1]) w_top lies in (0.5, 0.731]: a mild re-weighting, whatever the gate's confidence.
+    The alternative reading, a per-voxel softmax over the two decoders' output logits, is not
+    implemented.
     """
     pair = torch.stack([s_general, s_top], dim=1).softmax(dim=1)  # (B, 2)
     shape = (-1, *([1] * (m_general.dim() - 1)))
