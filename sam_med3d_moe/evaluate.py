@@ -12,8 +12,10 @@ counts as missed: a target larger than the crop is never scored as if it were wh
 `in_crop` is the share of each target inside its crop). Files in --out:
     <name>_targets.csv   one row per target
     <name>_summary.csv   mean per dataset and class
-    <name>_table1.csv    the paper's Table 1 split: fine-tuned classes vs other classes (the classes of the
-                         experts of --finetuned-from, or of the model itself when it is an expert or the MoE)
+    <name>_table1.csv    the paper's Table 1 split: fine-tuned classes (with a new-task expert: the new task)
+                         vs other classes (the original tasks); the classes of the experts of --finetuned-from,
+                         or of the model itself when it is an expert or the MoE; means over targets and over
+                         classes (class_mean_*)
     <name>_routing.csv   the MoE only: per class and prompt type (click, box) the share of prompts the selector
                          sent to each decoder (with --selector general: all to the general one), the mean top
                          expert score s_top and the accuracy against the expected expert
