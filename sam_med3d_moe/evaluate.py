@@ -12,10 +12,13 @@ counts as missed: a target larger than the crop is never scored as if it were wh
 `in_crop` is the share of each target inside its crop). Files in --out:
     <name>_targets.csv   one row per target
     <name>_summary.csv   mean per dataset and class
-    <name>_table1.csv    the paper's Table 1 split: fine-tuned classes vs other classes (the classes of the
-                         experts of --finetuned-from, or of the model itself when it is an expert or the MoE)
-    <name>_routing.csv   the MoE only: per class the share of prompts the selector sent to each expert, the
-                         mean top expert score s_top and the accuracy against the expected expert
+    <name>_table1.csv    the paper's Table 1 split: fine-tuned classes (with a new-task expert: the new task)
+                         vs other classes (the original tasks); the classes of the experts of --finetuned-from,
+                         or of the model itself when it is an expert or the MoE; means over targets and over
+                         classes (class_mean_*)
+    <name>_routing.csv   the MoE only: per class and prompt type (click, box) the share of prompts the selector
+                         sent to each decoder (with --selector general: all to the general one), the mean top
+                         expert score s_top and the accuracy against the expected expert
 """
 
 import csv
@@ -160,8 +163,10 @@ def evaluate(args) -> dict:
         image, mask, start = read_target(entry, target, size)
         gt = torch.from_numpy(mask.astype(np.float32))[None, None].to(device)
         emb = predictor.embed(torch.from_numpy(image)[None, None])
-        routing = []
-        dice, logits = evaluate_points(predictor.stepper(emb, routing), gt, rng, predictor.cfg, num_clicks=args.clicks)
+        routing = {"click": [], "box": []}
+        dice, logits = evaluate_points(
+            predictor.stepper(emb, routing["click"]), gt, rng, predictor.cfg, num_clicks=args.clicks
+        )
         row = {"model": args.name, "dataset": target.dataset, "case": target.case_id, "modality": target.modality,
                "label": task_label(target.label), "target": target.name, "voxels": target.voxels,
                "in_crop": round(int(mask.sum()) / target.voxels, 4)}  # fmt: skip
@@ -173,15 +178,18 @@ def evaluate(args) -> dict:
         row["dice_native"], row["nsd_native"] = (round(v, 5) for v in native.scores(entry, target, last, start,
                                                                                     args.tolerance))  # fmt: skip
         if args.box:
-            box_dice, box_logits = evaluate_box(predictor.stepper(emb, routing), gt, rng, predictor.cfg, args.jitter)
+            box_dice, box_logits = evaluate_box(predictor.stepper(emb, routing["box"]), gt, rng, predictor.cfg,
+                                                 args.jitter)  # fmt: skip
             row["dice_box"] = round(float(box_dice[0]), 5)
             box_mask = (box_logits[0, 0] > 0).cpu().numpy()
             row["dice_box_native"], row["nsd_box_native"] = (
                 round(v, 5) for v in native.scores(entry, target, box_mask, start, args.tolerance)
             )
         rows.append(row)
-        if routing:
-            records.append({"dataset": target.dataset, "label": target.label, "scores": np.concatenate(routing)})
+        for prompt, scores in routing.items():
+            if scores:
+                records.append({"dataset": target.dataset, "label": target.label, "prompt": prompt,
+                                "scores": np.concatenate(scores)})  # fmt: skip
     if too_large:
         print(f"{len(too_large)} of {len(rows)} targets are larger than the {size}^3 crop (e.g. {too_large[0]}); "
               "their crop Dice ignores the part outside, the native Dice and NSD count it as missed.")  # fmt: skip
@@ -195,8 +203,11 @@ def evaluate(args) -> dict:
     table1 = [{"model": args.name, **r} for r in table1_rows(rows, tasks, metrics)] if tasks else []
     routing = []
     if predictor.moe is not None:
-        names = list(predictor.moe.gate_cfg.tasks)
-        routing = [{"model": args.name, **r} for r in routing_rows(records, tasks, names, predictor.moe.gate_cfg.tau)]
+        gate_cfg = predictor.moe.gate_cfg  # with the --selector/--tau overrides
+        names = list(gate_cfg.tasks)
+        routing = [
+            {"model": args.name, **r} for r in routing_rows(records, tasks, names, gate_cfg.tau, gate_cfg.selector)
+        ]
     out.mkdir(parents=True, exist_ok=True)
     for suffix, table in (("targets", rows), ("summary", summary), ("table1", table1), ("routing", routing)):
         _write_csv(out / f"{args.name}_{suffix}.csv", table)
@@ -218,7 +229,7 @@ def main(argv=None) -> None:
         print(f"{row['classes']} classes ({row['targets']} targets): click {args.clicks} Dice {row[last]:.3f}")
     for row in result["routing"]:
         print(
-            f"routing {row['dataset']} class {row['label']}: expected {row['expected']}, "
+            f"routing {row['dataset']} class {row['label']} {row['prompt']} prompts: expected {row['expected']}, "
             f"accuracy {row['accuracy']:.2f}, mean s_top {row['mean_s_top']:.2f}"
         )
 

@@ -8,7 +8,11 @@ layers and a softmax -> S in R^m.
 Choices the paper leaves open (no public code exists): X_p is the mean of the sparse prompt tokens (points or
 box corners, incl. SAM's padding token); the image tokens get the dense PE added on the key/query side as in
 SAM's decoder; the image tokens after (4) are mean-pooled before (5); m = 1 + number of specific experts, class 0
-being the general expert, so a prompt of an original task has a target class too.
+being the general expert, so a prompt of an original task has a target class too. With X_p a single token, the
+self-attention (1) reduces to a linear map (softmax over one key = 1: out_proj(v_proj(X_p))); it is kept as
+written in the paper. Activations: GELU in the MLP (3) (the paper names none), ReLU between the two FC layers (5).
+In the interaction the gate sees one step's prompt tokens only (the newest click, or the box), so it re-decides
+per click.
 """
 
 import torch

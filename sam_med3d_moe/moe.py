@@ -10,7 +10,7 @@ from sam_med3d_moe.config import GateConfig
 from sam_med3d_moe.gate import GatingNetwork
 from sam_med3d_moe.mask_decoder import MaskDecoder3D
 from sam_med3d_moe.model import SamMed3D
-from sam_med3d_moe.selector import select, top_expert
+from sam_med3d_moe.selector import select, top_expert, uses_expert
 
 
 class SamMed3DMoE(nn.Module):
@@ -51,7 +51,10 @@ class SamMed3DMoE(nn.Module):
             mode, tau: selector override (default: the config's).
         Returns:
             dict with "fused" (B, 1, 4g, 4g, 4g) logits M_o, "general" M_g, "top" M_top, "logits" (B, m) gate
-            logits, "scores" their softmax, "top_index" (B,) the chosen specific expert.
+            logits, "scores" their softmax, "top_index" (B,) the chosen (top-1) specific expert, "uses_expert" (B,)
+            bool whether M_o reads M_top (s_top > tau and a mode other than "general").
+        The gate re-decides at every step from that step's prompt tokens only (in the interaction: the newest
+        click, or the box), not from the earlier clicks.
         """
         sam = self.sam
         sparse, dense = sam.prompt_encoder(points=points, boxes=boxes, masks=masks)
@@ -79,10 +82,10 @@ class SamMed3DMoE(nn.Module):
         else:  # each sample gets its own top-1 expert; only that one receives a gradient
             outs = torch.stack([run(e, k) for k, e in enumerate(self.experts)], dim=0)  # (K, B, 1, s, s, s)
             top = outs[index, torch.arange(index.shape[0], device=index.device)]
-        fused = select(
-            general, top, scores, mode=mode or self.gate_cfg.selector, tau=self.gate_cfg.tau if tau is None else tau
-        )
-        return {"fused": fused, "general": general, "top": top, "logits": logits, "scores": scores, "top_index": index}
+        mode, tau = mode or self.gate_cfg.selector, self.gate_cfg.tau if tau is None else tau
+        fused = select(general, top, scores, mode=mode, tau=tau)
+        return {"fused": fused, "general": general, "top": top, "logits": logits, "scores": scores, "top_index": index,
+                "uses_expert": uses_expert(scores, mode, tau)}  # fmt: skip
 
 
 def expert_from(sam: SamMed3D) -> MaskDecoder3D:

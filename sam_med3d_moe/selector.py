@@ -21,6 +21,21 @@ def top_expert(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return s_top, index
 
 
+def uses_expert(scores: torch.Tensor, mode: str, tau: float) -> torch.Tensor:
+    """Whether the selector's output of each sample reads the top-1 specific expert's mask: s_top > tau, and never
+    in mode "general" (M_g only).
+
+    Args:
+        scores: (B, m) gate softmax, column 0 the general expert.
+    Returns:
+        (B,) bool.
+    """
+    s_top, _ = top_expert(scores)
+    if mode == "general":
+        return torch.zeros_like(s_top, dtype=torch.bool)
+    return s_top > tau
+
+
 def mask_selector(m_general: torch.Tensor, m_top: torch.Tensor, s_top: torch.Tensor, tau: float = 0.5) -> torch.Tensor:
     """SAM-Med3D-MoE Eq. (Sec. 2.3): M_o = (1 - s_top) M_g + s_top M_top if s_top > tau, else M_g.
 
@@ -47,7 +62,11 @@ def aft_weight_selector(m_general, m_top, s_top, s_general, tau: float = 0.5) ->
     """Table 2 "Aft_weight": weights from a softmax over the two experts' gate scores (s_g, s_top), i.e.
     w_top = e^s_top / (e^s_g + e^s_top), instead of s_top itself, when s_top > tau.
 
-    The paper gives one sentence for this variant; this reading (softmax re-normalisation of the pair) is ours.
+    The paper gives one sentence for this variant ("softmax-fused outputs"); this reading (softmax re-normalisation
+    of the pair of scores) is ours. w_top = sigmoid(s_top - s_g) <= sigmoid(1) = 0.731 always, and with tau >= 0.5
+    (so s_top - s_g in (0, 1]) w_top lies in (0.5, 0.731]: a mild re-weighting, whatever the gate's confidence.
+    The alternative reading, a per-voxel softmax over the two decoders' output logits, is not
+    implemented.
     """
     pair = torch.stack([s_general, s_top], dim=1).softmax(dim=1)  # (B, 2)
     shape = (-1, *([1] * (m_general.dim() - 1)))

@@ -7,10 +7,20 @@ Shared frozen image and prompt encoders and the frozen general decoder come from
 and its own box-corner embeddings from --experts[k], which must have been fine-tuned from that general model.
 Each step runs the interaction with the MoE (`SamMed3DMoE.step`: general decoder, gate, top-1 expert, mask
 selector) and minimises, summed over the clicks, DiceCE of the fused mask + cross-entropy of the gate on the
-task identity: class k + 1 for a target that expert k was fine-tuned on (its datasets and, if it was trained
-with --labels, only those label values; `tasks.expected_expert`), 0 for every other target. Only the top-1
-expert of each sample receives a gradient (paper: lr 1e-4 experts, 1e-6 gate, AdamW; --expert-lr 0 freezes
-the experts). The checkpoint records, per decoder, whether its box embeddings were trained.
+task identity (the two summed 1:1; the paper gives no weighting): class k + 1 for a target that expert k was
+fine-tuned on (its datasets and, if it was trained with --labels, only those label values;
+`tasks.expected_expert`), 0 for every other target. The gate re-decides at every click from that click's prompt
+alone. No mask-only steps (the official recipe's point-free steps): the gate needs a point or box token.
+
+Experts frozen or trained (--expert-lr): the paper contradicts itself. Its abstract ("without updating any
+parameters of them") and Sec. 3.1 ("by only training the gating network") freeze the experts; its implementation
+details ("confining updates exclusively to the parameters of the Top-1 expert mask decoder", lr 1e-4) train them.
+Default --expert-lr 0: experts frozen, so the MoE's expert k is bit-identical to the expert run it was assembled
+from. With --expert-lr > 0 (the implementation-details reading, paper 1e-4) an expert is stepped only in a step
+where the selector used it for some sample (its top-1 expert with s_top > tau): the other experts' gradients are
+set to None before the step, so AdamW neither decays them nor moves them by momentum, and the experts' weight
+decay is 0. The gate: AdamW, lr 1e-6 in the paper, --weight-decay. The checkpoint records, per decoder, whether
+its box embeddings were trained.
 """
 
 import dataclasses
@@ -66,7 +76,11 @@ def parse_args(argv=None):
     g.add_argument("--experts", nargs="+", required=True, help="sam_med3d_moe.finetune_expert checkpoints")
     g.add_argument("--gate-lr", type=positive_float, default=1e-6, help="AdamW lr of the gate (paper: 1e-6)")
     g.add_argument(
-        "--expert-lr", type=non_negative_float, default=1e-4, help="AdamW lr of the experts (paper: 1e-4; 0 freezes)"
+        "--expert-lr",
+        type=non_negative_float,
+        default=0.0,
+        help="AdamW lr of the experts (default 0: frozen, "
+        "the paper's abstract and Sec. 3.1; its implementation details: 1e-4, the top-1 expert only)",
     )
     g.add_argument("--tau", type=threshold, default=0.5, help="selector threshold on the top expert score")
     g.add_argument("--selector", choices=SELECTOR_MODES, default="weighted", help="mask selector (Table 2 variants)")
@@ -128,24 +142,52 @@ def assemble(general_path, expert_paths, config: str, tau: float, selector: str)
     return moe, {"expert_tasks": tasks, "box_trained": {"general": info["box_trained"], "experts": box_trained}}
 
 
+def optimizer_groups(moe: SamMed3DMoE, gate_lr: float, expert_lr: float, weight_decay: float) -> list[dict]:
+    """AdamW parameter groups: the gate (lr `gate_lr`, `weight_decay`), and with `expert_lr` > 0 the experts
+    (lr `expert_lr`, weight decay 0: an expert must change only through its own gradient). Sets requires_grad:
+    everything else (encoders, general decoder, box embeddings) frozen."""
+    moe.requires_grad_(False)
+    moe.gate.requires_grad_(True)
+    groups = [{"params": list(moe.gate.parameters()), "lr": gate_lr, "weight_decay": weight_decay}]
+    if expert_lr > 0:
+        moe.experts.requires_grad_(True)
+        groups.append({"params": list(moe.experts.parameters()), "lr": expert_lr, "weight_decay": 0.0})
+    return groups
+
+
+def drop_unchosen_grads(experts: torch.nn.ModuleList, chosen: torch.Tensor) -> None:
+    """Set to None the gradients of every expert `chosen` (K,) bool marks False, so that the optimizer step skips
+    it (a zero gradient would still move it through AdamW's momentum)."""
+    for k, expert in enumerate(experts):
+        if not bool(chosen[k]):
+            for p in expert.parameters():
+                p.grad = None
+
+
 class InteractiveMoE(torch.nn.Module):
-    """The MoE run through the training interaction in one forward: (summed DiceCE, summed gate CE)."""
+    """The MoE run through the training interaction in one forward: (summed DiceCE, summed gate CE). `chosen`
+    (K,) bool: the experts the selector used for some sample at some click of the last forward."""
 
     def __init__(self, moe: SamMed3DMoE) -> None:
         super().__init__()
         self.moe = moe
+        self.chosen = torch.zeros(len(moe.experts), dtype=torch.bool)
 
     def forward(self, image, gt, target, rng: np.random.Generator, **protocol):
         with torch.no_grad():  # the image encoder is frozen
             emb = self.moe.sam.image_encoder(image)
         gate_logits = []
+        chosen = torch.zeros(len(self.moe.experts), dtype=torch.bool, device=emb.device)
 
         def step(points=None, boxes=None, masks=None):
             out = self.moe.step(emb, points=points, boxes=boxes, masks=masks)
             gate_logits.append(out["logits"])
+            chosen[out["top_index"][out["uses_expert"]]] = True
             return out["fused"]
 
+        # no mask-only steps: the gate needs a point or box token at every step
         seg, _ = train_interaction(step, gt, rng, self.moe.sam.cfg, mask_only_steps=False, **protocol)
+        self.chosen = chosen
         return seg, sum(gate_loss(logits, target) for logits in gate_logits)
 
 
@@ -165,12 +207,7 @@ def main(argv=None) -> None:
     expert_of = torch.tensor([expected_expert(expert_tasks, t.dataset, t.label) for t in targets])
     if not expert_of.any():
         raise InputError(f"--data holds no target of the experts' tasks {[t.name for t in expert_tasks]}.")
-    moe.requires_grad_(False)
-    moe.gate.requires_grad_(True)
-    groups = [{"params": list(moe.gate.parameters()), "lr": args.gate_lr}]
-    if args.expert_lr > 0:
-        moe.experts.requires_grad_(True)
-        groups.append({"params": list(moe.experts.parameters()), "lr": args.expert_lr})
+    groups = optimizer_groups(moe, args.gate_lr, args.expert_lr, args.weight_decay)
     moe = moe.to(device).train()
     trainable = [p for g in groups for p in g["params"]]
     if dist_info.is_main:
@@ -179,11 +216,12 @@ def main(argv=None) -> None:
             f"{moe.gate_cfg.num_classes} classes, "
             f"{sum(p.numel() for p in trainable) / 1e6:.2f} M trainable parameters, {len(targets)} targets"
         )
-    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(groups)
     amp_dtype = pick_amp_dtype(device, enabled=args.amp)
     scaler = make_grad_scaler(device, amp_dtype)
     start = resume_step(resumed, kind=KIND, model=moe, optimizer=optimizer, scaler=scaler, generator=rng, device=device)
-    forward_model = wrap_ddp(InteractiveMoE(moe), dist_info, find_unused_parameters=True)
+    interactive = InteractiveMoE(moe)
+    forward_model = wrap_ddp(interactive, dist_info, find_unused_parameters=True)
     logger = MetricsLogger(out / "log.csv", is_main=dist_info.is_main, start_step=start)
     stop = args.steps if args.stop_after is None else min(args.steps, start + args.stop_after)
     protocol = dict(num_clicks=args.num_clicks, box_prob=args.box_prob, jitter=args.jitter, ce=not args.dice_only)
@@ -205,6 +243,8 @@ def main(argv=None) -> None:
             loss = seg + ce
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
+        if args.expert_lr > 0:  # step only the experts some sample of some rank used
+            drop_unchosen_grads(moe.experts, all_reduce_mean(interactive.chosen.float()) > 0)
         scaler.unscale_(optimizer)
         if args.clip > 0:
             torch.nn.utils.clip_grad_norm_(trainable, args.clip)

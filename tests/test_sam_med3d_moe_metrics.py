@@ -101,33 +101,44 @@ def test_routing_follows_the_selector_threshold_by_hand():
     scores = np.array([[0.2, 0.7, 0.1], [0.6, 0.3, 0.1], [0.1, 0.45, 0.45], [0.0, 0.2, 0.8]])
     dest, s_top = routed_expert(scores, tau=0.5)
     assert dest.tolist() == [1, 0, 0, 2] and np.allclose(s_top, [0.7, 0.3, 0.45, 0.8])  # s_top = tau: general
+    assert routed_expert(scores, tau=0.5, mode="general")[0].tolist() == [0, 0, 0, 0]  # M_g only: nothing sent
 
 
 def test_routing_rows_by_hand():
     tasks = [ExpertTask(datasets=("Tumour",)), ExpertTask(datasets=("Anatomy",), labels=(3,))]
-    records = [  # two lesion targets (3 prompts), one anatomy label-3 target, one anatomy label-1 target
-        {"dataset": "Tumour", "label": None, "scores": [[0.1, 0.8, 0.1], [0.1, 0.6, 0.3]]},
-        {"dataset": "Tumour", "label": None, "scores": [[0.5, 0.4, 0.1]]},
-        {"dataset": "Anatomy", "label": 3, "scores": [[0.1, 0.1, 0.8], [0.05, 0.9, 0.05]]},
-        {"dataset": "Anatomy", "label": 1, "scores": [[0.9, 0.05, 0.05]]},
+    records = [  # two lesion targets (3 click prompts, 2 boxes), one anatomy label-3 target, one label-1 target
+        {"dataset": "Tumour", "label": None, "prompt": "click", "scores": [[0.1, 0.8, 0.1], [0.1, 0.6, 0.3]]},
+        {"dataset": "Tumour", "label": None, "prompt": "box", "scores": [[0.1, 0.2, 0.7]]},
+        {"dataset": "Tumour", "label": None, "prompt": "click", "scores": [[0.5, 0.4, 0.1]]},
+        {"dataset": "Tumour", "label": None, "prompt": "box", "scores": [[0.9, 0.05, 0.05]]},
+        {"dataset": "Anatomy", "label": 3, "prompt": "click", "scores": [[0.1, 0.1, 0.8], [0.05, 0.9, 0.05]]},
+        {"dataset": "Anatomy", "label": 1, "prompt": "click", "scores": [[0.9, 0.05, 0.05]]},
     ]
-    rows = {(r["dataset"], r["label"]): r for r in routing_rows(records, tasks, ["lesion", "weak"], tau=0.5)}
-    lesion = rows[("Tumour", "union")]
+    table = routing_rows(records, tasks, ["lesion", "weak"], tau=0.5)
+    assert [(r["dataset"], r["label"], r["prompt"]) for r in table] == [
+        ("Anatomy", "1", "click"), ("Anatomy", "3", "click"), ("Tumour", "union", "click"), ("Tumour", "union", "box")
+    ]  # fmt: skip
+    rows = {(r["dataset"], r["label"], r["prompt"]): r for r in table}
+    box = rows[("Tumour", "union", "box")]  # clicks and boxes counted apart
+    assert box["prompts"] == 2 and box["share_weak"] == 0.5 and box["share_general"] == 0.5 and box["accuracy"] == 0
+    lesion = rows[("Tumour", "union", "click")]
     assert lesion["prompts"] == 3 and lesion["expected"] == "lesion"
     assert lesion["share_lesion"] == pytest.approx(2 / 3, abs=1e-4) and lesion["share_general"] == pytest.approx(
         1 / 3, abs=1e-4
     )
     assert lesion["mean_s_top"] == pytest.approx((0.8 + 0.6 + 0.4) / 3, abs=1e-4)
     assert lesion["accuracy"] == pytest.approx(2 / 3, abs=1e-4)
-    weak = rows[("Anatomy", "3")]
+    weak = rows[("Anatomy", "3", "click")]
     assert (
         weak["expected"] == "weak"
         and weak["share_weak"] == 0.5
         and weak["share_lesion"] == 0.5
         and weak["accuracy"] == 0.5
     )
-    other = rows[("Anatomy", "1")]
+    other = rows[("Anatomy", "1", "click")]
     assert other["expected"] == "general" and other["accuracy"] == 1.0 and other["mean_s_top"] == 0.05
+    general = routing_rows(records, tasks, ["lesion", "weak"], tau=0.5, mode="general")
+    assert all(r["share_general"] == 1 and r["share_lesion"] == 0 and r["share_weak"] == 0 for r in general)
 
 
 def test_table1_split_into_fine_tuned_and_other_classes():
@@ -136,10 +147,11 @@ def test_table1_split_into_fine_tuned_and_other_classes():
         {"dataset": "Anatomy", "label": "3", "dice": 0.5},
         {"dataset": "Anatomy", "label": "3", "dice": 0.7},
         {"dataset": "Anatomy", "label": "1", "dice": 0.9},
+        {"dataset": "Anatomy", "label": "1", "dice": 0.3},
         {"dataset": "Tumour", "label": "union", "dice": 0.1},
     ]
     out = table1_rows(rows, tasks, ["dice"])
-    assert out == [
-        {"classes": "fine-tuned", "targets": 2, "dice": 0.6},
-        {"classes": "other", "targets": 2, "dice": 0.5},
+    assert out == [  # other: over targets (0.9 + 0.3 + 0.1) / 3, over classes ((0.9 + 0.3) / 2 + 0.1) / 2
+        {"classes": "fine-tuned", "targets": 2, "class_count": 1, "dice": 0.6, "class_mean_dice": 0.6},
+        {"classes": "other", "targets": 3, "class_count": 2, "dice": 0.4333, "class_mean_dice": 0.35},
     ]

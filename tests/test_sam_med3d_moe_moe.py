@@ -257,3 +257,119 @@ def test_expert_tasks_name_every_dataset_and_route_their_targets():
             check_disjoint([weak, other], ["a.pt", "b.pt"])
     with pytest.raises(InputError, match="label values >= 1"):
         ExpertTask(datasets=("Anatomy",), labels=(0,))
+
+
+def _naive_attention(att, q, k, v):
+    """Multi-head attention written out head by head and token by token (independent of `Attention.forward`)."""
+    qp, kp, vp = (x @ lin.weight.T + lin.bias for x, lin in ((q, att.q_proj), (k, att.k_proj), (v, att.v_proj)))
+    heads, d = att.num_heads, qp.shape[-1] // att.num_heads
+    out = torch.zeros_like(qp)
+    for b in range(q.shape[0]):
+        for h in range(heads):
+            cols = slice(h * d, (h + 1) * d)
+            for i in range(q.shape[1]):
+                logits = torch.stack([qp[b, i, cols] @ kp[b, j, cols] / math.sqrt(d) for j in range(k.shape[1])])
+                w = torch.exp(logits - logits.max())
+                out[b, i, cols] = sum(w[j] / w.sum() * vp[b, j, cols] for j in range(k.shape[1]))
+    return out @ att.out_proj.weight.T + att.out_proj.bias
+
+
+def _naive_norm(norm, x):
+    mean = x.mean(-1, keepdim=True)
+    var = ((x - mean) ** 2).mean(-1, keepdim=True)
+    return (x - mean) / torch.sqrt(var + norm.eps) * norm.weight + norm.bias
+
+
+def test_gate_follows_the_paper_steps_against_a_naive_implementation():
+    torch.manual_seed(3)
+    gate = GatingNetwork(GateConfig(tasks=("a", "b"), dim=8, heads=2, mlp_dim=6, hidden_dim=5))
+    with torch.no_grad():
+        for p in gate.parameters():
+            p.normal_(0, 0.5)  # LayerNorm weights and biases included, so no step is an identity
+    emb, pe, sparse = torch.randn(2, 8, 2, 2, 2), torch.randn(1, 8, 2, 2, 2), torch.randn(2, 3, 8)
+    with torch.no_grad():
+        got = gate(emb, pe, sparse)
+        x_i = emb.reshape(2, 8, 8).permute(0, 2, 1)  # 8 image tokens of width 8
+        pos = pe.reshape(1, 8, 8).permute(0, 2, 1)
+        x_p = (sparse[:, 0] + sparse[:, 1] + sparse[:, 2])[:, None] / 3  # the mean prompt token
+        x_p = _naive_norm(gate.norm1, x_p + _naive_attention(gate.self_attn, x_p, x_p, x_p))  # (1) self-attention
+        x_p = _naive_norm(gate.norm2, x_p + _naive_attention(gate.cross_attn_prompt_to_image, x_p, x_i + pos, x_i))
+        hidden = gate.mlp[0](x_p)  # (3) MLP with GELU
+        hidden = 0.5 * hidden * (1 + torch.erf(hidden / math.sqrt(2)))
+        x_p = _naive_norm(gate.norm3, x_p + hidden @ gate.mlp[2].weight.T + gate.mlp[2].bias)
+        x_i = _naive_norm(gate.norm4, x_i + _naive_attention(gate.cross_attn_image_to_prompt, x_i + pos, x_p, x_p))
+        pooled = x_i.mean(dim=1)  # (5) two FC layers (ReLU between) on the mean image token
+        want = torch.clamp(pooled @ gate.fc1.weight.T + gate.fc1.bias, min=0) @ gate.fc2.weight.T + gate.fc2.bias
+        other_prompt = gate(emb, pe, sparse + torch.randn_like(sparse))
+    assert got.shape == (2, 3) and torch.allclose(got, want, atol=1e-5)
+    assert not torch.allclose(other_prompt, got, atol=1e-3)  # the scores depend on the prompt tokens
+
+
+class _FixedGate(torch.nn.Module):
+    def __init__(self, logits):
+        super().__init__()
+        self.logits = logits
+
+    def forward(self, image_embeddings, image_pe, sparse):
+        return self.logits
+
+
+def test_batched_top1_selection_matches_a_per_sample_loop():
+    moe = _tiny_moe(num_experts=3)
+    with torch.no_grad():
+        for e in moe.experts:
+            for p in e.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    # sample 0 -> expert 2 (used), sample 1 -> expert 0 (used), sample 2 -> expert 1 with s_top < tau (not used)
+    logits = torch.tensor([[0.0, 0.0, 0.0, 4.0], [0.0, 3.0, 0.0, 0.0], [2.0, 0.0, 1.0, 0.5]])
+    moe.gate = _FixedGate(logits)
+    emb, masks = torch.randn(3, 48, 8, 8, 8), torch.zeros(3, 1, 32, 32, 32)
+    points = (torch.tensor([[[3, 4, 5]], [[20, 1, 9]], [[7, 7, 7]]]), torch.tensor([[1], [1], [0]]))
+    with torch.no_grad():
+        out = moe.step(emb, points=points, masks=masks)
+    scores = logits.softmax(-1)
+    assert out["top_index"].tolist() == [2, 0, 1] and out["uses_expert"].tolist() == [True, True, False]
+    for b, k in enumerate([2, 0, 1]):
+        one = (points[0][b : b + 1], points[1][b : b + 1])
+        with torch.no_grad():
+            general = moe.sam.decode(emb[b : b + 1], points=one, masks=masks[b : b + 1])
+            top = moe.sam.decode(emb[b : b + 1], points=one, masks=masks[b : b + 1], decoder=moe.experts[k])
+        s = float(scores[b, k + 1])
+        want = (1 - s) * general + s * top if s > 0.5 else general
+        assert torch.allclose(out["top"][b : b + 1], top, atol=1e-5), b
+        assert torch.allclose(out["fused"][b : b + 1], want, atol=1e-5), b
+    with torch.no_grad():
+        assert not moe.step(emb, points=points, masks=masks, mode="general")["uses_expert"].any()
+
+
+def test_gate_training_steps_only_the_experts_the_selector_used():
+    from sam_med3d_moe.train_gate import InteractiveMoE, drop_unchosen_grads, optimizer_groups
+
+    moe = _tiny_moe(num_experts=2)
+    groups = optimizer_groups(moe, gate_lr=1e-3, expert_lr=1e-2, weight_decay=0.1)
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]  # no weight decay on the experts
+    opt = torch.optim.AdamW(groups)
+    forward = InteractiveMoE(moe)
+    image, gt, rng = torch.randn(1, 1, 32, 32, 32), _gt(32, 8, 20), np.random.default_rng(0)
+
+    def snapshot(k):
+        return [p.detach().clone() for p in moe.experts[k].parameters()]
+
+    def train_step(bias, target):
+        with torch.no_grad():
+            moe.gate.fc2.bias.copy_(torch.tensor(bias))
+        seg, ce = forward(image, gt, torch.tensor([target]), rng, num_clicks=2)
+        (seg + ce).backward()
+        drop_unchosen_grads(moe.experts, forward.chosen)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return forward.chosen.tolist()
+
+    before = snapshot(1)
+    assert train_step([0.0, 6.0, 0.0], 1) == [True, False]  # expert 0 used, expert 1 never
+    assert all(torch.equal(a, b) for a, b in zip(before, snapshot(1)))
+    after_first = snapshot(0)
+    for _ in range(3):  # now only expert 1: expert 0 keeps its weights (no momentum step, no decay)
+        assert train_step([0.0, 0.0, 6.0], 2) == [False, True]
+    assert all(torch.equal(a, b) for a, b in zip(after_first, snapshot(0)))
+    assert not all(torch.equal(a, b) for a, b in zip(before, snapshot(1)))

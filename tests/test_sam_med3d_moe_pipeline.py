@@ -6,6 +6,7 @@ Run: pytest tests/test_sam_med3d_moe_pipeline.py
 """
 
 import argparse
+import csv
 import subprocess
 import sys
 from pathlib import Path
@@ -125,9 +126,22 @@ def test_expert_changes_only_the_decoder_and_moe_keeps_the_general_model(runs):
     assert "mask_decoder.transformer.layers.0.mlp.lin1.weight" in changed
     assert not any(k.startswith("mask_decoder.iou_prediction_head") for k in changed)
     assert all(torch.equal(v, moe[f"sam.{k}"]) for k, v in general.items())  # the general expert is never updated
-    assert not torch.equal(
-        moe["experts.0.iou_token.weight"], expert["model"]["mask_decoder.iou_token.weight"]
-    ) or not torch.equal(moe["experts.0.mask_tokens.weight"], expert["model"]["mask_decoder.mask_tokens.weight"])
+    # default --expert-lr 0: the MoE's expert is bit-identical to the expert run (the FT-expert row of Table 1)
+    decoder = {k[len("mask_decoder.") :]: v for k, v in expert["model"].items() if k.startswith("mask_decoder.")}
+    assert decoder and all(torch.equal(v, moe[f"experts.0.{k}"]) for k, v in decoder.items())
+
+
+def test_gate_training_with_expert_lr_trains_the_expert_decoder_only(runs, tmp_path):
+    # --tau 0: the selector uses the expert at every click, so it is stepped at every step
+    train_gate.main([*runs["gate_args"], "--expert-lr", "1e-4", "--tau", "0", "--out", str(tmp_path / "moe_lr")])
+    expert = load_checkpoint(runs["expert"] / "checkpoint.pt")["model"]
+    frozen = load_checkpoint(runs["moe"] / "checkpoint.pt")["model"]
+    trained = load_checkpoint(tmp_path / "moe_lr" / "checkpoint.pt")["model"]
+    changed = {k for k, v in trained.items() if not torch.equal(v, frozen[k])}
+    assert any(k.startswith("experts.0.") for k in changed)
+    assert all(k.startswith(("experts.0.", "gate.")) for k in changed)  # nothing else than the expert and gate
+    decoder = {k[len("mask_decoder.") :]: v for k, v in expert.items() if k.startswith("mask_decoder.")}
+    assert not all(torch.equal(v, trained[f"experts.0.{k}"]) for k, v in decoder.items())
 
 
 def test_assemble_refuses_an_expert_fine_tuned_from_another_general_model(runs, tmp_path):
@@ -242,6 +256,49 @@ def test_evaluate_reports_clicks_max_and_box(runs, tmp_path):
     # the expert's own task (the tumour's union targets) makes them the fine-tuned classes of Table 1
     assert [r["classes"] for r in result["table1"]] == ["fine-tuned"] and result["routing"] == []
     assert {p.name for p in tmp_path.iterdir()} == {"expert_targets.csv", "expert_summary.csv", "expert_table1.csv"}
+
+
+def test_evaluate_an_moe_with_routing_and_selector_overrides(runs, tmp_path):
+    # frozen experts (default --expert-lr 0): "--selector general" must score exactly as the general model and
+    # "--selector top1 --tau 0" exactly as the expert run; the routing CSV splits clicks from boxes
+    def run(model, name, *extra):
+        args = evaluate.parse_args(
+            ["--model", str(runs[model] / "checkpoint.pt"), "--data", runs["anatomy"], runs["tumour"], "--split",
+             str(runs["moe"] / "split.json"), "--modalities", "T1", "FLAIR", "--union", Path(runs["tumour"]).name,
+             "--clicks", "2", "--box", "--finetuned-from", str(runs["moe"] / "checkpoint.pt"), "--out",
+             str(tmp_path), "--name", name, "--device", "cpu", *extra]
+        )  # fmt: skip
+        result = evaluate.evaluate(args)
+        with open(tmp_path / f"{name}_targets.csv") as f:
+            result["targets"] = list(csv.DictReader(f))
+        return result
+
+    general, expert = run("general", "general"), run("expert", "expert")
+    as_general = run("moe", "moe_general", "--selector", "general", "--tau", "0")  # tau 0: s_top > tau always
+    as_expert = run("moe", "moe_top1", "--selector", "top1", "--tau", "0")
+    metrics = [k for k in general["targets"][0] if k.startswith(("dice", "nsd"))]
+    for want, got in ((general, as_general), (expert, as_expert)):
+        assert [r["target"] for r in got["targets"]] == [r["target"] for r in want["targets"]]
+        for a, b in zip(want["targets"], got["targets"]):
+            assert all(float(a[m]) == pytest.approx(float(b[m]), abs=1e-4) for m in metrics), a["target"]
+    assert not all(a[m] == b[m] for a, b in zip(general["targets"], expert["targets"]) for m in metrics)
+    n_lesion = sum(r["dataset"] == Path(runs["tumour"]).name for r in general["targets"])
+    assert [(r["classes"], r["targets"]) for r in general["table1"]] == [
+        ("fine-tuned", n_lesion), ("other", len(general["targets"]) - n_lesion)
+    ]  # fmt: skip
+    share = [k for k in as_general["routing"][0] if k.startswith("share_") and k != "share_general"]
+    assert len(share) == 1
+    per_class = {(r["dataset"], r["label"]) for r in general["targets"]}
+    for result, to_expert in ((as_general, 0.0), (as_expert, 1.0)):
+        rows = result["routing"]
+        assert {(r["dataset"], r["label"], r["prompt"]) for r in rows} == {(*c, p) for c in per_class
+                                                                         for p in ("click", "box")}  # fmt: skip
+        for r in rows:
+            targets = sum((t["dataset"], t["label"]) == (r["dataset"], r["label"]) for t in general["targets"])
+            assert r["prompts"] == targets * (2 if r["prompt"] == "click" else 1)
+            assert r["share_general"] == 1 - to_expert and r[share[0]] == to_expert
+            assert r["accuracy"] == (to_expert if r["expected"] != "general" else 1 - to_expert)
+    assert (tmp_path / "moe_top1_routing.csv").exists() and not (tmp_path / "general_routing.csv").exists()
 
 
 def test_box_prompts_only_from_trained_box_embeddings(runs, tmp_path):
