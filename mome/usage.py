@@ -5,8 +5,12 @@ Two tables, one row per input modality and one column per expert:
   dominated by the background, which is most of every patch, so its rows look alike whatever the routing.
 - lesion share: each expert's share of the fused lesion-vs-background margin at the reference lesion voxels,
   c_i = e_i,c * g_i,c - e_i,0 * g_i,0 with c the voxel's lesion class, so that sum_i c_i = o_c - o_0 (Eq. 1).
-  Shares are signed (they sum to 1 over the experts): a negative share is an expert that pulls the lesion
-  towards background. This is the routing that decides the segmentation.
+  Shares are signed and normalised by the ABSOLUTE total margin, share_i = c_i / |sum_j c_j|, so the sign rule
+  holds whatever the sign of the total: a positive share pushes the lesion voxels towards lesion, a negative one
+  towards background. The shares sum to +1 where the fused margin favours lesion (mean_margin > 0) and to -1
+  where it favours background (mean_margin < 0: the lesion is missed on average). This is the routing that
+  decides the segmentation. (Dividing by the signed total instead would flip every sign when the total is
+  negative.)
 """
 
 from collections import defaultdict
@@ -18,6 +22,16 @@ from mome.labels import binarise
 from shared.dataset import load_case
 from shared.geometry import crop_or_pad
 from shared.intensity import zscore
+
+
+def signed_shares(total: torch.Tensor) -> torch.Tensor:
+    """total_i / |sum_j total_j|: the sign of each entry kept, the entries sum to +1 or -1 (NaN for a zero sum).
+
+    E.g. contributions (-3, 1): sum -2, shares (-1.5, 0.5): the first expert pulls towards background, the second
+    towards lesion, and together they pull towards background (sum -1).
+    """
+    denominator = total.sum().abs()
+    return total / denominator if denominator > 1e-12 else torch.full_like(total, float("nan"))
 
 
 def lesion_patch(image: np.ndarray, lesion: np.ndarray, patch_size) -> tuple[np.ndarray, np.ndarray]:
@@ -83,18 +97,14 @@ def expert_usage(model, images, patch_size, device, expert_names, lesion_values,
             margin[modality] += (chosen - c[:, 0])[:, inside].sum(dim=1)
             voxels[modality] += int(inside.sum())
 
-    def share(total: torch.Tensor) -> torch.Tensor:
-        denominator = total.sum()
-        return total / denominator if denominator.abs() > 1e-12 else torch.full_like(total, float("nan"))
-
     magnitude_rows, lesion_rows = [], []
     for modality in sorted(counts):
         names = {f"expert_{e}": i for i, e in enumerate(expert_names)}
-        shares = share(magnitude[modality])
+        shares = signed_shares(magnitude[modality])
         magnitude_rows.append({"input_modality": modality, "images": counts[modality]}
                               | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
         if voxels[modality]:
-            shares = share(margin[modality])
+            shares = signed_shares(margin[modality])
             lesion_rows.append({"input_modality": modality, "images": counts[modality],
                                 "lesion_voxels": voxels[modality],
                                 "mean_margin": float(margin[modality].sum()) / voxels[modality]}
