@@ -158,7 +158,7 @@ def table2(rows_by_model: dict) -> list[dict]:
     new = sorted({r["dataset"] for r in first if r["group"] == "new_lesion"})
     selections = [(d, lambda r, d=d: r["dataset"] == d) for d in unseen]
     if new:
-        selections.append((f"new lesion types: {', '.join(new)}", lambda r: r["group"] == "new_lesion"))
+        selections.append((f"lesion types not trained on: {', '.join(new)}", lambda r: r["group"] == "new_lesion"))
     table = []
     for label, keep in selections:
         row = {"dataset": label, "images": sum(1 for r in first if keep(r))}
@@ -186,7 +186,7 @@ def headline(table: list[dict]) -> list[dict]:
     dataset levels as labelled extras."""
     keys = [("seen_image", "seen image"), ("seen_task", "seen task"), ("seen_dataset", "seen dataset"),
             ("unseen_dataset", "UNSEEN (mean over datasets)"), ("unseen_image", "unseen image (extra)"),
-            ("new_lesion_dataset", "new lesion types (mean over datasets)")]  # fmt: skip
+            ("new_lesion_dataset", "lesion types not trained on (mean over datasets)")]  # fmt: skip
     return [{"model": r["model"]} | {label: r[k] for k, label in keys if k in r} for r in table]
 
 

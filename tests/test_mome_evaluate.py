@@ -60,7 +60,7 @@ def test_tables_by_hand():
     assert t1["b"]["seen_image"] == pytest.approx(0.5) and t1["a"]["new_lesion_image"] == 0.0
     assert (t1["a"]["seen_n_image"], t1["a"]["seen_n_task"], t1["a"]["seen_n_dataset"]) == (4, 3, 2)
     t2 = evaluate.table2({"a": a, "b": b})
-    assert [r["dataset"] for r in t2] == ["C", "D", "new lesion types: E"]
+    assert [r["dataset"] for r in t2] == ["C", "D", "lesion types not trained on: E"]
     # the unseen headline is the mean over unseen datasets, C 0.6 and D 0.2 (not the image mean 1/3)
     head = evaluate.headline(evaluate.table1({"a": a}))[0]
     assert head["UNSEEN (mean over datasets)"] == pytest.approx((0.6 + 0.2) / 2)
