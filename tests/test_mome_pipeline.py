@@ -250,3 +250,17 @@ def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
         seen_tasks = [(r["dataset"], r["modality"]) for r in csv.DictReader(f) if r["data"] == "seen"]
     assert sorted(m for d, m in seen_tasks) == ["DWI", "FLAIR", "FLAIR", "T1", "T1", "T1ce", "T2"]
     assert ("Dataset902_PhantomWMH", "T1") in seen_tasks
+
+
+def test_expert_reduction_mean_divides_the_expert_term_by_the_batch(data, experts, tmp_path):
+    """Same batches, a negligible lr: the logged expert term of --expert-reduction sum is batch (2) x mean."""
+    logged = {}
+    for reduction in ("sum", "mean"):
+        out = tmp_path / reduction
+        train.main(["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2",
+                    "--stop-after", "1", "--lr", "1e-12", "--expert-reduction", reduction, "--out", str(out),
+                    "--workers", "0", *TINY])  # fmt: skip
+        with open(out / "log.csv") as f:
+            logged[reduction] = next(csv.DictReader(f))
+    assert float(logged["sum"]["experts"]) == pytest.approx(2 * float(logged["mean"]["experts"]), rel=1e-4)
+    assert float(logged["sum"]["mome"]) == pytest.approx(float(logged["mean"]["mome"]), rel=1e-4)
