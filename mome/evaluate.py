@@ -287,7 +287,8 @@ def main(argv=None) -> None:
         magnitude, at_lesions = expert_usage(model, seen, info["patch"], torch.device(args.device),
                                              info["modalities"], lesion)  # fmt: skip
         write_csv_atomic(out / "expert_usage.csv", magnitude)
-        print("\nShare of each expert in mean|e_i * g_i| over the patch, by input modality (Suppl. Fig. I)\n"
+        print("\nShare of each expert in mean|e_i * g_i| over the patch, by dataset and input modality "
+              "(cf. Suppl. Fig. I)\n"
               + format_table(magnitude, floats="{:.3f}"))  # fmt: skip
         if at_lesions:
             write_csv_atomic(out / "expert_usage_lesion.csv", at_lesions)

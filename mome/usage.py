@@ -1,6 +1,6 @@
 """How much each expert contributes to the fused MoME output (the expert-degeneration analysis, Suppl. Fig. I).
 
-Two tables, one row per input modality and one column per expert:
+Two tables, one row per dataset and input modality and one column per expert:
 - magnitude share: each expert's share of mean|e_i^1 * g_i^1| over the whole patch (every voxel and class). It is
   dominated by the background, which is most of every patch, so its rows look alike whatever the routing.
 - lesion share: each expert's share of the fused lesion-vs-background margin at the reference lesion voxels,
@@ -61,24 +61,28 @@ def contributions(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_usage(model, images, patch_size, device, expert_names, lesion_values, per_modality: int = 4):
-    """Magnitude and lesion-margin shares of each expert, by input modality (see the module docstring).
+    """Magnitude and lesion-margin shares of each expert, by dataset and input modality (module docstring).
+
+    By dataset as well, because one modality may serve several lesion types (T1 of tumour and of WMH), and
+    whether the gate routes them differently is the question.
 
     Args:
         model: a MoME in eval mode (deep supervision off is enough: only the finest level is used).
         images: dicts with "dataset", "modality" and "case_obj" (a `shared.dataset.Case`).
         patch_size: one patch per image, centred on its lesion.
         lesion_values: {(dataset, modality): lesion label values} (`mome.labels.lesion_values`).
-        per_modality: images used per input modality (the first ones in `images`).
+        per_modality: images used per dataset and input modality (the first ones in `images`).
     Returns:
-        (magnitude rows, lesion rows), each {"input_modality", "images", ["lesion_voxels", "mean_margin"],
-        "expert_<name>": share}.
+        (magnitude rows, lesion rows), each {"dataset", "input_modality", "images", ["lesion_voxels",
+        "mean_margin"], "expert_<name>": share}, sorted by dataset and modality.
     """
     n, num_classes = len(expert_names), model.experts[0].arch["num_classes"]
     magnitude, margin = defaultdict(lambda: torch.zeros(n)), defaultdict(lambda: torch.zeros(n))
     counts, voxels = defaultdict(int), defaultdict(int)
     for im in images:
         modality = im["modality"]
-        if counts[modality] >= per_modality:
+        key = (im["dataset"], modality)
+        if counts[key] >= per_modality:
             continue
         image, label, _, _ = load_case(im["case_obj"], modalities=[modality])
         if label is None:
@@ -88,25 +92,23 @@ def expert_usage(model, images, patch_size, device, expert_names, lesion_values,
         classes = lesion if num_classes == 2 else np.clip(label * lesion, 0, num_classes - 1)
         x, target = lesion_patch(zscore(image), classes, patch_size)
         c = contributions(model, torch.from_numpy(np.ascontiguousarray(x))[None].to(device)).float().cpu()
-        magnitude[modality] += c.abs().flatten(1).mean(dim=1)
-        counts[modality] += 1
+        magnitude[key] += c.abs().flatten(1).mean(dim=1)
+        counts[key] += 1
         target = torch.from_numpy(target.astype(np.int64))
         inside = target > 0
         if inside.any():
             chosen = c.gather(1, target.expand(n, 1, *target.shape)).squeeze(1)  # (N, D, H, W): e_i,c * g_i,c
-            margin[modality] += (chosen - c[:, 0])[:, inside].sum(dim=1)
-            voxels[modality] += int(inside.sum())
+            margin[key] += (chosen - c[:, 0])[:, inside].sum(dim=1)
+            voxels[key] += int(inside.sum())
 
     magnitude_rows, lesion_rows = [], []
-    for modality in sorted(counts):
-        names = {f"expert_{e}": i for i, e in enumerate(expert_names)}
-        shares = signed_shares(magnitude[modality])
-        magnitude_rows.append({"input_modality": modality, "images": counts[modality]}
-                              | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
-        if voxels[modality]:
-            shares = signed_shares(margin[modality])
-            lesion_rows.append({"input_modality": modality, "images": counts[modality],
-                                "lesion_voxels": voxels[modality],
-                                "mean_margin": float(margin[modality].sum()) / voxels[modality]}
-                               | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
+    names = {f"expert_{e}": i for i, e in enumerate(expert_names)}
+    for key in sorted(counts):
+        head = {"dataset": key[0], "input_modality": key[1], "images": counts[key]}
+        shares = signed_shares(magnitude[key])
+        magnitude_rows.append(head | {k: float(shares[i]) for k, i in names.items()})
+        if voxels[key]:
+            shares = signed_shares(margin[key])
+            lesion_rows.append(head | {"lesion_voxels": voxels[key], "mean_margin": float(margin[key].sum()) /
+                               voxels[key]} | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
     return magnitude_rows, lesion_rows

@@ -219,9 +219,14 @@ def test_usage_signs_with_a_negative_total_margin_by_hand(tmp_path):
     image = np.random.default_rng(0).normal(size=(8, 8, 8))
     root = write_dataset(tmp_path / "Dataset001_A", ["T1", "FLAIR"], {"background": 0, "lesion": 1},
                          {"c0": (label, {0: image, 1: image})})  # fmt: skip
-    images = [{"dataset": root.name, "modality": "T1", "case_obj": list_cases(root)[0]}]
+    other = write_dataset(tmp_path / "Dataset002_B", ["T1"], {"background": 0, "lesion": 1},
+                          {"b0": (label, {0: image})})  # fmt: skip
+    images = [{"dataset": d.name, "modality": "T1", "case_obj": list_cases(d)[0]} for d in (other, root)]
     magnitude, lesion = expert_usage(model, images, (8, 8, 8), torch.device("cpu"), cfg.modalities,
-                                     lesion_values([root]))  # fmt: skip
+                                     lesion_values([root, other]))  # fmt: skip
+    # one row per dataset and modality: T1 of two datasets (lesion types) stays apart
+    assert [(r["dataset"], r["input_modality"], r["images"]) for r in lesion] == [
+        ("Dataset001_A", "T1", 1), ("Dataset002_B", "T1", 1)]  # fmt: skip
     row = lesion[0]
     assert row["lesion_voxels"] == 8 and row["mean_margin"] == pytest.approx(-1.0, abs=1e-6)
     assert (row["expert_T1"], row["expert_FLAIR"]) == (pytest.approx(-1.5, abs=1e-6), pytest.approx(0.5, abs=1e-6))
