@@ -11,8 +11,8 @@ Three models are compared:
 - the universal nnU-Net (`mome.train_expert --modality all`): one network on every image, the paper's
   baseline foundation model. It gets as many optimiser steps as each MoME expert gets in phases 1 and 2
   together (expert epochs + phase-2 epochs), NOT the same compute: MoME trains five experts (5x the phase-1
-  steps) and every phase-2 step runs six UNets; matching MoME's compute would need about 3200 nnU-Net steps (5 x 400
-  expert steps + 200 phase-2 steps of about six expert steps each), five times the demo's 600;
+  steps) and every phase-2 step runs six UNets; matching MoME's compute would need about 3200 nnU-Net steps
+  (5 x 400 expert steps + 200 phase-2 steps of about six expert steps each), five times the demo's 600;
 - "experts, oracle modality routing": each image sent to the phase-1 expert of its modality (a modality label
   that MoME and the nnU-Net never see). Where a modality occurs in one dataset only (T1ce, T2, DWI here) this is
   the paper's task-specific nnU-Net of that task; for T1 and FLAIR it is the modality expert. The paper's
@@ -48,7 +48,8 @@ minutes); the same with the paper's tumour-core targets for T1ce (`--label-rule 
 0.57 / 0.81, but MoME and the nnU-Net scored 0.00 on T1 (edema is lesion on T1 and background on T1ce, and on
 these phantoms only the enhancing rim tells the two apart), so the demo scores the whole tumour on every
 modality.
-Re-running the demo continues from the checkpoints it finds (every run is called with --resume).
+Re-running the demo continues from the checkpoints it finds (every run is called with --resume); a --runs
+folder of another configuration (e.g. of the earlier tumour + stroke demo) is refused: remove it first.
 """
 
 import json
