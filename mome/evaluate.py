@@ -8,15 +8,23 @@ PRED/<dataset folder name>/<CASE_XXXX>.nii.gz is a model's prediction for channe
 dataset.json) of a case, as `mome.predict` writes it. Every image is scored binarised: lesion = prediction > 0
 against the reference lesion of its modality (`--label-rule`, default every label > 0). Datasets are seen
 (scored on the held-out cases of --split-file), `--unseen` (new datasets of the seen lesion types: Table 2) or
-`--new-lesion` (lesion types absent from training: one extra row, not in the paper). Writes:
+`--new-lesion` (datasets of lesion types absent from the training data given here; one extra row).
+
+Averaging levels (`shared.metrics.aggregate_levels`): image = mean over every scored image; task = mean over
+(dataset, modality) tasks of each task's image mean; dataset = mean over datasets of each dataset's image mean.
+The paper's summary of unseen data is the dataset level: each unseen dataset is one task, and Table 3's "Unseen
+Datasets" is the mean of Table 2's per-dataset values, so the unseen headline printed here is `unseen_dataset`
+(the mean of table2.csv's unseen rows); the unseen image level is an extra column. Writes:
 - per_image.csv: Dice, HD95, PPV, sensitivity and lesion-wise numbers of every model and image;
-- table1.csv: one row per model, Dice at the image, task (dataset x modality) and dataset levels for seen and
-  unseen data (Table 1; the paper's Table 2 row average for unseen);
-- table2.csv: mean Dice of each unseen dataset (rows) for every model (columns), and the new-lesion row;
+- table1.csv: one row per model, Dice at the image, task (dataset x modality) and dataset levels for seen,
+  unseen and new-lesion data (Table 1 for seen; unseen_dataset is the paper's Table 2 row average);
+- table2.csv: mean Dice over the images of each unseen dataset (rows) for every model (columns), and one row
+  for all new-lesion datasets together (image mean);
 - per_task.csv: mean Dice per dataset and modality (Supplementary Table I) for every model;
 - expert_usage.csv and expert_usage_lesion.csv (with --model, a MoME): each expert's share of the gate-weighted
-  output overall and of the lesion-vs-background margin at lesion voxels, on seen images (Suppl. Fig. I; see
-  mome/usage.py).
+  output overall and its signed share of the lesion-vs-background margin at lesion voxels (c_i / |sum c|:
+  positive pushes towards lesion, negative towards background, whatever the sign of the total), on seen images
+  (our analysis in the spirit of Suppl. Fig. I; see mome/usage.py).
 """
 
 from collections import defaultdict
@@ -125,7 +133,11 @@ def score_images(images, pred_root, lesion: dict | None = None, connectivity: in
 
 
 def table1(rows_by_model: dict) -> list[dict]:
-    """One row per model: Dice at the image, task and dataset levels, for each group present (Table 1)."""
+    """One row per model: Dice at the image, task and dataset levels, for each group present (Table 1).
+
+    Keys `<group>_image`, `<group>_task`, `<group>_dataset` (levels as in the module docstring) and their counts
+    `<group>_n_image`, ... ; `unseen_dataset` is the mean over unseen datasets, the paper's unseen summary.
+    """
     table = []
     for name, rows in rows_by_model.items():
         row = {"model": name}
@@ -140,13 +152,15 @@ def table1(rows_by_model: dict) -> list[dict]:
 
 
 def table2(rows_by_model: dict) -> list[dict]:
-    """Mean Dice of each unseen dataset (rows) for every model (columns), and one row for all new-lesion sets."""
+    """Mean Dice over the images of each unseen dataset (rows) for every model (columns), as the paper's Table 2,
+    and one row for all new-lesion datasets together (mean over their images). The mean of the unseen rows is
+    table1's `unseen_dataset`."""
     first = next(iter(rows_by_model.values()))
     unseen = sorted({r["dataset"] for r in first if r["group"] == "unseen"})
     new = sorted({r["dataset"] for r in first if r["group"] == "new_lesion"})
     selections = [(d, lambda r, d=d: r["dataset"] == d) for d in unseen]
     if new:
-        selections.append((f"new lesion types: {', '.join(new)}", lambda r: r["group"] == "new_lesion"))
+        selections.append((f"lesion types not trained on: {', '.join(new)}", lambda r: r["group"] == "new_lesion"))
     table = []
     for label, keep in selections:
         row = {"dataset": label, "images": sum(1 for r in first if keep(r))}
@@ -166,6 +180,16 @@ def task_table(rows_by_model: dict) -> list[dict]:
         row = {"data": group, "dataset": dataset, "modality": modality, "images": len(next(iter(by_model.values())))}
         table.append(row | {name: float(np.mean(v)) for name, v in by_model.items()})
     return table
+
+
+def headline(table: list[dict]) -> list[dict]:
+    """The summary numbers at the paper's levels: seen at the three levels of Table 1, unseen at the dataset level
+    (mean over unseen datasets, Table 3's "Unseen Datasets"), the unseen image level and new-lesion image and
+    dataset levels as labelled extras."""
+    keys = [("seen_image", "seen image"), ("seen_task", "seen task"), ("seen_dataset", "seen dataset"),
+            ("unseen_dataset", "UNSEEN (mean over datasets)"), ("unseen_image", "unseen image (extra)"),
+            ("new_lesion_dataset", "lesion types not trained on (mean over datasets)")]  # fmt: skip
+    return [{"model": r["model"]} | {label: r[k] for k, label in keys if k in r} for r in table]
 
 
 def printed_table1(table: list[dict]) -> str:
@@ -258,16 +282,21 @@ def main(argv=None) -> None:
         write_csv_atomic(out / "table2.csv", unseen)
         print("\nDice per unseen dataset (Table 2)\n" + format_table(unseen))
     print("\nDice at three averaging levels (Table 1)\n" + printed_table1(levels))
+    print("\nHeadline Dice (seen: Table 1 levels; unseen: mean over the unseen datasets, as the paper's summary)\n"
+          + format_table(headline(levels)))  # fmt: skip
     if model is not None:
         seen = [im for im in images if im["group"] == "seen"] or images  # Suppl. Fig. I: the training modalities
         magnitude, at_lesions = expert_usage(model, seen, info["patch"], torch.device(args.device),
                                              info["modalities"], lesion)  # fmt: skip
         write_csv_atomic(out / "expert_usage.csv", magnitude)
-        print("\nShare of each expert in mean|e_i * g_i| over the patch, by input modality (Suppl. Fig. I)\n"
+        print("\nShare of each expert in mean|e_i * g_i| over the patch, by dataset and input modality "
+              "(cf. Suppl. Fig. I)\n"
               + format_table(magnitude, floats="{:.3f}"))  # fmt: skip
         if at_lesions:
             write_csv_atomic(out / "expert_usage_lesion.csv", at_lesions)
-            print("\nShare of each expert in the fused lesion-vs-background margin at reference lesion voxels\n"
+            print("\nSigned share of each expert in the fused lesion-vs-background margin at reference lesion voxels"
+                  " (c_i / |sum c|: > 0 pushes towards lesion, < 0 towards background; rows sum to the sign of"
+                  " mean_margin)\n"
                   + format_table(at_lesions, floats="{:.3f}"))  # fmt: skip
     print(f"\ntables written to {out}")
 

@@ -23,7 +23,9 @@ class HierarchicalGate(nn.Module):
         num_experts: N.
         num_classes: K, classes of each expert.
         mode: "hierarchical" (paper): each level uses its own head. "basic" (Table 3 ablation, no hierarchy): only
-            the finest head is used and area-averaged down to every coarser level.
+            the finest head is used and area-averaged down to every coarser level; this is our interpretation,
+            the paper names "the basic gating without hierarchical structure" without defining it, and the
+            official code ships no such variant (as far as the fact sheet records).
         norm: "none" (official code: raw maps, the fused sum is treated as logits) or "softmax" over the N experts
             (per class and voxel; an option, the paper does not state a normalisation).
         per_class: True (official code): one map per expert and class. False: one map per expert, shared by all

@@ -5,7 +5,13 @@
 
 Every channel of every case is one single-modality sample; its modality picks the expert that the
 specialisation term of Eq. 2 supervises. Table 3 ablations: `--random-experts` (no phase 1),
-`--no-curriculum` (Eq. 4 only), `--gate basic` (one weight map for all levels).
+`--no-curriculum` (Eq. 4 only), `--gate basic` (no hierarchy: our reading of the paper's "basic
+gating without hierarchical structure" is the finest gate map area-pooled to every coarser level; the
+paper does not define it further).
+
+Eq. 2's expert term is summed over the batch, as the official code does (it applies the loss per sample),
+while L_MoME is a batch mean, so with batch B the expert term weighs B times more than a mean would;
+`--expert-reduction mean` averages it instead (not in the paper or the official code).
 
 Options for short schedules (not in the paper; the defaults are the official behaviour): `--transfer-heads`,
 `--gate-init uniform`, `--gate-maps shared`, `--gate-lr` and `--gate-optimizer adam`.
@@ -84,6 +90,9 @@ def parse_args(argv=None):
         "default --lr), the experts keep SGD; Adam's step does not shrink with the (1 - f_epoch) loss weight",
     )
     g.add_argument("--clip-experts", action="store_true", help="clip expert gradients too (official: gate only)")
+    g.add_argument("--expert-reduction", choices=("sum", "mean"), default="sum",
+                   help="Eq. 2's expert term over the batch: sum of the per-sample losses (official code) or their "
+                   "mean (the batch-mean scale of L_MoME)")  # fmt: skip
     add_common_args(parser, lr=1e-3, epochs=800)
     args = parser.parse_args(argv)
     check_common_args(args)
@@ -210,6 +219,7 @@ def main(argv=None) -> None:
                     epoch=epoch,
                     num_epochs=args.epochs,
                     curriculum=not args.no_curriculum,
+                    expert_reduction=args.expert_reduction,
                 )  # Eq. 2 (Eq. 4 alone with --no-curriculum)
             loss = losses["loss"]
             check_finite_loss(loss, epoch * steps + it, checkpoint_path=ckpt_path)

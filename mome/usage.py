@@ -1,12 +1,16 @@
 """How much each expert contributes to the fused MoME output (the expert-degeneration analysis, Suppl. Fig. I).
 
-Two tables, one row per input modality and one column per expert:
+Two tables, one row per dataset and input modality and one column per expert:
 - magnitude share: each expert's share of mean|e_i^1 * g_i^1| over the whole patch (every voxel and class). It is
   dominated by the background, which is most of every patch, so its rows look alike whatever the routing.
 - lesion share: each expert's share of the fused lesion-vs-background margin at the reference lesion voxels,
   c_i = e_i,c * g_i,c - e_i,0 * g_i,0 with c the voxel's lesion class, so that sum_i c_i = o_c - o_0 (Eq. 1).
-  Shares are signed (they sum to 1 over the experts): a negative share is an expert that pulls the lesion
-  towards background. This is the routing that decides the segmentation.
+  Shares are signed and normalised by the ABSOLUTE total margin, share_i = c_i / |sum_j c_j|, so the sign rule
+  holds whatever the sign of the total: a positive share pushes the lesion voxels towards lesion, a negative one
+  towards background. The shares sum to +1 where the fused margin favours lesion (mean_margin > 0) and to -1
+  where it favours background (mean_margin < 0: the lesion is missed on average). This is the routing that
+  decides the segmentation. (Dividing by the signed total instead would flip every sign when the total is
+  negative.)
 """
 
 from collections import defaultdict
@@ -18,6 +22,16 @@ from mome.labels import binarise
 from shared.dataset import load_case
 from shared.geometry import crop_or_pad
 from shared.intensity import zscore
+
+
+def signed_shares(total: torch.Tensor) -> torch.Tensor:
+    """total_i / |sum_j total_j|: the sign of each entry kept, the entries sum to +1 or -1 (NaN for a zero sum).
+
+    E.g. contributions (-3, 1): sum -2, shares (-1.5, 0.5): the first expert pulls towards background, the second
+    towards lesion, and together they pull towards background (sum -1).
+    """
+    denominator = total.sum().abs()
+    return total / denominator if denominator > 1e-12 else torch.full_like(total, float("nan"))
 
 
 def lesion_patch(image: np.ndarray, lesion: np.ndarray, patch_size) -> tuple[np.ndarray, np.ndarray]:
@@ -47,24 +61,28 @@ def contributions(model, x: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def expert_usage(model, images, patch_size, device, expert_names, lesion_values, per_modality: int = 4):
-    """Magnitude and lesion-margin shares of each expert, by input modality (see the module docstring).
+    """Magnitude and lesion-margin shares of each expert, by dataset and input modality (module docstring).
+
+    By dataset as well, because one modality may serve several lesion types (T1 of tumour and of WMH), and
+    whether the gate routes them differently is the question.
 
     Args:
         model: a MoME in eval mode (deep supervision off is enough: only the finest level is used).
         images: dicts with "dataset", "modality" and "case_obj" (a `shared.dataset.Case`).
         patch_size: one patch per image, centred on its lesion.
         lesion_values: {(dataset, modality): lesion label values} (`mome.labels.lesion_values`).
-        per_modality: images used per input modality (the first ones in `images`).
+        per_modality: images used per dataset and input modality (the first ones in `images`).
     Returns:
-        (magnitude rows, lesion rows), each {"input_modality", "images", ["lesion_voxels", "mean_margin"],
-        "expert_<name>": share}.
+        (magnitude rows, lesion rows), each {"dataset", "input_modality", "images", ["lesion_voxels",
+        "mean_margin"], "expert_<name>": share}, sorted by dataset and modality.
     """
     n, num_classes = len(expert_names), model.experts[0].arch["num_classes"]
     magnitude, margin = defaultdict(lambda: torch.zeros(n)), defaultdict(lambda: torch.zeros(n))
     counts, voxels = defaultdict(int), defaultdict(int)
     for im in images:
         modality = im["modality"]
-        if counts[modality] >= per_modality:
+        key = (im["dataset"], modality)
+        if counts[key] >= per_modality:
             continue
         image, label, _, _ = load_case(im["case_obj"], modalities=[modality])
         if label is None:
@@ -74,29 +92,23 @@ def expert_usage(model, images, patch_size, device, expert_names, lesion_values,
         classes = lesion if num_classes == 2 else np.clip(label * lesion, 0, num_classes - 1)
         x, target = lesion_patch(zscore(image), classes, patch_size)
         c = contributions(model, torch.from_numpy(np.ascontiguousarray(x))[None].to(device)).float().cpu()
-        magnitude[modality] += c.abs().flatten(1).mean(dim=1)
-        counts[modality] += 1
+        magnitude[key] += c.abs().flatten(1).mean(dim=1)
+        counts[key] += 1
         target = torch.from_numpy(target.astype(np.int64))
         inside = target > 0
         if inside.any():
             chosen = c.gather(1, target.expand(n, 1, *target.shape)).squeeze(1)  # (N, D, H, W): e_i,c * g_i,c
-            margin[modality] += (chosen - c[:, 0])[:, inside].sum(dim=1)
-            voxels[modality] += int(inside.sum())
-
-    def share(total: torch.Tensor) -> torch.Tensor:
-        denominator = total.sum()
-        return total / denominator if denominator.abs() > 1e-12 else torch.full_like(total, float("nan"))
+            margin[key] += (chosen - c[:, 0])[:, inside].sum(dim=1)
+            voxels[key] += int(inside.sum())
 
     magnitude_rows, lesion_rows = [], []
-    for modality in sorted(counts):
-        names = {f"expert_{e}": i for i, e in enumerate(expert_names)}
-        shares = share(magnitude[modality])
-        magnitude_rows.append({"input_modality": modality, "images": counts[modality]}
-                              | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
-        if voxels[modality]:
-            shares = share(margin[modality])
-            lesion_rows.append({"input_modality": modality, "images": counts[modality],
-                                "lesion_voxels": voxels[modality],
-                                "mean_margin": float(margin[modality].sum()) / voxels[modality]}
-                               | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
+    names = {f"expert_{e}": i for i, e in enumerate(expert_names)}
+    for key in sorted(counts):
+        head = {"dataset": key[0], "input_modality": key[1], "images": counts[key]}
+        shares = signed_shares(magnitude[key])
+        magnitude_rows.append(head | {k: float(shares[i]) for k, i in names.items()})
+        if voxels[key]:
+            shares = signed_shares(margin[key])
+            lesion_rows.append(head | {"lesion_voxels": voxels[key], "mean_margin": float(margin[key].sum()) /
+                               voxels[key]} | {k: float(shares[i]) for k, i in names.items()})  # fmt: skip
     return magnitude_rows, lesion_rows

@@ -60,7 +60,11 @@ def test_tables_by_hand():
     assert t1["b"]["seen_image"] == pytest.approx(0.5) and t1["a"]["new_lesion_image"] == 0.0
     assert (t1["a"]["seen_n_image"], t1["a"]["seen_n_task"], t1["a"]["seen_n_dataset"]) == (4, 3, 2)
     t2 = evaluate.table2({"a": a, "b": b})
-    assert [r["dataset"] for r in t2] == ["C", "D", "new lesion types: E"]
+    assert [r["dataset"] for r in t2] == ["C", "D", "lesion types not trained on: E"]
+    # the unseen headline is the mean over unseen datasets, C 0.6 and D 0.2 (not the image mean 1/3)
+    head = evaluate.headline(evaluate.table1({"a": a}))[0]
+    assert head["UNSEEN (mean over datasets)"] == pytest.approx((0.6 + 0.2) / 2)
+    assert head["unseen image (extra)"] == pytest.approx(1.0 / 3) and head["seen task"] == pytest.approx(1.7 / 3)
     assert t2[1]["a"] == pytest.approx(0.2) and t2[1]["b"] == pytest.approx(0.8) and t2[1]["images"] == 2
     tasks = evaluate.task_table({"a": a, "b": b})
     assert [(r["data"], r["dataset"], r["modality"]) for r in tasks][:3] == [
@@ -187,7 +191,45 @@ def test_lesion_usage_shares_add_up_to_the_fused_margin_of_eq1(tmp_path):
     torch.testing.assert_close(sum(per_expert), margin.sum(), rtol=1e-4, atol=1e-4)  # Eq. 1 at lesion voxels
     row = lesion[0]
     assert row["lesion_voxels"] == 64 and row["mean_margin"] == pytest.approx(float(margin.mean()), rel=1e-4)
-    for i, name in enumerate(cfg.modalities):
-        assert row[f"expert_{name}"] == pytest.approx(float(per_expert[i] / margin.sum()), rel=1e-3)
+    for i, name in enumerate(cfg.modalities):  # signed, normalised by the absolute total margin
+        assert row[f"expert_{name}"] == pytest.approx(float(per_expert[i] / margin.sum().abs()), rel=1e-3)
     naive = torch.stack([(e[i] * g[i]).abs().mean() for i in range(2)])
     assert magnitude[0]["expert_T1"] == pytest.approx(float(naive[0] / naive.sum()), rel=1e-4)
+
+
+def test_usage_signs_with_a_negative_total_margin_by_hand(tmp_path):
+    """Constant experts under a uniform gate (g = 1/2): expert T1 says background (logits 3, 0), FLAIR lesion (0, 1).
+
+    Per lesion voxel c_T1 = 0.5 * 0 - 0.5 * 3 = -1.5 and c_FLAIR = 0.5 * 1 - 0.5 * 0 = 0.5: the total margin is -1
+    (the lesion is missed). Shares c_i / |sum c| = (-1.5, 0.5): T1 pulls towards background, FLAIR towards lesion;
+    dividing by the signed total would give (1.5, -0.5), the opposite reading.
+    """
+    torch.manual_seed(0)
+    cfg = MoMEConfig(modalities=("T1", "FLAIR"), features=(4, 8))
+    model = build_mome(cfg).eval()
+    model.deep_supervision = False
+    model.gate.init_uniform()
+    with torch.no_grad():
+        for expert, bias in zip(model.experts, ([3.0, 0.0], [0.0, 1.0])):
+            head = expert.decoder.seg_layers[-1]
+            head.weight.zero_()
+            head.bias.copy_(torch.tensor(bias))
+    label = np.zeros((8, 8, 8), np.uint8)
+    label[2:4, 2:4, 2:4] = 1
+    image = np.random.default_rng(0).normal(size=(8, 8, 8))
+    root = write_dataset(tmp_path / "Dataset001_A", ["T1", "FLAIR"], {"background": 0, "lesion": 1},
+                         {"c0": (label, {0: image, 1: image})})  # fmt: skip
+    other = write_dataset(tmp_path / "Dataset002_B", ["T1"], {"background": 0, "lesion": 1},
+                          {"b0": (label, {0: image})})  # fmt: skip
+    images = [{"dataset": d.name, "modality": "T1", "case_obj": list_cases(d)[0]} for d in (other, root)]
+    magnitude, lesion = expert_usage(model, images, (8, 8, 8), torch.device("cpu"), cfg.modalities,
+                                     lesion_values([root, other]))  # fmt: skip
+    # one row per dataset and modality: T1 of two datasets (lesion types) stays apart
+    assert [(r["dataset"], r["input_modality"], r["images"]) for r in lesion] == [
+        ("Dataset001_A", "T1", 1), ("Dataset002_B", "T1", 1)]  # fmt: skip
+    row = lesion[0]
+    assert row["lesion_voxels"] == 8 and row["mean_margin"] == pytest.approx(-1.0, abs=1e-6)
+    assert (row["expert_T1"], row["expert_FLAIR"]) == (pytest.approx(-1.5, abs=1e-6), pytest.approx(0.5, abs=1e-6))
+    # magnitude: mean over voxels and classes of |e * g|: (1.5 + 0) / 2 and (0 + 0.5) / 2 -> shares 3/4, 1/4
+    assert magnitude[0]["expert_T1"] == pytest.approx(0.75, abs=1e-6)
+    assert magnitude[0]["expert_FLAIR"] == pytest.approx(0.25, abs=1e-6)

@@ -144,3 +144,68 @@ def test_curriculum_loss_eq2_and_ablation():
     off = curriculum_loss(fused, experts, target, modality, epoch=0, num_epochs=100, curriculum=False)
     assert off["loss"].item() == pytest.approx(l_mome, abs=1e-6)
     assert deep_supervised_loss(fused, targets, w).item() == pytest.approx(l_mome, abs=1e-6)
+
+
+def naive_dice_ce(logits, labels):
+    """L of Eq. 3/4 for ONE sample, written out voxel by voxel: CE mean - mean over foreground classes of soft Dice.
+
+    logits (K, d, h, w), labels (d, h, w) int.
+    """
+    k = logits.shape[0]
+    p = torch.softmax(logits.double(), dim=0).reshape(k, -1)
+    y = labels.reshape(-1)
+    ce = sum(-math.log(p[y[v], v].item()) for v in range(y.numel())) / y.numel()
+    dcs = []
+    for c in range(1, k):
+        inter = sum(p[c, v].item() for v in range(y.numel()) if y[v] == c)
+        gt = sum(1 for v in range(y.numel()) if y[v] == c)
+        pred = p[c].sum().item()
+        dcs.append((2 * inter + SMOOTH) / (gt + pred + SMOOTH))
+    return ce - sum(dcs) / len(dcs)
+
+
+# four levels 4^3, 2^3, 1^3 (and a 1^3 coarsest): nnU-Net weights 1, 1/2, 1/4, 0 normalised -> 4/7, 2/7, 1/7, 0
+DS4 = [4 / 7, 2 / 7, 1 / 7, 0.0]
+
+
+def four_level_batch(seed, n_experts=3, batch=3, k=3):
+    """Experts' (and fused) logits at 4 deep-supervision levels with 3 classes; full-resolution labels 4^3."""
+    gen = torch.Generator().manual_seed(seed)
+    sizes = [4, 2, 1, 1]
+    experts = [[torch.randn(batch, k, s, s, s, generator=gen) for s in sizes] for _ in range(n_experts)]
+    fused = [torch.randn(batch, k, s, s, s, generator=gen) for s in sizes]
+    target = torch.randint(0, k, (batch, 1, 4, 4, 4), generator=gen)
+    # d^l(Y), nearest-exact: level 1 samples voxel 2o+1, level 2 (and 3) voxel 2 (floor((0 + 0.5) * 4))
+    targets = [target, target[:, :, 1::2, 1::2, 1::2], target[:, :, 2:3, 2:3, 2:3], target[:, :, 2:3, 2:3, 2:3]]
+    return experts, fused, target, targets
+
+
+def naive_deep_supervised(levels, targets, b):
+    """sum_l k_l L(sigma(levels[l][b]), d^l(Y)[b]) for one sample b (Eq. 3/4), the k_l = 0 level skipped."""
+    return sum(k * naive_dice_ce(levels[lv][b], targets[lv][b, 0]) for lv, k in enumerate(DS4) if k)
+
+
+def test_expert_term_with_four_deep_supervision_levels_matches_naive_per_sample_sum():
+    experts, _, _, targets = four_level_batch(seed=3)
+    modality = [1, 0, 1]  # per-sample indicator 1[X_b in M_i]
+    naive = sum(naive_deep_supervised(experts[m], targets, b) for b, m in enumerate(modality))
+    w = deep_supervision_weights(4)
+    assert w.tolist() == pytest.approx(DS4)
+    got = expert_specialisation_loss(experts, targets, torch.tensor(modality), w)
+    assert got.item() == pytest.approx(naive, abs=1e-5)  # summed over the batch (official code)
+    mean = expert_specialisation_loss(experts, targets, torch.tensor(modality), w, reduction="mean")
+    assert mean.item() == pytest.approx(naive / 3, abs=1e-5)
+
+
+def test_curriculum_loss_with_four_levels_matches_naive_eq2_to_4():
+    experts, fused, target, targets = four_level_batch(seed=4)
+    modality = [2, 2, 0]
+    l_experts = sum(naive_deep_supervised(experts[m], targets, b) for b, m in enumerate(modality))  # batch sum
+    l_mome = sum(naive_deep_supervised(fused, targets, b) for b in range(3)) / 3  # Eq. 4, batch mean
+    for epoch, f in [(0, 1.0), (30, 0.49), (100, 0.0)]:
+        out = curriculum_loss(fused, experts, target, torch.tensor(modality), epoch=epoch, num_epochs=100)
+        assert out["loss"].item() == pytest.approx(f * l_experts + (1 - f) * l_mome, abs=1e-5)
+        assert out["experts"].item() == pytest.approx(l_experts, abs=1e-5)
+        assert out["mome"].item() == pytest.approx(l_mome, abs=1e-5)
+    off = curriculum_loss(fused, experts, target, torch.tensor(modality), epoch=30, num_epochs=100, curriculum=False)
+    assert off["loss"].item() == pytest.approx(l_mome, abs=1e-5)

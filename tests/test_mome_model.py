@@ -14,7 +14,7 @@ N, K, B, S = 5, 2, 2, 16  # experts, classes, batch, cube edge
 
 
 def tiny_cfg(**kw) -> MoMEConfig:
-    return MoMEConfig(features=(4, 8, 16), num_classes=K, **kw)
+    return MoMEConfig(**({"features": (4, 8, 16), "num_classes": K} | kw))
 
 
 def make(seed=0, **kw):
@@ -56,21 +56,23 @@ def test_expert_layout_and_he_init():
 
 
 def test_gate_shapes_and_fusion_equal_naive_sum():
-    model = make()
+    model = make(features=(4, 8, 16, 16))  # three decoder levels, all fused
     x = torch.randn(B, 1, S, S, S)
     out = model(x, return_all=True)
-    assert len(out["fused"]) == len(out["gates"]) == 2
-    for level, (o, g) in enumerate(zip(out["fused"], out["gates"])):
+    assert len(out["fused"]) == len(out["gates"]) == 3
+    with torch.no_grad():
+        # independent of MoME.forward: each expert called alone, the gate UNet's raw heads
+        alone = [expert(x) for expert in model.experts]
+        raw = raw_gate_maps(model, x)
+    for level, o in enumerate(out["fused"]):
         s = S // 2**level
-        assert g.shape == (B, N, K, s, s, s) and o.shape == (B, K, s, s, s)
+        assert out["gates"][level].shape == (B, N, K, s, s, s) and o.shape == (B, K, s, s, s)
         naive = torch.zeros_like(o)
-        for i in range(N):  # Eq. 1: o^l = sum_i e_i^l * g_i^l
-            naive = naive + out["experts"][i][level] * g[:, i]
+        for i in range(N):  # Eq. 1: o^l = sum_i e_i^l * g_i^l; gate channel i*K + k weights expert i, class k
+            naive = naive + alone[i][level] * raw[level][:, i * K : (i + 1) * K]
         assert_close(o, naive)
-    # gate channel n*K + k weights expert n, class k (official g[:, 2k:2k+2]); no normalisation by default
-    for g, raw in zip(out["gates"], raw_gate_maps(model, x)):
-        for i in range(N):
-            assert_close(g[:, i], raw[:, i * K : (i + 1) * K])
+    assert_close(model(x)[2], out["fused"][2])
+    # no normalisation by default (official g[:, 2k:2k+2] raw maps)
     assert (out["gates"][0].sum(dim=1) - 1).abs().max() > 0.1
 
 

@@ -148,7 +148,9 @@ def test_phase2_resume_is_exact_and_predict_evaluate_run(data, experts, universa
     for usage_table in ("expert_usage.csv", "expert_usage_lesion.csv"):
         with open(tmp_path / "eval" / usage_table) as f:
             for row in csv.DictReader(f):
-                assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(1.0, abs=1e-5)
+                # magnitude shares sum to 1; signed lesion shares to the sign of the fused margin
+                sign = float(np.sign(float(row["mean_margin"]))) if "mean_margin" in row else 1.0
+                assert sum(float(row[f"expert_{m}"]) for m in ("T1", "FLAIR", "DWI")) == pytest.approx(sign, abs=1e-5)
 
 
 def test_phase2_demo_options_gate_lr_shared_maps_uniform_init(data, experts, tmp_path):
@@ -229,13 +231,36 @@ def test_phase2_adam_gate_resumes_exactly_and_refuses_other_optimizer(data, expe
 def test_demo_runs_end_to_end_at_toy_size(tmp_path, capsys):
     """The main job's plumbing (data, five experts, nnU-Net, MoME, three prediction sets, tables) in seconds."""
     demo.main(["--data", str(tmp_path / "data"), "--runs", str(tmp_path / "runs"), "--expert-epochs", "1",
-               "--epochs", "1", "--nnunet-epochs", "1", "--steps-per-epoch", "1", "--cases", "4", "--unseen-cases",
+               "--epochs", "1", "--steps-per-epoch", "1", "--cases", "4", "--unseen-cases",
                "1", "--shape", "16", "--device", "cpu", "--workers", "0"])  # fmt: skip
     printed = capsys.readouterr().out
-    assert "Dice at three averaging levels (Table 1)" in printed and "new lesion types:" in printed
+    assert "Dice at three averaging levels (Table 1)" in printed and "lesion types not trained on:" in printed
+    assert "UNSEEN (mean over datasets)" in printed and "the universal nnU-Net gets 2 steps" in printed
+    assert "stage times:" in printed
     with open(tmp_path / "runs" / "eval" / "table1.csv") as f:
         table = {r["model"]: r for r in csv.DictReader(f)}
-    assert list(table) == ["MoME", "nnU-Net (universal)", "experts, oracle routing"]
-    # seen: one held-out case per dataset (4 tumour images, 1 DWI); unseen: scanner B; new lesion: MS + chronic
+    assert list(table) == ["MoME", "nnU-Net (universal)", "experts, oracle modality routing"]
+    # seen: one held-out case per dataset (4 tumour images, 2 WMH, 1 DWI); unseen: scanner B of the same three;
+    # new lesion: MS (3 images) + chronic stroke (1)
     assert (table["MoME"]["seen_n_image"], table["MoME"]["unseen_n_image"], table["MoME"]["new_lesion_n_image"]) == (
-        "5", "5", "4")  # fmt: skip
+        "7", "7", "4")  # fmt: skip
+    assert (table["MoME"]["seen_n_dataset"], table["MoME"]["seen_n_task"]) == ("3", "7")
+    # T1 and FLAIR are seen in two datasets (two lesion types), T1ce, T2 and DWI in one
+    with open(tmp_path / "runs" / "eval" / "per_task.csv") as f:
+        seen_tasks = [(r["dataset"], r["modality"]) for r in csv.DictReader(f) if r["data"] == "seen"]
+    assert sorted(m for d, m in seen_tasks) == ["DWI", "FLAIR", "FLAIR", "T1", "T1", "T1ce", "T2"]
+    assert ("Dataset902_PhantomWMH", "T1") in seen_tasks
+
+
+def test_expert_reduction_mean_divides_the_expert_term_by_the_batch(data, experts, tmp_path):
+    """Same batches, a negligible lr: the logged expert term of --expert-reduction sum is batch (2) x mean."""
+    logged = {}
+    for reduction in ("sum", "mean"):
+        out = tmp_path / reduction
+        train.main(["--data", *data, "--modalities", "T1", "FLAIR", "DWI", "--experts", *experts, "--epochs", "2",
+                    "--stop-after", "1", "--lr", "1e-12", "--expert-reduction", reduction, "--out", str(out),
+                    "--workers", "0", *TINY])  # fmt: skip
+        with open(out / "log.csv") as f:
+            logged[reduction] = next(csv.DictReader(f))
+    assert float(logged["sum"]["experts"]) == pytest.approx(2 * float(logged["mean"]["experts"]), rel=1e-4)
+    assert float(logged["sum"]["mome"]) == pytest.approx(float(logged["mean"]["mome"]), rel=1e-4)
