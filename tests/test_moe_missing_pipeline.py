@@ -6,10 +6,12 @@ Run: .venv/bin/python -m pytest -q tests/test_moe_missing_pipeline.py (add -m sl
 
 import csv
 import json
+import math
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import nibabel as nib
 import numpy as np
@@ -17,11 +19,14 @@ import pytest
 import torch
 
 from moe_missing import evaluate, predict, train
+from moe_missing.data import MissingModalityBatches
 from moe_missing.model import build_model
 from shared.checkpoint import load_checkpoint
 from shared.cli import run_cli
 from shared.errors import InputError
+from shared.loader import training_batches
 from shared.phantom import write_phantom_datasets
+from shared.splits import split_datasets
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--features", "4", "8", "--patch", "16", "16", "16", "--batch-size", "2", "--folds", "2", "--device", "cpu",
@@ -233,3 +238,75 @@ def test_two_rank_gloo_training_with_validation(data, tmp_path):
     (row,) = _rows(out / "val.csv")
     assert int(row["pairs"]) == sum(3 if case == "PhantomMS_001" else 7 for case in held_out)
     assert load_checkpoint(out / "checkpoint.pt")["step"] == 2 and (out / "best.pt").exists()
+
+
+# ----------------------------------------------------------------------------- the loss the training loop computes
+
+
+def _naive_dice_ce(logits, target):
+    """MONAI DiceCE written out: soft Dice per sample and class (background included) + CE, mean over the batch."""
+    p = torch.softmax(logits, dim=1)
+    if not target.dtype.is_floating_point:
+        target = torch.stack([(target == c).float() for c in range(logits.shape[1])], dim=1)
+    dice = 1 - (2 * (p * target).sum((2, 3, 4)) + 1e-5) / (p.sum((2, 3, 4)) + target.sum((2, 3, 4)) + 1e-5)
+    ce = -(target * torch.log_softmax(logits, dim=1)).sum(1).mean((1, 2, 3))
+    return (dice.mean(1) + ce).mean()
+
+
+def _naive_reg(model):
+    """Eq. (4) with the '-' sign, summed over the MoE layers, on the noise-free gates of the 7 codes."""
+    codes = torch.tensor([[1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 1, 0], [1, 0, 1], [0, 1, 1], [1, 1, 1]]).float()
+    total = torch.zeros(())
+    for layer in model.moe_layers():
+        phi = torch.softmax(layer.gate(codes), dim=1)  # (7, N)
+        mean = phi.mean(0)
+        balance = mean.std(correction=0) / mean.mean()
+        total = total + balance - (phi.std(1, correction=0) / phi.mean(1)).mean()
+    return total
+
+
+@pytest.mark.parametrize("kind", ["ours", "no-reg", "md", "dm"])
+def test_training_loop_adds_the_losses_of_eq_5_to_7_as_the_paper_composes_them(data, cache, tmp_path, kind):
+    """Three logged steps of the real loop against the loss composed here from the same batches and weights.
+
+    lr 1e-30: Adam moves no float32 weight, so checkpoint.pt holds the weights every step was computed with.
+    Ours: L = L_seg(full, dropped) + alpha L_reg + w(t) beta L_sd, the full view on the case's own code (all
+    cases are drawn, 001 has no T1); --no-reg: no alpha L_reg; MD (--no-moe --no-sd): L_seg only; DM: DiceCE of
+    its one view only.
+    """
+    flags = {"ours": [], "no-reg": ["--no-reg"], "md": ["--no-moe", "--no-sd"], "dm": ["--dedicated", "011"]}[kind]
+    out = tmp_path / kind
+    argv = ["--data", data, *TINY, *cache, "--fold", "-1", "--steps", "6", "--stop-after", "3", "--lr", "1e-30",
+            "--alpha", "0.3", "--beta", "0.7", "--tau", "1.5", "--out", str(out), *flags]  # fmt: skip
+    train.main(argv)
+    args = train.parse_args(argv)
+    cases = train.cached_cases(args, split_datasets(args.data, fold=-1, folds=2), "train",
+                               SimpleNamespace(is_main=True, world_size=1))  # fmt: skip
+    assert any(c.available == (0, 1, 1) for c in cases)  # the full view of case 001 has the code 011
+    draw = MissingModalityBatches(cases, batch_size=2, patch=(16, 16, 16), fg_prob=0.8, dedicated=args.dedicated)
+    model = build_model(train.config_from_args(args))
+    model.load_state_dict(_weights(out / "checkpoint.pt"))
+    model.train()  # gate noise from the batch's eps, as in the loop
+    log = _rows(out / "log.csv")
+    batches = training_batches(draw, seed=args.seed, rank=0, start=0, stop=3, workers=0, device=torch.device("cpu"))
+    for batch, row in zip(batches, log, strict=True):
+        x, y, available, code, eps = batch["image"], batch["label"], batch["available"], batch["code"], batch["eps"]
+        dropped_x = x * code[:, :, None, None, None]  # Eq. (1)
+        with torch.no_grad():
+            if kind == "dm":
+                expected = _naive_dice_ce(model(dropped_x, code), y)
+            else:
+                B = len(x)
+                full = model(x, available, eps[:B])  # the teacher sees every channel the case has
+                dropped = model(dropped_x, code, eps[B:])
+                expected = _naive_dice_ce(full, y) + _naive_dice_ce(dropped, y)  # Eq. (5)
+                if kind in ("ours", "no-reg"):
+                    t, length = batch["step"], 6 / 3  # w(t) of Eq. (7): exp(-5 (1 - t/L)^2), 1 after L
+                    w = math.exp(-5 * (1 - min(t, length) / length) ** 2)
+                    sd = _naive_dice_ce(dropped / 1.5, torch.softmax(full / 1.5, dim=1))  # Eq. (6), teacher = full
+                    expected = expected + 0.3 * _naive_reg(model) * (kind == "ours") + w * 0.7 * sd
+                    assert float(row["w"]) == pytest.approx(w, rel=1e-12)
+        assert float(row["loss"]) == pytest.approx(float(expected), rel=1e-5, abs=1e-6), (kind, batch["step"])
+        if kind in ("md", "dm"):
+            assert float(row["sd"]) == 0 and float(row["reg"]) == 0
+    assert [int(r["step"]) for r in log] == [1, 2, 3]
