@@ -19,8 +19,11 @@ scored, training cases included.
 Writes to --out:
 - per_case.csv: per (model, configuration, case): DSC, PPV, LTPR, LFPR, lesion F1, HD95, lesion counts, volumes,
   Corr and CScore, and the run that scored it;
-- table.csv: per model and configuration, n, DSC and CScore mean +- SE, the means of PPV, LTPR, LFPR, lesion F1,
-  HD95 and Corr; the configuration "all" pools every (configuration, case) row (Table 1);
+- table.csv: per model and configuration (in the paper's row order), n, DSC and CScore mean +- SE, the means of
+  PPV, LTPR, LFPR, lesion F1, HD95 and Corr; then pooled rows, their configurations named in the column "over":
+  "all" pools every configuration (Table 1), only for a model that serves all of them; "shared" pools the
+  configurations every compared model serves, when a dedicated model serves fewer (no row sets means over
+  different configuration sets side by side);
 - tests.csv: Wilcoxon signed-rank tests of --ours against every other model over the paired (configuration, case)
   rows both scored, for DSC and CScore, with Holm-adjusted p-values;
 - gates.csv and gate_stats.csv: phi(m) of every MoE layer for every code, and per layer the gate specialisation

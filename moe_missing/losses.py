@@ -15,7 +15,10 @@ SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr = 1e-5
 
 
 def all_codes(num_modalities: int) -> torch.Tensor:
-    """The 2^K - 1 non-empty modality codes, as the paper's tables order them: by the number present.
+    """The 2^K - 1 non-empty modality codes, by the number present, then in channel order.
+
+    The order only fixes which code an index of `sample_codes` picks; the tables put rows in the paper's order
+    (`tables.config_order`).
 
     Returns:
         (2^K - 1, K) float tensor of 0/1; e.g. K = 3: 100, 010, 001, 110, 101, 011, 111.

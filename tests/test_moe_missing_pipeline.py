@@ -135,8 +135,10 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     dm = [r for r in per_case if r["model"] == "DM"]
     assert {r["config"] for r in dm} == {"T2+FLAIR"} and len(dm) == 4  # its code on every case that has it
     table = _rows(tmp_path / "eval" / "table.csv")
-    assert [r["config"] for r in table if r["model"] == "ours"][:8] == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR",
-                                                                        "T2+FLAIR", "T1+T2+FLAIR", "all"]  # fmt: skip
+    paper_rows = ["T1", "T2", "FLAIR", "T1+T2", "T2+FLAIR", "T1+FLAIR", "T1+T2+FLAIR"]
+    assert [r["config"] for r in table if r["model"] == "ours"] == [*paper_rows, "all", "shared"]
+    assert [r["config"] for r in table if r["model"] == "DM"] == ["T2+FLAIR", "shared"]  # DM 011 has no "all" row
+    assert {r["over"] for r in table if r["config"] == "shared"} == {"T2+FLAIR"}
     tests = _rows(tmp_path / "eval" / "tests.csv")
     assert [(r["other"], r["metric"], r["pairs"]) for r in tests] == [
         ("DM", "dice", "4"), ("DM", "cscore", "4"), ("MD", "dice", "24"), ("MD", "cscore", "24")]  # fmt: skip
