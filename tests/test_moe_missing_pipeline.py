@@ -17,6 +17,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
 from moe_missing import evaluate, predict, train
 from moe_missing.data import MissingModalityBatches
@@ -63,6 +64,29 @@ def _weights(path):
 def _rows(path):
     with open(path) as f:
         return list(csv.DictReader(f))
+
+
+def _voxels(path):
+    return np.asarray(nib.load(str(path)).dataobj)
+
+
+def _check_rows_against_saved_predictions(rows, data, pred_dir, min_lesion_mm3):
+    """Every per_case.csv row = the numbers of its saved prediction against its label file, computed here:
+    DSC, PPV and volumes by voxel counts, lesion counts as 26-connected components above `min_lesion_mm3`."""
+    assert any(0 < float(r["dice"]) < 1 for r in rows)  # a partial overlap: the checks below can tell cases apart
+    for row in rows:
+        pred = _voxels(Path(pred_dir) / row["model"] / row["config"] / f"{row['case']}.nii.gz") > 0
+        label_file = nib.load(f"{data}/labelsTr/{row['case']}.nii.gz")
+        gt, voxel = np.asarray(label_file.dataobj) > 0, float(np.prod(label_file.header.get_zooms()[:3]))
+        both = np.count_nonzero(pred & gt)
+        assert float(row["dice"]) == pytest.approx(2 * both / (pred.sum() + gt.sum()) if pred.any() or gt.any() else 1)
+        assert float(row["ppv"]) == pytest.approx(both / pred.sum() if pred.any() else 0.0)
+        assert float(row["volume_pred"]) == pytest.approx(pred.sum() * voxel)
+        assert float(row["volume_gt"]) == pytest.approx(gt.sum() * voxel)
+        for mask, key in ((gt, "n_gt_lesions"), (pred, "n_pred_lesions")):
+            components, n = ndimage.label(mask, structure=np.ones((3, 3, 3)))
+            sizes = np.bincount(components.ravel())[1:] * voxel
+            assert int(row[key]) == int(np.count_nonzero(sizes > min_lesion_mm3)), (row["model"], key)
 
 
 def test_resume_with_workers_is_exact_and_validation_keeps_the_best(data, cache, tmp_path):
@@ -123,8 +147,16 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     names = ["ours", "ours", "MD", "MD", "DM", "DM"]
     folders = [str(runs[n, f]) for n in ("ours", "md", "dm") for f in (0, 1)]
     evaluate.main(["--data", data, "--models", *folders, "--names", *names, "--held-out", "--device", "cpu",
-                   "--min-lesion-volume", "3", "--out", str(tmp_path / "eval")])  # fmt: skip
+                   "--min-lesion-volume", "3", "--out", str(tmp_path / "eval"), "--save-predictions"])  # fmt: skip
     per_case = _rows(tmp_path / "eval" / "per_case.csv")
+    _check_rows_against_saved_predictions(per_case, data, tmp_path / "eval" / "pred", min_lesion_mm3=3)
+    # evaluate's T2+FLAIR prediction of ours is predict's with T1 left out (a zero channel, code bit 0)
+    case, config = "PhantomMS_000", "T2+FLAIR"
+    (row,) = [r for r in per_case if r["model"] == "ours" and r["case"] == case and r["config"] == config]
+    predict.main(["--model", row["run"], "--input", data, "--split", "Tr", "--output", str(tmp_path / "use"),
+                  "--device", "cpu", "--cases", case, "--use", "T2", "FLAIR"])  # fmt: skip
+    saved = _voxels(tmp_path / "eval" / "pred" / "ours" / config / f"{case}.nii.gz")
+    np.testing.assert_array_equal(_voxels(tmp_path / "use" / f"{case}.nii.gz"), saved)
     assert list(per_case[0])[:3] == ["model", "config", "case"]
     assert {"hd95", "lesion_f1", "n_gt_lesions", "n_pred_lesions", "cscore"} <= set(per_case[0])
     ours = [r for r in per_case if r["model"] == "ours"]
@@ -143,6 +175,29 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     assert [(r["other"], r["metric"], r["pairs"]) for r in tests] == [
         ("DM", "dice", "4"), ("DM", "cscore", "4"), ("MD", "dice", "24"), ("MD", "cscore", "24")]  # fmt: skip
     assert {r["model"] for r in _rows(tmp_path / "eval" / "gate_stats.csv")} == {"ours"}  # MD and DM have no gate
+
+
+def test_predict_gives_the_model_a_missing_file_as_a_zero_channel_and_code_bit_0(data, cache, tmp_path, monkeypatch):
+    train.main(["--data", data, "--steps", "1", *TINY, *cache, "--out", str(tmp_path / "run")])
+    seen, real_load = [], predict.load_model
+
+    def load_and_watch(path, device):  # record what every forward of the model is given
+        model, ckpt = real_load(path, device)
+        model.register_forward_pre_hook(lambda module, args: seen.append((args[0].clone(), args[1].clone())))
+        return model, ckpt
+
+    monkeypatch.setattr(predict, "load_model", load_and_watch)
+    argv = ["--model", str(tmp_path / "run" / "checkpoint.pt"), "--input", data, "--split", "Tr", "--device", "cpu"]
+    for case, use, out in (("PhantomMS_001", [], "absent"), ("PhantomMS_000", ["--use", "T2", "FLAIR"], "use"),
+                           ("PhantomMS_000", [], "full")):  # fmt: skip
+        seen.clear()
+        predict.main([*argv, "--cases", case, *use, "--output", str(tmp_path / out)])
+        assert seen
+        for x, code in seen:  # every tile: (tiles, K, D, H, W) and (tiles, K)
+            want = [1.0, 1.0, 1.0] if out == "full" else [0.0, 1.0, 1.0]
+            assert code.tolist() == [want] * len(code), (out, code)
+            for k in range(3):  # T1 (channel 0) exactly zero when absent, the others real (z-scored) images
+                assert bool((x[:, k] == 0).all()) == (want[k] == 0), (out, k)
 
 
 def test_several_datasets_with_the_model_modalities_train_together(data, cache, tmp_path):
