@@ -125,7 +125,7 @@ def test_augmented_training_resumes_exactly_with_workers(data, cache, tmp_path):
         torch.testing.assert_close(resumed[key], straight[key], rtol=0, atol=0, msg=key)
 
 
-def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
+def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path, capsys):
     common = ["--data", data, "--steps", "1", *TINY, *cache]
     runs = {}
     for name, flags in (("ours", []), ("md", ["--no-moe", "--no-sd"]), ("dm", ["--dedicated", "011"])):
@@ -148,6 +148,8 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path):
     folders = [str(runs[n, f]) for n in ("ours", "md", "dm") for f in (0, 1)]
     evaluate.main(["--data", data, "--models", *folders, "--names", *names, "--held-out", "--device", "cpu",
                    "--min-lesion-volume", "3", "--out", str(tmp_path / "eval"), "--save-predictions"])  # fmt: skip
+    printed = " ".join(capsys.readouterr().out.split())
+    assert "Corr alone moves CScore by up to +-25 points; an all-background prediction scores 25" in printed
     per_case = _rows(tmp_path / "eval" / "per_case.csv")
     _check_rows_against_saved_predictions(per_case, data, tmp_path / "eval" / "pred", min_lesion_mm3=3)
     # evaluate's T2+FLAIR prediction of ours is predict's with T1 left out (a zero channel, code bit 0)
