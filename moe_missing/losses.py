@@ -71,6 +71,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "m
     targets (probabilities): Dice per sample and class including background, sums over space only,
     1 - (2I + 1e-5) / (sum p + sum t + 1e-5), mean over classes; CE mean over voxels.
 
+    An open choice: the paper names MONAI's DiceCELoss (whose default is this non-squared form), but its footnote 4
+    says "this exact formulation" is V-Net's, whose denominator is sum p^2 + sum t^2 (MONAI squared_pred=True).
+    The two agree for hard 0/1 predictions and differ for soft ones; this code uses MONAI's default.
+
     Args:
         logits: (B, C, D, H, W).
         target: (B, D, H, W) or (B, 1, D, H, W) integer labels, or (B, C, D, H, W) float probabilities.

@@ -254,6 +254,14 @@ def test_a_nan_loss_stops_with_the_step_and_the_last_good_checkpoint(data, cache
     assert "loss is NaN at step 2; no checkpoint written yet" in capsys.readouterr().err
 
 
+def test_clip_0_trains_without_clipping_the_gradient(data, cache, tmp_path, monkeypatch):
+    thresholds = []
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", lambda params, max_norm: thresholds.append(max_norm))
+    for clip in ("0", "5"):
+        train.main(["--data", data, "--steps", "1", *TINY, *cache, "--out", str(tmp_path / clip), "--clip", clip])
+    assert thresholds == [5.0]  # the default 12 is not the paper's: --clip 0 is the paper's unclipped step
+
+
 def test_help_shows_every_default(capsys):
     with pytest.raises(SystemExit):
         train.parse_args(["--help"])
