@@ -1,4 +1,4 @@
-"""The moe_missing demo: Tables 2-3 of Novosad et al. on the MS phantom (T1, T2, FLAIR), dedicated | MD | ours.
+"""The moe_missing demo: Tables 2-3 of Novosad et al. on the MS phantom (T1, T2, FLAIR), MD | ours | dedicated.
 
     python -m moe_missing.demo --data data/demo --runs runs/moe_missing
 

@@ -179,11 +179,12 @@ def score_jobs(jobs, *, device, overlap=0.5, connectivity=26, min_lesion_volume=
 
 
 def column_order(runs, ours: str) -> list[str]:
-    """The paper's column order: dedicated models | the other baselines (as given) | ours."""
+    """The column order of the paper's Tables 2-3 (MD | Ours | DM): the other baselines (as given) | ours |
+    dedicated models."""
     names = list(dict.fromkeys(r.name for r in runs))
     dedicated = [n for n in names if all(r.dedicated for r in runs if r.name == n)]
     rest = [n for n in names if n not in dedicated and n != ours]
-    return [n for n in dedicated if n != ours] + rest + [ours]
+    return rest + [ours] + [n for n in dedicated if n != ours]
 
 
 def check_runs(runs) -> None:

@@ -178,6 +178,6 @@ def test_pooled_runs_must_score_different_cases(dataset, tmp_path):
         plan_jobs([fake_run("ours", folder=tmp_path / "all")], [dataset], held_out=True)
 
 
-def test_columns_follow_the_paper_dedicated_then_baselines_then_ours():
-    runs = [fake_run("ours"), fake_run("MD"), fake_run("DM", "100"), fake_run("DM", "111")]
-    assert column_order(runs, "ours") == ["DM", "MD", "ours"]
+def test_columns_follow_the_paper_baselines_then_ours_then_dedicated():
+    runs = [fake_run("DM", "100"), fake_run("ours"), fake_run("MD"), fake_run("DM", "111")]
+    assert column_order(runs, "ours") == ["MD", "ours", "DM"]  # Tables 2-3: MD | Ours | DM

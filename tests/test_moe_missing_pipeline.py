@@ -175,7 +175,7 @@ def test_predict_dedicated_and_evaluate_pooled_folds(data, cache, tmp_path, caps
     assert {r["over"] for r in table if r["config"] == "shared"} == {"T2+FLAIR"}
     tests = _rows(tmp_path / "eval" / "tests.csv")
     assert [(r["other"], r["metric"], r["pairs"]) for r in tests] == [
-        ("DM", "dice", "4"), ("DM", "cscore", "4"), ("MD", "dice", "24"), ("MD", "cscore", "24")]  # fmt: skip
+        ("MD", "dice", "24"), ("MD", "cscore", "24"), ("DM", "dice", "4"), ("DM", "cscore", "4")]  # fmt: skip
     assert {r["model"] for r in _rows(tmp_path / "eval" / "gate_stats.csv")} == {"ours"}  # MD and DM have no gate
 
 
