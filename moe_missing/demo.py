@@ -1,4 +1,4 @@
-"""The moe_missing demo: Tables 2-3 of Novosad et al. on the MS phantom (T1, T2, FLAIR), dedicated | MD | ours.
+"""The moe_missing demo: Tables 2-3 of Novosad et al. on the MS phantom (T1, T2, FLAIR), MD | ours | dedicated.
 
     python -m moe_missing.demo --data data/demo --runs runs/moe_missing
 
@@ -16,10 +16,10 @@ widths 8-16-32-64 (paper: larger, Fig. 1), 32^3 crops, batch 2 (ours and MD run 
 step, a dedicated model 2 crops of its one view), the same 500 steps for every model with Adam at lr 3e-3
 instead of 50k steps at 1e-4, no validation during training. Why 500: with 300 steps the cosine schedule decays
 before the MD baseline leaves the all-background solution at seed 0 (training loss stuck at 0.98, no lesion
-predicted on any held-out case); with 500 steps the same run escapes near step 225 and ends at 0.23, and at
-lower lr (1e-3, 2e-3 over 300 steps) it only learns more slowly (1.34, 1.10). With 4 held-out cases the standard errors
-are large and the tests weak: the numbers show the pipeline, not the paper's effect sizes. Re-running
-continues from the checkpoints it finds.
+predicted on any held-out case); with 500 steps the same run escapes near step 225 and ends at 0.23. A lower
+lr does not help within 300 steps: at 1e-3 and 2e-3 it had not left the plateau either (final training loss
+1.34 and 1.10). With 4 held-out cases the standard errors are large and the tests weak: the numbers show the
+pipeline, not the paper's effect sizes. Re-running continues from the checkpoints it finds.
 """
 
 import time

@@ -19,13 +19,27 @@ scored, training cases included.
 Writes to --out:
 - per_case.csv: per (model, configuration, case): DSC, PPV, LTPR, LFPR, lesion F1, HD95, lesion counts, volumes,
   Corr and CScore, and the run that scored it;
-- table.csv: per model and configuration, n, DSC and CScore mean +- SE, the means of PPV, LTPR, LFPR, lesion F1,
-  HD95 and Corr; the configuration "all" pools every (configuration, case) row (Table 1);
+- table.csv: per model and configuration (in the paper's row order), n, DSC and CScore mean +- SE, the means of
+  PPV, LTPR, LFPR, lesion F1, HD95 and Corr; then pooled rows, their configurations named in the column "over":
+  "all" pools every configuration (Table 1), only for a model that serves all of them; "shared" pools the
+  configurations every compared model serves, when a dedicated model serves fewer (no row sets means over
+  different configuration sets side by side);
 - tests.csv: Wilcoxon signed-rank tests of --ours against every other model over the paired (configuration, case)
   rows both scored, for DSC and CScore, with Holm-adjusted p-values;
 - gates.csv and gate_stats.csv: phi(m) of every MoE layer for every code, and per layer the gate specialisation
   (mean cv(phi(m)) over the codes), the balance cv(E_m phi(m)) and the argmax expert per code.
 Per-case rows of all runs of a model are pooled before Corr, CScore, the standard errors and the tests.
+
+Reading the CScore (Carass et al. 2017; the caveats are also printed under the table):
+- Corr is ONE Pearson correlation per (model, configuration), of the predicted vs reference lesion volumes over
+  all its cases (folds pooled), and every case's CScore carries that same value. So the CScore's standard error
+  ignores Corr's own uncertainty, and with few cases Corr (in [-1, 1], weight 1/4) alone can move a mean CScore
+  by up to +-25 points (+-12.5 with --corr-weight 8); a CScore can be negative.
+- An all-background prediction scores exactly 25 (DSC 0, PPV 0, LTPR 0, but LFPR 0 by convention and 1 - LFPR
+  weighs 1/4; Corr 0 for constant volumes), so a collapsed model can outrank a real one whose false positives and
+  volume errors push it below 25; the note "predicted no lesion" names such a model. Compare DSC beside it.
+- The Holm correction of tests.csv runs over every test of --ours against every other model and both metrics,
+  a larger family than the paper's single comparison per table; the raw p is printed beside p_holm.
 """
 
 import dataclasses
@@ -165,11 +179,12 @@ def score_jobs(jobs, *, device, overlap=0.5, connectivity=26, min_lesion_volume=
 
 
 def column_order(runs, ours: str) -> list[str]:
-    """The paper's column order: dedicated models | the other baselines (as given) | ours."""
+    """The column order of the paper's Tables 2-3 (MD | Ours | DM): the other baselines (as given) | ours |
+    dedicated models."""
     names = list(dict.fromkeys(r.name for r in runs))
     dedicated = [n for n in names if all(r.dedicated for r in runs if r.name == n)]
     rest = [n for n in names if n not in dedicated and n != ours]
-    return [n for n in dedicated if n != ours] + rest + [ours]
+    return rest + [ours] + [n for n in dedicated if n != ours]
 
 
 def check_runs(runs) -> None:
@@ -308,13 +323,19 @@ def report(rows, runs, args, modalities, out: Path) -> None:
     print(f"\nDSC and CScore (x100, mean +- SE over cases; {n_cases} cases, runs of one name pooled; "
           f"CScore with Corr/{args.corr_weight}) per configuration")  # fmt: skip
     print(paper_table(table, models, configs))
+    points = 100 / int(args.corr_weight)
+    print(f"CScore: Corr is one volume correlation per (model, configuration) over its cases, given to each "
+          f"case,\nso the SE ignores its uncertainty, and with few cases Corr alone moves CScore by up to "
+          f"+-{points:g} points;\nan all-background prediction scores 25 (LFPR 0 and PPV 0 by convention) and "
+          "can outrank a real model")  # fmt: skip
     for name in models:
         mine = [r for r in rows if r["model"] == name]
         if all(r["n_pred_lesions"] == 0 for r in mine):  # a collapsed run, worth a word beside its numbers
             print(f"note: {name} predicted no lesion in any of its {len(mine)} (configuration, case) pairs")
     if tests:
         print(f"\nWilcoxon signed-rank tests of {args.ours} vs each model over the paired (configuration, case) "
-              "rows, Holm-adjusted over all rows below")  # fmt: skip
+              "rows;\np is the raw p-value, p_holm Holm-adjusted over all rows below (a larger family than the "
+              "paper's one comparison per table)")  # fmt: skip
         print(format_table(tests, "{:.4g}"))
     if gate_stats:
         print("\ngate specialisation per MoE layer: mean cv(phi(m)) over the codes (0 uniform .. max one-hot), "

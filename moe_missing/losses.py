@@ -15,7 +15,10 @@ SMOOTH = 1e-5  # MONAI DiceLoss smooth_nr = smooth_dr = 1e-5
 
 
 def all_codes(num_modalities: int) -> torch.Tensor:
-    """The 2^K - 1 non-empty modality codes, as the paper's tables order them: by the number present.
+    """The 2^K - 1 non-empty modality codes, by the number present, then in channel order.
+
+    The order only fixes which code an index of `sample_codes` picks; the tables put rows in the paper's order
+    (`tables.config_order`).
 
     Returns:
         (2^K - 1, K) float tensor of 0/1; e.g. K = 3: 100, 010, 001, 110, 101, 011, 111.
@@ -67,6 +70,10 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, reduction: str = "m
     As `DiceCELoss(softmax=True, to_onehot_y=True)` for label maps and `DiceCELoss(softmax=True)` for soft
     targets (probabilities): Dice per sample and class including background, sums over space only,
     1 - (2I + 1e-5) / (sum p + sum t + 1e-5), mean over classes; CE mean over voxels.
+
+    An open choice: the paper names MONAI's DiceCELoss (whose default is this non-squared form), but its footnote 4
+    says "this exact formulation" is V-Net's, whose denominator is sum p^2 + sum t^2 (MONAI squared_pred=True).
+    The two agree for hard 0/1 predictions and differ for soft ones; this code uses MONAI's default.
 
     Args:
         logits: (B, C, D, H, W).

@@ -143,7 +143,10 @@ class DynamicConv3d(nn.Module):
     """ModDrop++ dynamic filter conv in 3D (Liu et al. 2022): a static kernel modulated by the modality code.
 
     A controller Linear(K -> Cout*Cin + Cout) maps the code to a scale per (out, in) channel pair, broadcast
-    over the k^3 taps, and to the bias; each sample then runs its own kernel W * s(m) in one grouped conv.
+    over the k^3 taps, and to a scale per output channel; each sample then runs its own kernel W * s_w(m) and
+    bias b * s_b(m) in one grouped conv. Both are multiplicative, as the official code
+    (han-liu/ModDropPlusPlus, `tiramisu_model_dyn.py`: `w = w * sw; b = b * sb`, with the static first conv's
+    weight and bias); the controller has PyTorch's default Linear initialisation, as the official 1x1 conv.
 
     Args:
         in_channels, out_channels, kernel_size: as nn.Conv3d (odd kernel, stride 1, same padding).
@@ -158,6 +161,7 @@ class DynamicConv3d(nn.Module):
         self.num_modalities = num_modalities
         conv = nn.Conv3d(in_channels, out_channels, kernel_size)  # borrowed for its standard initialisation
         self.weight = nn.Parameter(conv.weight.detach().clone())
+        self.bias = nn.Parameter(conv.bias.detach().clone())
         self.controller = nn.Linear(num_modalities, out_channels * in_channels + out_channels)
 
     def forward(self, x: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -166,5 +170,5 @@ class DynamicConv3d(nn.Module):
         Cout, Cin = self.out_channels, self.in_channels
         params = self.controller(code.to(x.dtype))  # (B, Cout*Cin + Cout)
         scale = params[:, : Cout * Cin].reshape(B, Cout, Cin, 1, 1, 1)
-        bias = params[:, Cout * Cin :]  # (B, Cout)
+        bias = self.bias[None] * params[:, Cout * Cin :]  # (B, Cout)
         return per_sample_conv3d(x, self.weight[None] * scale, bias, padding=self.kernel_size // 2)

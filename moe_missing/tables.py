@@ -31,9 +31,25 @@ def code_string(code) -> str:
     return "".join(str(int(c)) for c in code)
 
 
+# Tables 1-3 of the paper list the configurations in this order (sets of channel names)
+PAPER_ROWS = ({"T1"}, {"T2"}, {"FLAIR"}, {"T1", "T2"}, {"T2", "FLAIR"}, {"T1", "FLAIR"}, {"T1", "T2", "FLAIR"})
+
+
+def table_codes(modalities) -> list[tuple]:
+    """The 2^K - 1 codes in the order of the table rows.
+
+    For the paper's channels (T1, T2, FLAIR, in any channel order) its order: T1, T2, FLAIR, T1+T2, T2+FLAIR,
+    T1+FLAIR, T1+T2+FLAIR. For other channels: by the number present, then in channel order (`all_codes`).
+    """
+    codes = [tuple(int(c) for c in code) for code in all_codes(len(modalities)).tolist()]
+    if len(modalities) == 3 and set(modalities) == {"T1", "T2", "FLAIR"}:
+        codes.sort(key=lambda code: PAPER_ROWS.index({m for m, c in zip(modalities, code) if c}))
+    return codes
+
+
 def config_order(modalities) -> list[str]:
-    """The 2^K - 1 configuration names in the paper's table order (by the number of modalities present)."""
-    return [config_name(code, modalities) for code in all_codes(len(modalities)).tolist()]
+    """The 2^K - 1 configuration names in the order of the table rows (`table_codes`)."""
+    return [config_name(code, modalities) for code in table_codes(modalities)]
 
 
 def pair_key(row: dict) -> tuple:
@@ -59,36 +75,58 @@ def add_cscore(rows: list[dict], corr_weight: float = 1 / 4) -> list[dict]:
     return rows
 
 
-def summary_table(rows: list[dict], configs) -> list[dict]:
-    """Per model, one row per configuration it scored (in `configs` order) and one row "all" pooling them.
+def pooled_sets(rows: list[dict], configs) -> dict[str, list[str]]:
+    """The pooled rows of the tables and the configurations each pools, in `configs` order.
 
-    Each row: n cases, DSC and CScore as mean and standard error, the means of `MEANS`, and Corr.
+    "all": every configuration of `configs`; only a model that scored every one of them gets this row.
+    "shared": the configurations every model scored; only when that is fewer than all (a dedicated model among
+    the compared ones) and not empty. So no row of a table sets side by side means over different configurations.
     """
+    served = [{r["config"] for r in rows if r["model"] == m} for m in dict.fromkeys(r["model"] for r in rows)]
+    sets = {"all": list(configs)}
+    shared = [c for c in configs if all(c in s for s in served)]
+    if shared and len(shared) < len(configs):
+        sets["shared"] = shared
+    return sets
+
+
+def summary_table(rows: list[dict], configs) -> list[dict]:
+    """Per model, one row per configuration it scored (in `configs` order), then the pooled rows of
+    `pooled_sets` it covers ("all", "shared"), each naming the configurations it pools in the column "over".
+
+    Each row: n (configuration, case) pairs, DSC and CScore as mean and standard error, the means of `MEANS`,
+    and Corr (a pooled row pools configurations, each with its own Corr: their rows' mean).
+    """
+    pooled = pooled_sets(rows, configs)
     table = []
     for model in dict.fromkeys(r["model"] for r in rows):
         mine = [r for r in rows if r["model"] == model]
-        for config in [*configs, "all"]:
-            subset = mine if config == "all" else [r for r in mine if r["config"] == config]
-            if not subset:
-                continue
-            row = {"model": model, "config": config, "n": len(subset)}
+        served = {r["config"] for r in mine}
+        groups = [(config, [config]) for config in configs if config in served]
+        groups += [(name, over) for name, over in pooled.items() if set(over) <= served]
+        for name, over in groups:
+            subset = [r for r in mine if r["config"] in over]
+            row = {"model": model, "config": name, "n": len(subset)}
             for key in TESTED:
                 row[key], row[f"{key}_se"] = mean_se([r[key] for r in subset])
             row |= {key: float(np.mean([r[key] for r in subset])) for key in MEANS}
-            # "all" pools configurations, each with its own Corr: report their mean
             row["corr"] = float(np.mean([r["corr"] for r in subset]))
+            row["over"] = " ".join(over) if name in pooled else name
             table.append(row)
     return table
 
 
 def paper_table(table: list[dict], models, configs) -> str:
-    """Tables 2-3 of the paper: per configuration, DSC then CScore (x100, mean +- SE), one column per model.
+    """Tables 2-3 of the paper: per configuration, DSC then CScore (x100, mean +- SE), one column per model,
+    then the pooled rows of `summary_table`, with a line saying which configurations each pools.
 
-    A model that does not serve a configuration (a dedicated model of another code) shows "-".
+    A model that does not serve a configuration (a dedicated model of another code), or not all the
+    configurations a pooled row pools, shows "-".
     """
     by_key = {(r["model"], r["config"]): r for r in table}
+    pooled = {r["config"]: r["over"] for r in table if r["config"] in ("all", "shared")}
     lines = []
-    for config in [*configs, "all"]:
+    for config in [*configs, *[p for p in ("all", "shared") if p in pooled]]:
         row = {"configuration": config}
         for metric, label in (("dice", "DSC"), ("cscore", "CScore")):
             for model in models:
@@ -96,14 +134,20 @@ def paper_table(table: list[dict], models, configs) -> str:
                 row[f"{label} {model}"] = f"{100 * r[metric]:.2f}+-{100 * r[metric + '_se']:.2f}" if r else "-"
         if any(by_key.get((m, config)) for m in models):
             lines.append(row)
-    return format_table(lines)
+    who = {"all": " (only the models that serve all of them)", "shared": " (the configurations every model serves)"}
+    notes = [f"{name}: pooled over {pooled[name].replace(' ', ', ')}" for name in ("all", "shared") if name in pooled]
+    if "shared" in pooled:
+        notes = [note + who[note.split(":")[0]] for note in notes]
+    return "\n".join([format_table(lines), *notes])
 
 
 def paired_tests(rows: list[dict], ours: str, others) -> list[dict]:
     """Wilcoxon signed-rank tests of `ours` against each other model, Holm-corrected, for DSC and CScore.
 
     Each test pairs the (configuration, case) rows that both models scored (a dedicated model only its own
-    configuration). The Holm correction runs over every test of the returned table (models x metrics).
+    configuration). The Holm correction runs over every test of the returned table (models x metrics): with MD
+    and DM and two metrics a family of 4, larger than the paper's single comparison against modality dropout, so
+    p_holm is conservative there; the raw p is returned (and printed) beside it.
 
     Returns:
         one dict per (other model, metric): pairs, mean and median difference ours - other, W, p, p_holm.
@@ -134,7 +178,7 @@ def paired_tests(rows: list[dict], ours: str, others) -> list[dict]:
 @torch.no_grad()
 def gate_table(model, modalities) -> list[dict]:
     """phi(m) of every MoE layer for every code (noise-free): one row per (layer, code), one column per expert."""
-    codes = all_codes(len(modalities))
+    codes = torch.tensor(table_codes(modalities), dtype=torch.float32)
     table = []
     for name, layer in model.named_modules():
         if not isinstance(layer, MoEConv3d):

@@ -10,6 +10,10 @@ supervised and is also the stop-gradient teacher of the dropped view (Eq. 5, 6);
 gates of all 2^K - 1 codes; Eq. (7) adds them with the ramp-up w(t). Table 1 ablations: --stem,
 --no-moe-encoder, --no-reg, --no-sd, --stem dynamic (ModDrop++ stem).
 
+Not in the paper: the gradient norm is clipped at --clip 12 by default (nnU-Net's value; the paper names no
+clipping, --clip 0 switches it off); the soft Dice of L is MONAI's (sums of p and t in the denominator, see
+`losses.dice_ce_loss`), where the paper's footnote cites V-Net's squared form.
+
 A dedicated model (Tables 2-3, "DM") is the plain UNet of --no-moe trained on one configuration only: every
 crop is x~(x, m) for the fixed code m, one view, L = DiceCE; no MoE layer, gate noise, L_reg or L_sd. Training
 cases that lack one of its channels are left out. The checkpoint records the code, and `evaluate` scores the
@@ -117,7 +121,8 @@ def parse_args(argv=None):
     g.add_argument("--steps", type=positive_int, default=50000, help="training steps (paper: 50k MSSEG-2016, 150k "
                    "OPERA I)")  # fmt: skip
     g.add_argument("--lr", type=positive_float, default=1e-4, help="Adam learning rate, cosine decay to 0")
-    g.add_argument("--clip", type=positive_float, default=12.0, help="gradient-norm clipping threshold")
+    g.add_argument("--clip", type=non_negative_float, default=12.0, help="gradient-norm clipping threshold, "
+                   "nnU-Net's value; not in the paper, 0: no clipping, as the paper")  # fmt: skip
     g = parser.add_argument_group("validation on the held-out fold")
     g.add_argument("--val-every", type=non_negative_int, default=1000, help="steps between validations (0: none)")
     g.add_argument("--val-metric", choices=tuple(METRICS), default="objective", help="what picks best.pt: the "
@@ -280,7 +285,8 @@ def main(argv=None) -> None:
         check_finite_loss(loss, step, checkpoint_path=ckpt_path if ckpt_path.exists() else None)
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        if args.clip > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)

@@ -33,7 +33,11 @@ def row(model, config, case, dice, ppv=1.0, ltpr=1.0, lfpr=0.0, volume_pred=1.0,
 
 def test_config_names_in_table_order():
     assert config_name([1, 0, 1], MODALITIES) == "T1+FLAIR"
-    assert config_order(MODALITIES) == ["T1", "T2", "FLAIR", "T1+T2", "T1+FLAIR", "T2+FLAIR", "T1+T2+FLAIR"]
+    # the rows of the paper's Tables 1-3, whatever the channel order of the dataset
+    assert config_order(MODALITIES) == ["T1", "T2", "FLAIR", "T1+T2", "T2+FLAIR", "T1+FLAIR", "T1+T2+FLAIR"]
+    assert config_order(("FLAIR", "T1", "T2")) == ["T1", "T2", "FLAIR", "T1+T2", "FLAIR+T2", "FLAIR+T1",
+                                                   "FLAIR+T1+T2"]  # fmt: skip
+    assert config_order(("T1", "FLAIR")) == ["T1", "FLAIR", "T1+FLAIR"]  # other channels: by count, channel order
 
 
 def test_cscore_uses_the_volume_correlation_of_its_model_and_configuration():
@@ -77,16 +81,24 @@ def test_mean_and_standard_error_per_configuration_and_pooled():
     assert table["all"]["dice_se"] == pytest.approx(math.sqrt(((0.3**2 + 0.1**2 + 0.4**2) / 2) / 3))
 
 
-def test_paper_layout_shows_a_dash_where_a_model_does_not_serve_the_configuration():
+def test_paper_layout_pools_only_configurations_every_model_in_a_row_serves():
     rows = [row("DM", "T1", "c0", 0.8), row("DM", "T1", "c1", 0.6), row("ours", "T1", "c0", 0.7),
             row("ours", "T1", "c1", 0.7), row("ours", "T2", "c0", 0.5), row("ours", "T2", "c1", 0.3)]  # fmt: skip
     add_cscore(rows)
-    text = paper_table(summary_table(rows, ["T1", "T2"]), ["DM", "ours"], ["T1", "T2"])
-    lines = text.splitlines()
+    table = summary_table(rows, ["T1", "T2"])
+    assert {(t["model"], t["config"]): t["over"] for t in table if t["config"] in ("all", "shared")} == {
+        ("ours", "all"): "T1 T2", ("ours", "shared"): "T1", ("DM", "shared"): "T1"}  # fmt: skip
+    lines = paper_table(table, ["DM", "ours"], ["T1", "T2"]).splitlines()
     assert lines[0].split() == ["configuration", "DSC", "DM", "DSC", "ours", "CScore", "DM", "CScore", "ours"]
     assert lines[1].split()[:3] == ["T1", "70.00+-10.00", "70.00+-0.00"]
     assert lines[2].split()[:3] == ["T2", "-", "40.00+-10.00"]
-    assert lines[3].split()[0] == "all"
+    # DM serves T1 only: no DM mean over T1 and T2 next to ours; both over T1 alone
+    assert lines[3].split()[:3] == ["all", "-", "55.00+-9.57"]  # ours: (0.7, 0.7, 0.5, 0.3)
+    assert lines[4].split()[:3] == ["shared", "70.00+-10.00", "70.00+-0.00"]
+    assert lines[5] == "all: pooled over T1, T2 (only the models that serve all of them)"
+    assert lines[6] == "shared: pooled over T1 (the configurations every model serves)"
+    one_model = paper_table(summary_table(rows[2:], ["T1", "T2"]), ["ours"], ["T1", "T2"]).splitlines()
+    assert [line.split()[0] for line in one_model[1:]] == ["T1", "T2", "all", "all:"]  # no "shared" row
 
 
 def test_wilcoxon_exact_p_by_hand_and_holm_over_every_test():
@@ -166,6 +178,6 @@ def test_pooled_runs_must_score_different_cases(dataset, tmp_path):
         plan_jobs([fake_run("ours", folder=tmp_path / "all")], [dataset], held_out=True)
 
 
-def test_columns_follow_the_paper_dedicated_then_baselines_then_ours():
-    runs = [fake_run("ours"), fake_run("MD"), fake_run("DM", "100"), fake_run("DM", "111")]
-    assert column_order(runs, "ours") == ["DM", "MD", "ours"]
+def test_columns_follow_the_paper_baselines_then_ours_then_dedicated():
+    runs = [fake_run("DM", "100"), fake_run("ours"), fake_run("MD"), fake_run("DM", "111")]
+    assert column_order(runs, "ours") == ["MD", "ours", "DM"]  # Tables 2-3: MD | Ours | DM

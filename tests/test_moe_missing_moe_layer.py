@@ -99,7 +99,7 @@ def test_bad_arguments_are_refused():
         layer(torch.zeros(1, 2, 4, 4, 4), torch.zeros(1, 2))
 
 
-def test_dynamic_stem_scales_each_kernel_pair_by_the_controller():
+def test_dynamic_stem_scales_each_kernel_pair_and_the_bias_by_the_controller():
     torch.manual_seed(0)
     layer = DynamicConv3d(in_channels=3, out_channels=4, kernel_size=3, num_modalities=3)
     x = torch.randn(3, 3, 5, 5, 5)
@@ -107,5 +107,5 @@ def test_dynamic_stem_scales_each_kernel_pair_by_the_controller():
     for b in range(3):
         params = layer.controller.weight @ CODES[b] + layer.controller.bias  # (4*3 + 4,)
         scale = params[:12].view(4, 3, 1, 1, 1)
-        expected = F.conv3d(x[b : b + 1], layer.weight * scale, params[12:], padding=1)
+        expected = F.conv3d(x[b : b + 1], layer.weight * scale, layer.bias * params[12:], padding=1)  # b * s_b(m)
         torch.testing.assert_close(out[b : b + 1], expected, atol=1e-5, rtol=1e-5)
