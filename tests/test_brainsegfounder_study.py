@@ -21,7 +21,8 @@ TWO_STAGE = {(0.1, 0): 0.51, (0.1, 1): 0.62, (0.4, 0): 0.73, (0.4, 1): 0.84}
 
 def write_arm(folder, arm, dice, cases=None):
     runs = [{"fraction": f, "repeat": r, "train_cases": (cases or {}).get((f, r), [f"c{f}{r}"]),
-             "final": {"TC": d, "WT": d, "ET": d, "mean": d}, "best": {"mean": d + 0.1, "step": 5}}
+             "final": {"TC": d, "WT": d, "ET": d, "mean": d, "empty_reference": "skip"},
+             "best": {**{k: d + 0.1 for k in ("TC", "WT", "ET", "mean")}, "step": 5, "empty_reference": "skip"}}
             for (f, r), d in dice.items()]  # fmt: skip
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps({"arm": arm, "data": "/d", "target": "brats", "seed": 0,
