@@ -321,7 +321,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     return result(final, best) if stop == args.steps else None
 
 
-def summarise(args, results: list) -> dict:
+def summarise(args, results: list, val_ids: list) -> dict:
     """OUT/summary.json: the arm, its runs, and mean +- std (ddof 1) of the final mean Dice per fraction."""
     fractions = {}
     for fraction in args.train_fraction:
@@ -331,6 +331,8 @@ def summarise(args, results: list) -> dict:
             fractions[f"{fraction:g}"] = {"mean": mean, "std": std, "n": len(finals)}
     return {"arm": args.arm, "init": args.init, "data": str(Path(args.data).resolve()), "target": args.target,
             "regions": list(TARGET_REGIONS[args.target]), "seed": args.seed, "steps": args.steps,
+            "fold": args.fold, "folds": args.folds, "split_file": args.split_file, "holdout": args.holdout,
+            "val_cases": val_ids,
             "empty_reference": args.empty_reference,
             "metric": "Dice per region of sigmoid > 0.5 as predict + evaluate score it, on the validation cases "
             f"(empty references: {args.empty_reference}), mean over regions",
@@ -382,7 +384,7 @@ def main(argv=None) -> None:
                       + ", ".join(f"{k} {result['final'][k]:.4f}" for k in (*TARGET_REGIONS[args.target], "mean"))
                       + f" ({describe_skipped(result['final']['skipped'], result['final']['n_cases'])})")  # fmt: skip
     if dist_info.is_main:
-        summary = summarise(args, results)
+        summary = summarise(args, results, [c.case_id for c in val_cases])
         with atomic_path(out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
         for fraction, entry in summary["fractions"].items():
