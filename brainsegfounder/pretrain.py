@@ -19,6 +19,16 @@ imagesTs is trained on, nothing is validated (the test images are seen without l
 never score the fine-tuned model). Every `--val-every` steps the SSL losses of fixed crops and views of each
 validation volume are logged (paper Fig. 4) and the checkpoint with the lowest validation inpainting L1 is
 kept as best.pt (the official `model_bestValRMSE.pt`). OUT/split.json lists the cases.
+
+The SSL views rotate each crop by a multiple of 90 degrees in the plane of the last two array axes, as the
+official `rot_rand` on its arrays; the volumes are not reoriented (no RAS), so which anatomical plane that is
+depends on the files' voxel order.
+
+Defaults are the official code's (`pretrain/main.py`: AdamW lr 4e-4, weight decay 0.1, warm-up cosine with 500
+warm-up steps over 100,000 steps, 96^3 crops, 2 crops per volume), not the paper's, which disagrees with
+itself: Stage 1 in the text is lr 6e-6 over 15,000 iterations with batch 2 per GPU on 64 GPUs, in Table 3
+batch 128, lr 1e-6, 2 x 10^5 steps; Stage 2 (BraTS, Table 3) is batch 2, lr 1e-4, 50,000 steps. Pass
+`--lr`, `--steps`, `--batch-size` to follow either.
 """
 
 import dataclasses
