@@ -9,7 +9,8 @@ crop and trains the SSL head on rotation CE + NT-Xent (t = 0.5) + L1 inpainting 
 Stage 2 (`--init`) starts from the Stage-1 encoder with channel adaptation by modality name; the SSL heads
 start fresh. Modality restriction (paper Table 5: one modality fed to both channels of the unchanged
 network) is `--channels T1 T1 --channel-transfer position` in Stage 2 and in fine-tuning, from a T1 + FLAIR
-Stage-1 encoder: both Stage-1 filters are kept (by name, the T1 filter would be copied twice).
+Stage-1 encoder: both Stage-1 filters are kept (by name, the T1 filter would be copied twice). Table 5's
+ablation restricts Stage 1 as well (`--channels T1 T1` in all three stages; name and position then agree).
 
 Which images: by default the training cases of each dataset only. The cases that fine-tuning holds out
 (`--fold/--folds`, `--split-file` or `--holdout`, exactly as `brainsegfounder.finetune` reads them) are the SSL
