@@ -20,8 +20,8 @@ end, and keeps as best.pt the checkpoint of the highest mean validation Dice. Va
 evaluate score (sigmoid > 0.5, through the label map and back to regions, `brainsegfounder.scoring`); a case
 whose reference region is empty is left out of that region's mean by default (`--empty-reference skip`, BSF's
 MONAI DiceMetric; the skipped counts are printed and stored) or scored 1 / 0 (`score`). The selection uses
-this hard Dice; BSF selects by soft Dice (MONAI DiceMetric on the raw sigmoid, no threshold), which is not
-offered here. It writes
+this hard Dice by default; BSF selects by soft Dice (MONAI DiceMetric on the sigmoid channels, no threshold),
+which is `--select soft` (the soft Dice is computed and logged either way). It writes
 
     OUT/fraction_<f>/repeat_<r>/checkpoint.pt, best.pt, log.csv, split.json
     OUT/summary.json, OUT/split.json
@@ -119,6 +119,9 @@ def parse_args(argv=None):
     g.add_argument("--loss", choices=sorted(LOSSES), default="dice", help="sigmoid Dice (BSF) or Dice + BCE")
     g.add_argument("--overlap", type=cli.overlap_fraction, default=0.5, help="sliding-window overlap of the validation")
     add_empty_reference_arg(g)
+    g.add_argument("--select", choices=("hard", "soft"), default="hard",
+                   help="validation Dice that picks best.pt: hard (sigmoid > 0.5, as scored) or soft (BSF: the "
+                   "sigmoid channels themselves, no threshold)")  # fmt: skip
     g = parser.add_argument_group("few-shot study")
     g.add_argument("--train-fraction", type=cli.fraction, nargs="+", default=[1.0],
                    help="fractions of the training cases, one run per fraction and repeat (paper: 0.05 0.1 0.2 "
@@ -184,7 +187,8 @@ def validate(model, cases, *, channels, patch, target: str, values, overlap: flo
     cases, one volume in memory at a time; the per-case scores are gathered.
 
     Returns:
-        `scoring.region_means` ({region: mean, "mean", "skipped", "n_cases"}) plus "empty_reference" and
+        `scoring.region_means` ({region: mean, "mean", "skipped", "n_cases"}) plus "soft" (the same means of
+        the soft Dice of each sigmoid channel, no threshold, BSF's selection metric), "empty_reference" and
         "per_case" ({case id: {"dice": {region: Dice with the "score" convention}, "empty": [regions]}}), from
         which `fewshot` recomputes the means under either convention.
     """
@@ -196,7 +200,7 @@ def validate(model, cases, *, channels, patch, target: str, values, overlap: flo
         image, label = read_volume(case, channels)
         probs = predict_probabilities(model, image, patch_size=patch, overlap=overlap, device=device, amp=amp)
         truth = segmentation_target(label, target, values) > 0.5
-        per_case[case.case_id] = case_scores(predicted_regions(probs, target, values), truth, names)
+        per_case[case.case_id] = case_scores(predicted_regions(probs, target, values), truth, names, probs=probs)
     if dist.is_initialized():
         shares = [None] * world
         dist.all_gather_object(shares, per_case)
@@ -204,7 +208,13 @@ def validate(model, cases, *, channels, patch, target: str, values, overlap: flo
     model.train()
     per_case = {c.case_id: per_case[c.case_id] for c in cases}  # case order, whatever the ranks
     means = region_means(per_case, names, empty_reference)
-    return {**means, "empty_reference": empty_reference, "per_case": per_case}
+    soft = region_means(per_case, names, empty_reference, key="soft")
+    return {
+        **means,
+        "soft": {k: soft[k] for k in (*names, "mean")},
+        "empty_reference": empty_reference,
+        "per_case": per_case,
+    }
 
 
 def augmentation(args) -> AugmentationPipeline:
@@ -300,16 +310,18 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
                               empty_reference=args.empty_reference)  # fmt: skip
             if dist_info.is_main and scores["empty_reference"] == "skip":
                 print(f"step {done}: {describe_skipped(scores['skipped'], scores['n_cases'])}")
-            if scores["mean"] > best["mean"]:
-                best = {**scores, "step": done}
+            selection = scores["mean"] if args.select == "hard" else scores["soft"]["mean"]
+            if selection > best.get("selection", best["mean"]):
+                best = {**scores, "step": done, "select": args.select, "selection": selection}
                 if dist_info.is_main:
                     save_checkpoint(out / "best.pt", kind=SEG_KIND, config=dataclasses.asdict(cfg),
-                                    model=raw_model.state_dict(), step=done, validation=scores, **record)  # fmt: skip
+                                    model=raw_model.state_dict(), step=done, validation=best, **record)  # fmt: skip
             if done == args.steps:
                 final = scores
         if done % args.log_every == 0 or done == stop or scores:
             logger.log(step=done, lr=lr, loss=all_reduce_mean(total / summed), seconds=time.time() - t0,
-                       **{f"val_{k}": scores[k] for k in (*TARGET_REGIONS[args.target], "mean") if scores})  # fmt: skip
+                       **{f"val_{k}": scores[k] for k in (*TARGET_REGIONS[args.target], "mean") if scores},
+                       **({"val_soft_mean": scores["soft"]["mean"]} if scores else {}))  # fmt: skip
             total, summed, t0 = 0.0, 0, time.time()
         if done % args.log_every == 0 or done == stop:
             rng_states = gather_rng_state(rng)

@@ -43,25 +43,38 @@ def predicted_regions(probs: np.ndarray, target: str, values=None) -> np.ndarray
     return region_targets(regions_to_labels(masks, values), values) > 0.5
 
 
-def case_scores(pred: np.ndarray, truth: np.ndarray, names) -> dict:
+def soft_dice(probs: np.ndarray, truth: np.ndarray) -> float:
+    """Soft Dice 2 sum(p g) / (sum p + sum g) of probabilities against a binary mask (MONAI DiceMetric on
+    unthresholded input, BSF's validation); both empty -> 1.0."""
+    p, g = probs.astype(np.float64), truth.astype(np.float64)
+    total = p.sum() + g.sum()
+    return float(2.0 * (p * g).sum() / total) if total > 0 else 1.0
+
+
+def case_scores(pred: np.ndarray, truth: np.ndarray, names, probs: np.ndarray | None = None) -> dict:
     """Dice per region of one case with the "score" convention, and which regions have an empty reference.
 
     Args:
         pred, truth: (K, X, Y, Z) boolean region masks; names: the K region names.
+        probs: (K, X, Y, Z) sigmoid probabilities, for the soft Dice of each channel (None: not computed).
     Returns:
-        {"dice": {name: float}, "empty": [names whose reference is empty]}
+        {"dice": {name: float}, "empty": [names whose reference is empty]}, and "soft": {name: float} with probs.
     """
-    return {"dice": {name: float(dice(pred[k], truth[k])) for k, name in enumerate(names)},
-            "empty": [name for k, name in enumerate(names) if not truth[k].any()]}  # fmt: skip
+    scores = {"dice": {name: float(dice(pred[k], truth[k])) for k, name in enumerate(names)},
+              "empty": [name for k, name in enumerate(names) if not truth[k].any()]}  # fmt: skip
+    if probs is not None:
+        scores["soft"] = {name: soft_dice(probs[k], truth[k]) for k, name in enumerate(names)}
+    return scores
 
 
-def region_means(per_case: dict, names, empty_reference: str) -> dict:
+def region_means(per_case: dict, names, empty_reference: str, key: str = "dice") -> dict:
     """Mean Dice per region over the cases, the mean over regions and the skipped counts.
 
     Args:
         per_case: {case id: `case_scores` result}.
         names: region names, in output order.
         empty_reference: "skip" or "score" (module docstring).
+        key: "dice" (hard) or "soft" (needs `case_scores(probs=...)`).
     Returns:
         {name: mean (NaN if every case was skipped), "mean": mean over the regions with a value (NaN if none),
          "skipped": {name: cases left out}, "n_cases": number of cases}
@@ -70,7 +83,7 @@ def region_means(per_case: dict, names, empty_reference: str) -> dict:
         raise ValueError(f"empty_reference must be one of {EMPTY_REFERENCE}, got {empty_reference!r}.")
     means, skipped = {}, {}
     for name in names:
-        kept = [s["dice"][name] for s in per_case.values() if empty_reference == "score" or name not in s["empty"]]
+        kept = [s[key][name] for s in per_case.values() if empty_reference == "score" or name not in s["empty"]]
         skipped[name] = len(per_case) - len(kept)
         means[name] = float(np.mean(kept)) if kept else float("nan")
     defined = [v for v in means.values() if not np.isnan(v)]

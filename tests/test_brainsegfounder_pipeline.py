@@ -56,7 +56,7 @@ def test_stages_finetune_predict_evaluate(tumour, tmp_path, capsys):
 
     finetune.main(["--data", tumour, "--init", str(stage2 / "best.pt"), "--arm", "two-stage", "--out", str(tuned),
                    *TUNE])  # fmt: skip
-    finetune.main(["--data", tumour, "--out", str(scratch), *TUNE])
+    finetune.main(["--data", tumour, "--out", str(scratch), "--select", "soft", *TUNE])
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["arm"] == "two-stage" and set(summary["fractions"]) == {"0.5", "1"}
     runs = {(r["fraction"], r["repeat"]): r for r in summary["runs"]}
@@ -78,6 +78,11 @@ def test_stages_finetune_predict_evaluate(tumour, tmp_path, capsys):
     log = list(csv.DictReader(open(tuned / "fraction_1" / "repeat_0" / "log.csv")))
     assert [row["val_mean"] != "" for row in log] == [True, True]  # --val-every 1
     assert max(float(row["val_mean"]) for row in log) == pytest.approx(best["validation"]["mean"])
+    soft_best = load_checkpoint(scratch / "fraction_1" / "repeat_0" / "best.pt")["validation"]  # --select soft
+    soft_log = list(csv.DictReader(open(scratch / "fraction_1" / "repeat_0" / "log.csv")))
+    soft_means = [float(row["val_soft_mean"]) for row in soft_log]
+    assert soft_best["select"] == "soft" and soft_best["selection"] == pytest.approx(max(soft_means))
+    assert soft_best["step"] == int(soft_log[soft_means.index(max(soft_means))]["step"])
 
     fewshot.main([str(scratch), str(tuned), "--out", str(tmp_path / "table.csv")])
     printed = capsys.readouterr().out

@@ -112,6 +112,7 @@ def test_validate_against_a_naive_computation(monkeypatch):
     assert model.training  # back in training mode
     naive = {n: [] for n in NAMES}
     naive_score = {n: [] for n in NAMES}
+    naive_soft = {n: [] for n in NAMES}
     for c in probs:
         pred = naive_regions(probs[c], VALUES)
         lab = labels[c]
@@ -121,11 +122,16 @@ def test_validate_against_a_naive_computation(monkeypatch):
             if d is not None:
                 naive[n].append(d)
             naive_score[n].append(d if d is not None else float(not pred[k].any()))
+            if truth[k].any():  # soft Dice of the channel itself, no threshold, no label map (BSF)
+                p = probs[c][k].astype(np.float64)
+                naive_soft[n].append(2 * (p * truth[k]).sum() / (p.sum() + truth[k].sum()))
     assert skip["skipped"] == {"TC": 0, "WT": 0, "ET": 1} and score["skipped"] == {"TC": 0, "WT": 0, "ET": 0}
     for n in NAMES:
         assert skip[n] == pytest.approx(np.mean(naive[n]))
         assert score[n] == pytest.approx(np.mean(naive_score[n]))
     assert skip["mean"] == pytest.approx(np.mean([np.mean(naive[n]) for n in NAMES]))
+    assert [skip["soft"][n] for n in NAMES] == pytest.approx([np.mean(naive_soft[n]) for n in NAMES])
+    assert skip["soft"]["mean"] == pytest.approx(np.mean([np.mean(naive_soft[n]) for n in NAMES]))
     # scoring the thresholded channels directly (before this fix) gives another TC / WT for c0
     direct = probs["c0"] > 0.5
     assert not np.array_equal(direct, predicted_regions(probs["c0"], "brats", VALUES))
