@@ -11,7 +11,7 @@ import torch
 
 
 def rotate_views(x: torch.Tensor, rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate each sample by k * 90 degrees, k ~ U{0..3}, in the plane of the last two spatial axes.
+    """Rotate each sample by k * 90 degrees, k ~ U{0..3}, in the plane of the last two array axes (no reorientation).
 
     Args:
         x: (B, C, D, H, W) with H == W.

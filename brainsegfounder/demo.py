@@ -2,16 +2,19 @@
 
     python -m brainsegfounder.demo --data data/demo --runs runs/brainsegfounder
 
-1. Stage 1: SSL pretraining on unlabelled T1 + FLAIR phantoms (the WMH and MS datasets stand in for UKB).
+1. Stage 1: SSL pretraining on T1 + FLAIR phantoms, labels unused (the WMH and MS datasets stand in for UKB;
+   they are lesion phantoms, not healthy brains: the lesion-free anatomy phantom has no FLAIR channel).
 2. Stage 2: SSL on the training folds of the tumour phantoms (T1, T1ce, T2, FLAIR), encoder from Stage 1,
    channels adapted by name; the validation fold is held out (it scores the fine-tuned models).
 3. Fine-tuning on 20 % and 50 % of the 9 tumour training cases (2 and 5 cases), two random subsets each, the
    same in every arm (as the decoder initialisation and the batches): scratch (the SwinUNETR baseline),
-   two-stage (from Stage 2) and, with `--one-stage`, Stage 1 only. Scored on the 3 held-out cases.
+   two-stage (from Stage 2) and, with `--one-stage`, Stage 1 only. Scored on the 3 held-out cases (the paper's
+   Dice: a case whose reference region is empty is left out of that region's mean).
 4. The study table (Suppl. Table 9 layout, mean +- std) and paired Wilcoxon tests (`brainsegfounder.fewshot`).
 
 The budgets are tiny, so the pretrained encoders are weak and the arms are expected to be close: the paper's
-own gains at 5-40 % of BraTS are 0.1-0.9 Dice points. The numbers are what the runs give, whatever they say.
+own gains at 5-40 % of the BraTS training data (about 50-500 cases) are 0.1-0.9 Dice points. The numbers are
+what the runs give, whatever they say.
 """
 
 import time
@@ -42,7 +45,11 @@ def main(argv=None) -> None:
     parser.add_argument("--train-fraction", type=cli.fraction, nargs="+", default=[0.2, 0.5],
                         help="fractions of the tumour training cases")  # fmt: skip
     parser.add_argument("--repeats", type=cli.positive_int, default=2, help="random training subsets per fraction")
-    parser.add_argument("--one-stage", action="store_true", help="add the Stage-1-only arm (about 1.5x the time)")
+    parser.add_argument(
+        "--one-stage",
+        action="store_true",
+        help="add the Stage-1-only arm (four more fine-tuning runs, about 5 more minutes)",
+    )
     args = parser.parse_args(argv)
     t0 = time.time()
     wmh, ms, tumour = (str(p) for p in write_phantom_datasets(args.data, datasets=["wmh", "ms", "tumour"]))

@@ -14,10 +14,17 @@ The predicted cases are scored (`--gt` may be a whole labelsTr folder), or those
 (a run's split.json, or nnU-Net's splits_final.json with `--fold`). The per-case numbers come from
 `shared.evaluate`; this prints the table and writes the per-case CSV (columns `case`, `class`, `dice`, ...)
 and `<stem>_summary.csv`.
+
+`--empty-reference skip` (default, the paper's MONAI DiceMetric): a case whose reference class is empty has no
+Dice (NaN in the CSV) and is left out of the mean Dice, the `skipped` column counts them; `score`: empty
+prediction and reference 1, a prediction on an empty reference 0 (`brainsegfounder.scoring`).
 """
 
 from pathlib import Path
 
+import numpy as np
+
+from brainsegfounder.scoring import add_empty_reference_arg
 from shared import cli
 from shared.brats import brats_values_for_gt, dataset_beside, describe
 from shared.cli import run_cli
@@ -42,13 +49,28 @@ def evaluate(pred_dir, gt_dir, task: str, brats_labels=None, cases=None) -> tupl
     return evaluate_folders(pred_dir, gt_dir, connectivity=6, cases=cases)
 
 
+def skip_empty_references(rows: list, summary: list) -> tuple[list, list]:
+    """BSF / MONAI DiceMetric convention: a case whose reference is empty has no Dice (NaN in its row) and is
+    left out of that class's mean Dice; each summary entry gains `n_skipped_dice`. The other metrics keep
+    their own conventions; the CScore, built from the 1 / 0 mean Dice, is dropped."""
+    rows = [{**row, "dice": float("nan")} if row["volume_gt_vox"] == 0 else row for row in rows]
+    out = []
+    for entry in summary:
+        kept = [r["dice"] for r in rows if r["class"] == entry["class"] and r["volume_gt_vox"] > 0]
+        entry = {k: v for k, v in entry.items() if k != "cscore"}
+        entry["mean_dice"] = float(np.mean(kept)) if kept else float("nan")
+        entry["n_skipped_dice"] = entry["n_cases"] - len(kept)
+        out.append(entry)
+    return rows, out
+
+
 def format_table(summary: list, task: str) -> str:
-    """The task's mean metrics, one line per class (region)."""
+    """The task's mean metrics, one line per class (region), with the cases left out of the mean Dice."""
     columns = COLUMNS[task]
-    lines = [f"{'class':>8} {'n':>4} " + " ".join(f"{c:>18}" for c in columns)]
+    lines = [f"{'class':>8} {'n':>4} {'skipped':>7} " + " ".join(f"{c:>18}" for c in columns)]
     for entry in summary:
         cells = " ".join(f"{entry[f'mean_{c}']:>18.4f}" for c in columns)
-        lines.append(f"{entry['class']:>8} {entry['n_cases']:>4d} {cells}")
+        lines.append(f"{entry['class']:>8} {entry['n_cases']:>4d} {entry.get('n_skipped_dice', 0):>7d} {cells}")
     return "\n".join(lines)
 
 
@@ -61,6 +83,7 @@ def main(argv=None) -> None:
     parser.add_argument("--brats-labels", type=cli.positive_int, nargs=3, metavar=("NECROSIS", "EDEMA", "ENH"),
                         help="label values of the BraTS classes in both folders, overriding the dataset.json "
                         "names (BraTS 2021 files: 1 2 4; nnU-Net's conversion: 2 1 3)")  # fmt: skip
+    add_empty_reference_arg(parser)
     add_subset_args(parser)
     parser.add_argument("--out", required=True, help="per-case CSV; the summary goes to <stem>_summary.csv")
     args = parser.parse_args(argv)
@@ -73,6 +96,8 @@ def main(argv=None) -> None:
         values, source = brats_values_for_gt(args.gt, args.brats_labels)
         print(describe(values, source))
     rows, summary = evaluate(args.pred, args.gt, args.task, values, cases=cases)
+    if args.empty_reference == "skip":
+        rows, summary = skip_empty_references(rows, summary)
     write_csv_atomic(args.out, rows)
     write_csv_atomic(summary_path(args.out), summary)
     print(format_table(summary, args.task))

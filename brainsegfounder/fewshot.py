@@ -12,13 +12,17 @@ fraction over the repeats, and over all (fraction, repeat) pairs, Holm-adjusted 
 
 The score of a run is the mean over regions of its validation Dice at the last step (`--score final`), or at
 its best validation (`--score best`; the best step is chosen on the same cases it is scored on, so this is
-optimistic). Writes `--out` (one row per arm, fraction and repeat), `<stem>_summary.csv` (mean, std per arm and
-fraction) and `<stem>_tests.csv`.
+optimistic). `--empty-reference skip` (default, BSF / MONAI) leaves a case whose reference region is empty out of
+that region's mean, `score` counts it as 1 / 0 (`brainsegfounder.scoring`); runs validated with the other
+convention are rescored from their per-case Dice. Writes `--out` (one row per arm, fraction and repeat),
+`<stem>_summary.csv` (mean, std per arm and fraction) and `<stem>_tests.csv`.
 """
 
 import json
 from pathlib import Path
 
+from brainsegfounder.regions import REGIONS
+from brainsegfounder.scoring import add_empty_reference_arg, describe_skipped, region_means
 from shared import cli
 from shared.cli import run_cli
 from shared.errors import InputError
@@ -40,21 +44,33 @@ def read_arm(folder) -> dict:
     return summary
 
 
-def run_scores(summary: dict, score: str, where: str) -> dict:
-    """{(fraction, repeat): {"score", "regions": {...}, "train_cases"}} of one arm."""
+def run_scores(summary: dict, score: str, where: str, empty_reference: str = "skip") -> dict:
+    """{(fraction, repeat): {"score", "regions": {...}, "skipped": {...}, "n_cases", "train_cases"}} of one arm.
+
+    A run validated with the other `empty_reference` convention is rescored from its per-case Dice.
+    """
+    names = summary.get("regions") or list(REGIONS)
     out = {}
     for run in summary["runs"]:
         result = run.get(score) or {}
+        where_run = f"{where}: run fraction {run['fraction']:g} repeat {run['repeat']}"
         if "mean" not in result:
-            raise InputError(f"{where}: run fraction {run['fraction']:g} repeat {run['repeat']} has no {score} "
-                             "validation Dice (was it trained with validation cases?).")  # fmt: skip
-        regions = {k: v for k, v in result.items() if k not in ("mean", "step")}
-        out[(float(run["fraction"]), int(run["repeat"]))] = {"score": float(result["mean"]), "regions": regions,
-                                                             "train_cases": list(run["train_cases"])}  # fmt: skip
+            raise InputError(f"{where_run} has no {score} validation Dice (was it trained with validation "
+                             "cases?).")  # fmt: skip
+        if result.get("empty_reference") != empty_reference:
+            if "per_case" not in result:
+                raise InputError(f"{where_run} was validated with empty references "
+                                 f"{result.get('empty_reference', 'scored')!r} and holds no per-case Dice to "
+                                 f"rescore with --empty-reference {empty_reference}.")  # fmt: skip
+            result = region_means(result["per_case"], names, empty_reference)
+        out[(float(run["fraction"]), int(run["repeat"]))] = {
+            "score": float(result["mean"]), "regions": {k: result[k] for k in names},
+            "skipped": result.get("skipped", {}), "n_cases": result.get("n_cases"),
+            "train_cases": list(run["train_cases"])}  # fmt: skip
     return out
 
 
-def collect(folders, score: str) -> tuple[list, dict, list]:
+def collect(folders, score: str, empty_reference: str = "skip") -> tuple[list, dict, list]:
     """(arm names, {arm: run scores}, sorted (fraction, repeat) keys), after checking that the arms pair up."""
     arms, scores, first = [], {}, None
     for folder in folders:
@@ -62,7 +78,7 @@ def collect(folders, score: str) -> tuple[list, dict, list]:
         name = summary["arm"]
         if name in scores:
             raise InputError(f"{folder}: arm name {name!r} is used twice; rename one with finetune --arm.")
-        runs = run_scores(summary, score, str(folder))
+        runs = run_scores(summary, score, str(folder), empty_reference)
         if first is None:
             first = (folder, summary, runs)
         else:
@@ -147,18 +163,22 @@ def main(argv=None) -> None:
     parser.add_argument("--baseline", help="arm the others are tested against (default: scratch, else the first)")
     parser.add_argument("--score", choices=("final", "best"), default="final",
                         help="validation Dice at the last step, or at the best validation (optimistic)")  # fmt: skip
+    add_empty_reference_arg(parser)
     parser.add_argument("--out", help="per-run CSV (with <stem>_summary.csv and <stem>_tests.csv beside it)")
     args = parser.parse_args(argv)
     if len(args.arms) < 2:
         raise InputError("give the --out folders of at least two arms to compare.")
     if args.out:
         cli.check_output_file(args.out, "--out", suffixes=(".csv",))
-    arms, scores, keys = collect(args.arms, args.score)
+    arms, scores, keys = collect(args.arms, args.score, args.empty_reference)
     baseline = args.baseline or ("scratch" if "scratch" in arms else arms[0])
     if baseline not in arms:
         raise InputError(f"--baseline {baseline!r} is not one of the arms {arms}.")
     tests = paired_tests(arms, scores, keys, baseline)
     print(format_table(arms, scores, keys, args.score))
+    if args.empty_reference == "skip":
+        counts = {describe_skipped(run["skipped"], run["n_cases"]) for arm in scores.values() for run in arm.values()}
+        print("per run, " + "; ".join(sorted(counts)))
     print(format_tests(tests))
     if args.out:
         rows = [{"arm": a, "fraction": f, "repeat": r, "dice": scores[a][(f, r)]["score"],

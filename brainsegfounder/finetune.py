@@ -16,13 +16,22 @@ Cases: the labelled imagesTr cases, split into training and validation by `--fol
 fixed held-out set, the paper's ATLAS recipe). For each `--train-fraction` f and repeat r a random subset of
 ceil(f N) training cases is drawn from (seed, f, r) alone, so every arm trains on the same subsets, from the
 same decoder initialisation and with the same batches. Each run validates every `--val-every` steps and at the
-end (sliding windows, Dice of sigmoid > 0.5 per region), keeps its best checkpoint, and writes
+end, and keeps as best.pt the checkpoint of the highest mean validation Dice. Validation scores what predict +
+evaluate score (sigmoid > 0.5, through the label map and back to regions, `brainsegfounder.scoring`); a case
+whose reference region is empty is left out of that region's mean by default (`--empty-reference skip`, BSF's
+MONAI DiceMetric; the skipped counts are printed and stored) or scored 1 / 0 (`score`). The selection uses
+this hard Dice by default; BSF selects by soft Dice (MONAI DiceMetric on the sigmoid channels, no threshold),
+which is `--select soft` (the soft Dice is computed and logged either way). It writes
 
     OUT/fraction_<f>/repeat_<r>/checkpoint.pt, best.pt, log.csv, split.json
     OUT/summary.json, OUT/split.json
 
 BraTS targets are the [TC, WT, ET] regions of the label values named in dataset.json (`--brats-labels`
 overrides). `--freeze-encoder` trains only the patch embedding and the decoder (BSF's option).
+
+Defaults follow the paper's Stage 3 (Table 3: batch 2, AdamW lr 1e-4, 50,000 steps) with BSF's 128^3 crops;
+the official code's warm-up cosine schedule (`--warmup 500` steps here, 50 epochs there) stands in for its
+300 epochs.
 """
 
 import dataclasses
@@ -30,7 +39,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
@@ -47,6 +55,13 @@ from brainsegfounder.losses import dice_bce_loss, dice_loss
 from brainsegfounder.model import SwinUNETRConfig, build_swinunetr
 from brainsegfounder.predict import predict_probabilities
 from brainsegfounder.regions import REGIONS, region_channels
+from brainsegfounder.scoring import (
+    add_empty_reference_arg,
+    case_scores,
+    describe_skipped,
+    predicted_regions,
+    region_means,
+)
 from brainsegfounder.splits import few_shot_subsets, held_out_split, run_seed
 from brainsegfounder.train_common import (
     SEG_KIND,
@@ -81,7 +96,6 @@ from shared.harness import (
     wrap_ddp,
 )
 from shared.loader import default_workers, training_batches
-from shared.metrics import dice
 from shared.splits import write_split
 from shared.stats import mean_std
 
@@ -104,6 +118,10 @@ def parse_args(argv=None):
     g.add_argument("--batch-size", type=cli.positive_int, default=2, help="crops per step and process")
     g.add_argument("--loss", choices=sorted(LOSSES), default="dice", help="sigmoid Dice (BSF) or Dice + BCE")
     g.add_argument("--overlap", type=cli.overlap_fraction, default=0.5, help="sliding-window overlap of the validation")
+    add_empty_reference_arg(g)
+    g.add_argument("--select", choices=("hard", "soft"), default="hard",
+                   help="validation Dice that picks best.pt: hard (sigmoid > 0.5, as scored) or soft (BSF: the "
+                   "sigmoid channels themselves, no threshold)")  # fmt: skip
     g = parser.add_argument_group("few-shot study")
     g.add_argument("--train-fraction", type=cli.fraction, nargs="+", default=[1.0],
                    help="fractions of the training cases, one run per fraction and repeat (paper: 0.05 0.1 0.2 "
@@ -126,7 +144,7 @@ def parse_args(argv=None):
     )
     g.add_argument("--freeze-encoder", action="store_true",
                    help="train only the patch embedding and the decoder (needs --init)")  # fmt: skip
-    add_run_args(parser, lr=1e-4, steps=30_000, warmup=500, weight_decay=1e-5,
+    add_run_args(parser, lr=1e-4, steps=50_000, warmup=500, weight_decay=1e-5,
                  out_holds="summary.json, split.json, fraction_F/repeat_R/{checkpoint.pt, best.pt, log.csv, "
                  "split.json}")  # fmt: skip
     args = parser.parse_args(argv)
@@ -159,29 +177,44 @@ def freeze_encoder(model) -> int:
 
 
 @torch.no_grad()
-def validate(model, cases, *, channels, patch, target: str, values, overlap: float, device, amp: bool) -> dict:
-    """Mean Dice of sigmoid > 0.5 per region over the validation cases (empty prediction and reference: 1).
+def validate(model, cases, *, channels, patch, target: str, values, overlap: float, device, amp: bool,
+             empty_reference: str = "skip") -> dict:  # fmt: skip
+    """Validation Dice per region, as predict + evaluate would score the same model (`brainsegfounder.scoring`).
 
-    Each rank scores its share of the cached cases, one volume in memory at a time; the sums are reduced.
+    Sliding windows, sigmoid > 0.5, through the label map and back to regions; each region's mean over the
+    cases with `empty_reference` "skip" (cases with an empty reference left out, BSF / MONAI) or "score"
+    (empty / empty = 1, a prediction on an empty reference = 0). Each rank scores its share of the cached
+    cases, one volume in memory at a time; the per-case scores are gathered.
+
+    Returns:
+        `scoring.region_means` ({region: mean, "mean", "skipped", "n_cases"}) plus "soft" (the same means of
+        the soft Dice of each sigmoid channel, no threshold, BSF's selection metric), "empty_reference" and
+        "per_case" ({case id: {"dice": {region: Dice with the "score" convention}, "empty": [regions]}}), from
+        which `fewshot` recomputes the means under either convention.
     """
     model.eval()
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     names = TARGET_REGIONS[target]
-    sums = torch.zeros(len(names) + 1, dtype=torch.float64)  # per-region Dice sums, then the case count
+    per_case = {}
     for case in cases[rank::world]:
         image, label = read_volume(case, channels)
         probs = predict_probabilities(model, image, patch_size=patch, overlap=overlap, device=device, amp=amp)
         truth = segmentation_target(label, target, values) > 0.5
-        for k in range(len(names)):
-            sums[k] += dice(probs[k] > 0.5, truth[k])
-        sums[-1] += 1
+        per_case[case.case_id] = case_scores(predicted_regions(probs, target, values), truth, names, probs=probs)
     if dist.is_initialized():
-        sums = sums.to(device)
-        dist.all_reduce(sums)
-        sums = sums.cpu()
+        shares = [None] * world
+        dist.all_gather_object(shares, per_case)
+        per_case = {k: v for share in shares for k, v in share.items()}
     model.train()
-    means = {name: float(sums[k] / sums[-1]) for k, name in enumerate(names)}
-    return {**means, "mean": float(np.mean(list(means.values())))}
+    per_case = {c.case_id: per_case[c.case_id] for c in cases}  # case order, whatever the ranks
+    means = region_means(per_case, names, empty_reference)
+    soft = region_means(per_case, names, empty_reference, key="soft")
+    return {
+        **means,
+        "soft": {k: soft[k] for k in (*names, "mean")},
+        "empty_reference": empty_reference,
+        "per_case": per_case,
+    }
 
 
 def augmentation(args) -> AugmentationPipeline:
@@ -273,17 +306,22 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
         scores = {}
         if val_cases and (done == args.steps or (args.val_every and done % args.val_every == 0)):
             scores = validate(raw_model, val_cases, channels=args.channels, patch=args.patch, target=args.target,
-                              values=values, overlap=args.overlap, device=device, amp=args.amp)  # fmt: skip
-            if scores["mean"] > best["mean"]:
-                best = {**scores, "step": done}
+                              values=values, overlap=args.overlap, device=device, amp=args.amp,
+                              empty_reference=args.empty_reference)  # fmt: skip
+            if dist_info.is_main and scores["empty_reference"] == "skip":
+                print(f"step {done}: {describe_skipped(scores['skipped'], scores['n_cases'])}")
+            selection = scores["mean"] if args.select == "hard" else scores["soft"]["mean"]
+            if selection > best.get("selection", best["mean"]):
+                best = {**scores, "step": done, "select": args.select, "selection": selection}
                 if dist_info.is_main:
                     save_checkpoint(out / "best.pt", kind=SEG_KIND, config=dataclasses.asdict(cfg),
-                                    model=raw_model.state_dict(), step=done, validation=scores, **record)  # fmt: skip
+                                    model=raw_model.state_dict(), step=done, validation=best, **record)  # fmt: skip
             if done == args.steps:
                 final = scores
         if done % args.log_every == 0 or done == stop or scores:
             logger.log(step=done, lr=lr, loss=all_reduce_mean(total / summed), seconds=time.time() - t0,
-                       **{f"val_{k}": v for k, v in scores.items()})  # fmt: skip
+                       **{f"val_{k}": scores[k] for k in (*TARGET_REGIONS[args.target], "mean") if scores},
+                       **({"val_soft_mean": scores["soft"]["mean"]} if scores else {}))  # fmt: skip
             total, summed, t0 = 0.0, 0, time.time()
         if done % args.log_every == 0 or done == stop:
             rng_states = gather_rng_state(rng)
@@ -295,7 +333,7 @@ def train_run(args, fraction: float, repeat: int, pool: list, cached: dict, val_
     return result(final, best) if stop == args.steps else None
 
 
-def summarise(args, results: list) -> dict:
+def summarise(args, results: list, val_ids: list) -> dict:
     """OUT/summary.json: the arm, its runs, and mean +- std (ddof 1) of the final mean Dice per fraction."""
     fractions = {}
     for fraction in args.train_fraction:
@@ -305,7 +343,11 @@ def summarise(args, results: list) -> dict:
             fractions[f"{fraction:g}"] = {"mean": mean, "std": std, "n": len(finals)}
     return {"arm": args.arm, "init": args.init, "data": str(Path(args.data).resolve()), "target": args.target,
             "regions": list(TARGET_REGIONS[args.target]), "seed": args.seed, "steps": args.steps,
-            "metric": "Dice of sigmoid > 0.5 per region on the validation cases, mean over regions",
+            "fold": args.fold, "folds": args.folds, "split_file": args.split_file, "holdout": args.holdout,
+            "val_cases": val_ids,
+            "empty_reference": args.empty_reference,
+            "metric": "Dice per region of sigmoid > 0.5 as predict + evaluate score it, on the validation cases "
+            f"(empty references: {args.empty_reference}), mean over regions",
             "fractions": fractions, "runs": results}  # fmt: skip
 
 
@@ -351,9 +393,10 @@ def main(argv=None) -> None:
             results.append(result)
             if dist_info.is_main and result["final"]:
                 print(f"fraction {fraction:g}, repeat {repeat}: validation Dice "
-                      + ", ".join(f"{k} {v:.4f}" for k, v in result["final"].items()))  # fmt: skip
+                      + ", ".join(f"{k} {result['final'][k]:.4f}" for k in (*TARGET_REGIONS[args.target], "mean"))
+                      + f" ({describe_skipped(result['final']['skipped'], result['final']['n_cases'])})")  # fmt: skip
     if dist_info.is_main:
-        summary = summarise(args, results)
+        summary = summarise(args, results, [c.case_id for c in val_cases])
         with atomic_path(out / "summary.json") as tmp:
             tmp.write_text(json.dumps(summary, indent=1))
         for fraction, entry in summary["fractions"].items():

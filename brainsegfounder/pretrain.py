@@ -7,7 +7,10 @@
 Each step draws `--batch-size` volumes x `--crops` random crops, makes two rotated + cut-out views of each
 crop and trains the SSL head on rotation CE + NT-Xent (t = 0.5) + L1 inpainting (Tang et al. Eq. 4, weights 1).
 Stage 2 (`--init`) starts from the Stage-1 encoder with channel adaptation by modality name; the SSL heads
-start fresh. Modality restriction (paper Table 5): `--channels T1 T1` in both stages.
+start fresh. Modality restriction (paper Table 5: one modality fed to both channels of the unchanged
+network) is `--channels T1 T1 --channel-transfer position` in Stage 2 and in fine-tuning, from a T1 + FLAIR
+Stage-1 encoder: both Stage-1 filters are kept (by name, the T1 filter would be copied twice). Table 5's
+ablation restricts Stage 1 as well (`--channels T1 T1` in all three stages; name and position then agree).
 
 Which images: by default the training cases of each dataset only. The cases that fine-tuning holds out
 (`--fold/--folds`, `--split-file` or `--holdout`, exactly as `brainsegfounder.finetune` reads them) are the SSL
@@ -17,6 +20,16 @@ imagesTs is trained on, nothing is validated (the test images are seen without l
 never score the fine-tuned model). Every `--val-every` steps the SSL losses of fixed crops and views of each
 validation volume are logged (paper Fig. 4) and the checkpoint with the lowest validation inpainting L1 is
 kept as best.pt (the official `model_bestValRMSE.pt`). OUT/split.json lists the cases.
+
+The SSL views rotate each crop by a multiple of 90 degrees in the plane of the last two array axes, as the
+official `rot_rand` on its arrays; the volumes are not reoriented (no RAS), so which anatomical plane that is
+depends on the files' voxel order.
+
+Defaults are the official code's (`pretrain/main.py`: AdamW lr 4e-4, weight decay 0.1, warm-up cosine with 500
+warm-up steps over 100,000 steps, 96^3 crops, 2 crops per volume), not the paper's, which disagrees with
+itself: Stage 1 in the text is lr 6e-6 over 15,000 iterations with batch 2 per GPU on 64 GPUs, in Table 3
+batch 128, lr 1e-6, 2 x 10^5 steps; Stage 2 (BraTS, Table 3) is batch 2, lr 1e-4, 50,000 steps. Pass
+`--lr`, `--steps`, `--batch-size` to follow either.
 """
 
 import dataclasses

@@ -7,7 +7,7 @@ import argparse
 import dataclasses
 
 from brainsegfounder.model import SIZES, check_architecture
-from brainsegfounder.transfer import describe_transfer, transfer_encoder
+from brainsegfounder.transfer import describe_transfer, match_positions, transfer_encoder
 from brainsegfounder.weights import describe_weights, read_weights, resolve_legacy_merging
 from shared import cli
 from shared.checkpoint import plain_args, save_checkpoint
@@ -50,6 +50,10 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                    help="modalities of the --init encoder's inputs (needed for foreign checkpoints)")  # fmt: skip
     g.add_argument("--patch-embed-init", choices=("kaiming", "default"), default="kaiming",
                    help="new channels Kaiming-init, others copied (paper), or all default-init (code)")  # fmt: skip
+    g.add_argument("--channel-transfer", choices=("name", "position"), default="name",
+                   help="which --init filter each input channel copies: the one of the same modality, or the one "
+                   "at the same input position (same channel count; the modality-restriction recipe, --channels "
+                   "T1 T1 from a T1 + FLAIR encoder)")  # fmt: skip
 
 
 def add_run_args(parser: argparse.ArgumentParser, *, lr: float, steps: int, warmup: int, weight_decay: float,
@@ -127,13 +131,16 @@ def resolve_architecture(args) -> tuple[dict, dict | None]:
     if len(channels) != weights.in_channels:
         raise InputError(f"--init-channels names {len(channels)} channel(s) but --init {args.init} has "
                          f"{weights.in_channels}.")  # fmt: skip
-    return init_arch, {"state": weights.state, "channels": [canonical_modality(c) for c in channels]}
+    channels = [canonical_modality(c) for c in channels]
+    if args.channel_transfer == "position":
+        match_positions(args.channels, channels, source=f"--init {args.init}")  # refused before any work
+    return init_arch, {"state": weights.state, "channels": channels}
 
 
 def init_encoder(encoder, init: dict, args, channels, is_main: bool) -> dict:
     """Transfer the --init encoder into `encoder`, adapting the patch embedding; print and return the report."""
     report = transfer_encoder(encoder, init["state"], init["channels"], channels, init=args.patch_embed_init,
-                              source=f"--init {args.init}")  # fmt: skip
+                              source=f"--init {args.init}", by=args.channel_transfer)  # fmt: skip
     if is_main:
         print(describe_transfer(report))
     return report

@@ -1,12 +1,16 @@
 """Weight transfer between the stages: Stage 1 -> Stage 2 (SSL) -> Stage 3 (fine-tuning), with channel adaptation.
 
 Only the Swin encoder (`swinViT.*`) moves between stages; SSL heads and the segmentation decoder start fresh.
-The patch embedding is adapted to the new input channels by name: a new channel whose modality was an input
-of the source copies that input's filter; other new channels are initialised (BrainSegFounder Sec. 1.3):
+The patch embedding is adapted to the new input channels (`--channel-transfer`):
+- "name" (default): a new channel whose modality was an input of the source copies that input's filter;
+  dropping channels (ATLAS: T1 only) and expanding them (UKB T1 + FLAIR -> BraTS' four) are this matching;
+- "position": channel i copies the source's filter i, whatever the names (the channel counts must match).
+  The modality-restriction recipe (paper Table 5, the same data in both channels "without requiring any
+  modifications to the network structure") uses it: `--channels T1 T1` from a T1 + FLAIR encoder keeps both
+  Stage-1 filters, where "name" would copy the T1 filter twice and drop the FLAIR one.
+Channels without a source filter are initialised (BrainSegFounder Sec. 1.3):
 - "kaiming" (paper text): Kaiming-normal init (fan_out, ReLU) of the new channels, the others copied;
 - "default" (official code): the whole patch embedding keeps PyTorch's default init, nothing is copied.
-Dropping channels (ATLAS: T1 only) and feeding one modality to several channels (modality restriction,
-`--channels T1 T1`) are both this name matching.
 """
 
 import torch
@@ -51,6 +55,15 @@ def match_channels(new_channels, old_channels) -> list:
     return mapping
 
 
+def match_positions(new_channels, old_channels, source: str = "the source") -> list:
+    """Channel i <- source channel i (`--channel-transfer position`); refused when the counts differ."""
+    if len(new_channels) != len(old_channels):
+        raise InputError(f"--channel-transfer position: {source} has {len(old_channels)} input channel(s) "
+                         f"({' '.join(old_channels)}) but {len(new_channels)} are asked for "
+                         f"({' '.join(new_channels)}); use --channel-transfer name.")  # fmt: skip
+    return list(range(len(new_channels)))
+
+
 def adapt_patch_embed(weight: torch.Tensor, bias: torch.Tensor, mapping, init: str, fresh: nn.Conv3d):
     """Patch-embedding weights for new input channels.
 
@@ -76,7 +89,7 @@ def adapt_patch_embed(weight: torch.Tensor, bias: torch.Tensor, mapping, init: s
 
 
 def transfer_encoder(encoder: nn.Module, source_state: dict, source_channels, target_channels, *, init: str,
-                     source: str) -> dict:  # fmt: skip
+                     source: str, by: str = "name") -> dict:  # fmt: skip
     """Load a source encoder into `encoder` (a `SwinEncoder`), adapting the patch embedding to new channels.
 
     Every non-embedding key must exist in the target with the same shape (checked per key).
@@ -87,9 +100,10 @@ def transfer_encoder(encoder: nn.Module, source_state: dict, source_channels, ta
         source_channels, target_channels: modality names of the source and target input channels.
         init: "kaiming" or "default", see the module docstring.
         source: file name for messages.
+        by: "name" (`match_channels`) or "position" (`match_positions`), see the module docstring.
     Returns:
-        report {"moved": [...], "adapted": [...], "dropped": [...]}: encoder keys loaded as they are, one
-        "target <- source" line per input channel, and source keys left behind (heads, decoder).
+        report {"moved": [...], "adapted": [...], "dropped": [...], "by": by}: encoder keys loaded as they are,
+        one "target <- source" line per input channel, and source keys left behind (heads, decoder).
     """
     weights = encoder_weights(source_state, source)
     own = encoder.state_dict()
@@ -102,22 +116,29 @@ def transfer_encoder(encoder: nn.Module, source_state: dict, source_channels, ta
     if weights[PATCH_EMBED[0]].shape[1] != len(source_channels):
         raise InputError(f"{source}: patch embedding has {weights[PATCH_EMBED[0]].shape[1]} input channels but "
                          f"{len(source_channels)} source channels are named ({list(source_channels)}).")  # fmt: skip
-    mapping = match_channels(target_channels, source_channels)
+    if by not in ("name", "position"):
+        raise ValueError(f"by must be 'name' or 'position', got {by!r}.")
+    if by == "name":
+        mapping = match_channels(target_channels, source_channels)
+    else:
+        mapping = match_positions(target_channels, source_channels, source)
     fresh = encoder.patch_embed.proj
     w, b = adapt_patch_embed(weights[PATCH_EMBED[0]], weights[PATCH_EMBED[1]], mapping, init, fresh)
     new_state = {k: v for k, v in weights.items() if k in own}
     new_state.update({PATCH_EMBED[0]: w, PATCH_EMBED[1]: b})
     encoder.load_state_dict(new_state, strict=True)
     dropped = sorted(k for k in strip_prefix(source_state, "module.") if not k.startswith("swinViT."))
-    adapted = [f"{name} <- {source_channels[src] if src is not None and init == 'kaiming' else f'new ({init} init)'}"
+    adapted = [f"{name} <- {source_channels[src] + (f' (input {src})' if by == 'position' else '')}"
+               if src is not None and init == "kaiming" else f"{name} <- new ({init} init)"
                for name, src in zip(target_channels, mapping)]  # fmt: skip
     moved = sorted(k for k in new_state if k not in PATCH_EMBED)
-    return {"moved": moved, "adapted": adapted, "dropped": dropped}
+    return {"moved": moved, "adapted": adapted, "dropped": dropped, "by": by}
 
 
 def describe_transfer(report: dict) -> str:
     """One short paragraph for the log: how many keys moved, the channel map, what stayed behind."""
     heads = sorted({k.split(".")[0] for k in report["dropped"]})
     channels = ", ".join(report["adapted"])
-    return (f"encoder transfer: {len(report['moved'])} encoder keys moved; patch embedding: {channels}; "
+    return (f"encoder transfer: {len(report['moved'])} encoder keys moved; patch embedding by "
+            f"{report.get('by', 'name')}: {channels}; "
             f"left behind: {len(report['dropped'])} keys of {heads or 'nothing'}")  # fmt: skip

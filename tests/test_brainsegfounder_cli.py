@@ -104,6 +104,8 @@ ROWS = [
     ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--holdout", "9"], "--holdout 9"),
     ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--init", W("ssl"), "--init-channels", "T1"],
      "--init-channels names 1 channel(s)"),
+    ("finetune", ["--data", W("tumour"), "--out", W("out"), *TUNE, "--channels", "T1", "--init", W("ssl"),
+                  "--channel-transfer", "position"], "has 2 input channel(s) (T1 FLAIR) but 1 are asked for"),
     # predict
     ("predict", ["--model", W("root", "missing.pt"), "--input", W("tumour"), *TR, "--output", W("out")], "not found"),
     ("predict", ["--model", W("ssl"), "--input", W("tumour"), *TR, "--output", W("out")], "holds an encoder only"),

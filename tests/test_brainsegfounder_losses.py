@@ -6,8 +6,10 @@ Run: .venv/bin/python -m pytest -q tests/test_brainsegfounder_losses.py
 import math
 
 import numpy as np
+import pytest
 import torch
 
+from brainsegfounder import augment
 from brainsegfounder.augment import cutout_boxes, inner_cutout, outer_cutout, rotate_views, two_views
 from brainsegfounder.losses import contrastive_loss, dice_loss, inpainting_loss, rotation_loss, ssl_loss
 
@@ -36,14 +38,23 @@ def test_nt_xent_by_hand():
     assert math.isclose(contrastive_loss(z_i, z_j, temperature=0.5).item(), expected, rel_tol=1e-6)
 
 
-def test_total_ssl_loss_is_the_unweighted_sum():
-    torch.manual_seed(0)
-    rot, labels = torch.randn(4, 4), torch.tensor([0, 1, 2, 3])
-    z_i, z_j = torch.randn(2, 8), torch.randn(2, 8)
-    rec, target = torch.rand(4, 1, 2, 2, 2), torch.rand(4, 1, 2, 2, 2)
-    parts = ssl_loss(rot, labels, z_i, z_j, rec, target)
-    manual = inpainting_loss(rec, target) + contrastive_loss(z_i, z_j) + rotation_loss(rot, labels)
-    assert torch.allclose(parts["loss"], manual)
+def test_total_ssl_loss_weights_each_part_by_hand():
+    rot = torch.zeros(4, 4)  # uniform over the 4 classes: cross-entropy log 4
+    labels = torch.tensor([0, 1, 2, 3])
+    z_i, z_j = torch.tensor([[1.0, 0.0], [0.0, 3.0]]), torch.tensor([[2.0, 0.0], [1.0, 0.0]])  # as test_nt_xent
+    rec = torch.zeros(4, 1, 1, 1, 2)
+    target = torch.tensor([0.5, 0.0] * 4).view(4, 1, 1, 1, 2)  # L1 0.25
+    e2 = math.exp(2.0)
+    contrast = (-math.log(e2 / (1 + 2 * e2)) - math.log(1 / 3) - math.log(e2 / (2 * e2 + 1))
+                - math.log(1 / (2 * e2 + 1))) / 4  # fmt: skip
+    parts = ssl_loss(rot, labels, z_i, z_j, rec, target, weights=(2.0, 3.0, 5.0))
+    assert math.isclose(parts["inpaint"].item(), 0.25, rel_tol=1e-6)
+    assert math.isclose(parts["contrast"].item(), contrast, rel_tol=1e-6)
+    assert math.isclose(parts["rotation"].item(), math.log(4.0), rel_tol=1e-6)
+    # a1 inpainting, a2 contrastive, a3 rotation (Tang et al. Eq. 4)
+    assert math.isclose(parts["loss"].item(), 2 * 0.25 + 3 * contrast + 5 * math.log(4.0), rel_tol=1e-6)
+    unweighted = ssl_loss(rot, labels, z_i, z_j, rec, target)["loss"].item()
+    assert math.isclose(unweighted, 0.25 + contrast + math.log(4.0), rel_tol=1e-6)  # the official 1, 1, 1
 
 
 def test_dice_loss_by_hand():
@@ -52,6 +63,19 @@ def test_dice_loss_by_hand():
     target[0, 0, 0, 0, :] = 1  # sum g = 2, intersection = 1
     expected = 1 - (2 * 1 + 1e-5) / (4 + 2 + 1e-5)
     assert math.isclose(dice_loss(logits, target).item(), expected, rel_tol=1e-6)
+
+
+def test_dice_loss_matches_monai_with_batch_and_channels():
+    losses = pytest.importorskip("monai.losses")
+    torch.manual_seed(0)
+    logits = torch.randn(3, 3, 4, 3, 2) * 2
+    target = (torch.rand(3, 3, 4, 3, 2) < 0.4).float()
+    target[1, 2] = 0  # an empty channel of one image
+    ours = dice_loss(logits, target)
+    theirs = losses.DiceLoss(sigmoid=True)(logits, target)  # per image and channel, then the mean
+    assert torch.allclose(ours, theirs, atol=1e-6), (ours.item(), theirs.item())
+    batch_dice = losses.DiceLoss(sigmoid=True, batch=True)(logits, target)  # sums over the batch first: not ours
+    assert not torch.allclose(ours, batch_dice, atol=1e-4)
 
 
 class ScriptedRng:
@@ -109,3 +133,38 @@ def test_two_views_targets_are_the_rotated_crops():
     assert not torch.equal(views["inputs"], views["targets"])  # cutout changed something
     again = two_views(x, np.random.default_rng(0))  # noise included: the views are a function of the Generator
     assert all(torch.equal(views[k], again[k]) for k in views)
+
+
+class RecordingRng:
+    """Scripted partner draws, recording the range each integer draw asks for."""
+
+    def __init__(self, partners):
+        self.partners, self.calls = list(partners), []
+
+    def integers(self, low, high):
+        self.calls.append((low, high))
+        return self.partners.pop(0)
+
+
+def test_cutout_views_pastes_from_the_partly_augmented_batch(monkeypatch):
+    """The official aug_rand loop, by hand: per sample, inner cutout, then a partner j ~ U{0..N-1} (so an outer
+    cutout with probability (N-1)/N), pasting from sample j as it is at that moment."""
+    boxes = [((0, 1), (0, 2), (0, 2)), ((3, 4), (0, 2), (0, 2))]  # the first and the last slice along D
+    monkeypatch.setattr(augment, "cutout_boxes", lambda shape, rng: boxes)
+
+    def inner(x, boxes, rng):  # marks the boxes of sample k (constant k elsewhere) with -(k + 1)
+        x = x.clone()
+        for (d0, d1), _, _ in boxes:
+            x[:, d0:d1] = -(x[0, 1, 0, 0] + 1)
+        return x
+
+    monkeypatch.setattr(augment, "inner_cutout", inner)
+    x = torch.arange(3, dtype=torch.float32).view(3, 1, 1, 1, 1).expand(3, 1, 4, 2, 2).clone()  # sample k = k
+    rng = RecordingRng([2, 1, 0])  # sample 0 <- 2 (not yet augmented), 1 <- itself (no outer), 2 <- 0 (augmented)
+    out = augment.cutout_views(x, rng)
+    assert rng.calls == [(0, 3)] * 3  # the partner is uniform over all N samples, itself included
+    along_d = out[:, 0, :, 0, 0].tolist()
+    assert along_d[0] == [2, 0, 0, 2]  # inner -1 overwritten by sample 2's content
+    assert along_d[1] == [-2, 1, 1, -2]  # partner = itself: inner cutout only
+    assert along_d[2] == [2, 2, 2, 2]  # sample 0 after its cutouts (from the original batch: 0 ... 0)
+    assert x[:, 0, :, 0, 0].tolist() == [[0] * 4, [1] * 4, [2] * 4]  # the input is not modified

@@ -114,3 +114,27 @@ def test_bad_arguments_are_refused():
         SwinUNETR(4, 3, feature_size=10)
     with pytest.raises(ValueError, match="divisible by 32"):
         SwinUNETR(1, 1, feature_size=12)(torch.zeros(1, 1, 48, 32, 32))
+
+
+class FixedBottleneck(torch.nn.Module):
+    """Stands in for the Swin encoder: hidden state 4 is a given bottleneck."""
+
+    def __init__(self, bottleneck):
+        super().__init__()
+        self.bottleneck = bottleneck
+
+    def forward(self, x, normalize=True):
+        return [None] * 4 + [self.bottleneck]
+
+
+def test_ssl_head_reads_rotation_from_token_0_and_contrastive_from_token_1():
+    torch.manual_seed(0)
+    head = SSLHead(1, feature_size=12, window_size=4, projection_dim=8)
+    bottleneck = torch.zeros(2, 192, 2, 2, 1)  # (B, 16 fs, d, h, w): tokens in (d, h, w) order, w fastest
+    a, b, c = torch.randn(3, 2, 192)
+    bottleneck[:, :, 0, 0, 0], bottleneck[:, :, 0, 1, 0], bottleneck[:, :, 1, 0, 0] = a, b, c  # tokens 0, 1, 2
+    head.swinViT = FixedBottleneck(bottleneck)
+    rotation, contrastive, reconstruction = head(torch.zeros(2, 1, 64, 64, 32))
+    assert torch.allclose(rotation, a @ head.rotation_head.weight.T + head.rotation_head.bias)
+    assert torch.allclose(contrastive, b @ head.contrastive_head.weight.T + head.contrastive_head.bias)
+    assert reconstruction.shape == (2, 1, 64, 64, 32)

@@ -56,7 +56,7 @@ def test_stages_finetune_predict_evaluate(tumour, tmp_path, capsys):
 
     finetune.main(["--data", tumour, "--init", str(stage2 / "best.pt"), "--arm", "two-stage", "--out", str(tuned),
                    *TUNE])  # fmt: skip
-    finetune.main(["--data", tumour, "--out", str(scratch), *TUNE])
+    finetune.main(["--data", tumour, "--out", str(scratch), "--select", "soft", *TUNE])
     summary = json.loads((tuned / "summary.json").read_text())
     assert summary["arm"] == "two-stage" and set(summary["fractions"]) == {"0.5", "1"}
     runs = {(r["fraction"], r["repeat"]): r for r in summary["runs"]}
@@ -78,6 +78,11 @@ def test_stages_finetune_predict_evaluate(tumour, tmp_path, capsys):
     log = list(csv.DictReader(open(tuned / "fraction_1" / "repeat_0" / "log.csv")))
     assert [row["val_mean"] != "" for row in log] == [True, True]  # --val-every 1
     assert max(float(row["val_mean"]) for row in log) == pytest.approx(best["validation"]["mean"])
+    soft_best = load_checkpoint(scratch / "fraction_1" / "repeat_0" / "best.pt")["validation"]  # --select soft
+    soft_log = list(csv.DictReader(open(scratch / "fraction_1" / "repeat_0" / "log.csv")))
+    soft_means = [float(row["val_soft_mean"]) for row in soft_log]
+    assert soft_best["select"] == "soft" and soft_best["selection"] == pytest.approx(max(soft_means))
+    assert soft_best["step"] == int(soft_log[soft_means.index(max(soft_means))]["step"])
 
     fewshot.main([str(scratch), str(tuned), "--out", str(tmp_path / "table.csv")])
     printed = capsys.readouterr().out
@@ -86,22 +91,27 @@ def test_stages_finetune_predict_evaluate(tumour, tmp_path, capsys):
     assert len(rows) == 8 and {r["arm"] for r in rows} == {"scratch", "two-stage"}
 
     preds = tmp_path / "preds"
-    cases = ["--cases", "PhantomTumour_000", "PhantomTumour_001"]
+    val = split["val"]  # predict + evaluate the validation cases: the same Dice as best.pt's validation
     predict.main(["--model", str(tuned / "fraction_1" / "repeat_0" / "best.pt"), "--input", tumour, "--split", "Tr",
-                  *cases, "--output", str(preds), "--device", "cpu"])  # fmt: skip
-    image = nib.load(f"{tumour}/imagesTr/PhantomTumour_000_0000.nii.gz")
-    pred = nib.load(preds / "PhantomTumour_000.nii.gz")
+                  "--cases", *val, "--output", str(preds), "--device", "cpu"])  # fmt: skip
+    image = nib.load(f"{tumour}/imagesTr/{val[0]}_0000.nii.gz")
+    pred = nib.load(preds / f"{val[0]}.nii.gz")
     assert pred.shape == image.shape and np.allclose(pred.affine, image.affine)
     assert set(np.unique(np.asarray(pred.dataobj))) <= {0, 1, 2, 3}
 
     gt = tmp_path / "gt"
     gt.mkdir()
-    for case in ("PhantomTumour_000", "PhantomTumour_001"):
+    for case in val:
         (gt / f"{case}.nii.gz").write_bytes(open(f"{tumour}/labelsTr/{case}.nii.gz", "rb").read())
     with pytest.raises(InputError, match="not the labelsTr/labelsTs folder of a dataset"):
         evaluate.main(["--pred", str(preds), "--gt", str(gt), "--task", "brats", "--out", str(tmp_path / "e.csv")])
     evaluate.main(["--pred", str(preds), "--gt", str(gt), "--task", "brats", "--brats-labels", "1", "2", "3",
                    "--out", str(tmp_path / "eval.csv")])  # fmt: skip
+    scored = {r["class"]: float(r["mean_dice"]) for r in csv.DictReader(open(tmp_path / "eval_summary.csv"))}
+    validation = best["validation"]
+    assert validation["empty_reference"] == "skip" and validation["n_cases"] == 2
+    assert {k: scored[k] for k in ("TC", "WT", "ET")} == pytest.approx({k: validation[k] for k in scored}, abs=1e-6)
+    assert validation["mean"] > 0  # an all-zero prediction would score 0 (or be skipped), not this
     rows = list(csv.DictReader(open(tmp_path / "eval.csv")))
     assert {r["class"] for r in rows} == {"TC", "WT", "ET"} and len(rows) == 6
 

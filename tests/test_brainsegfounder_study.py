@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from brainsegfounder import fewshot
+from brainsegfounder import crossval, fewshot
 from brainsegfounder.finetune import freeze_encoder
 from brainsegfounder.model import SwinUNETR
 from shared.errors import InputError
@@ -21,7 +21,8 @@ TWO_STAGE = {(0.1, 0): 0.51, (0.1, 1): 0.62, (0.4, 0): 0.73, (0.4, 1): 0.84}
 
 def write_arm(folder, arm, dice, cases=None):
     runs = [{"fraction": f, "repeat": r, "train_cases": (cases or {}).get((f, r), [f"c{f}{r}"]),
-             "final": {"TC": d, "WT": d, "ET": d, "mean": d}, "best": {"mean": d + 0.1, "step": 5}}
+             "final": {"TC": d, "WT": d, "ET": d, "mean": d, "empty_reference": "skip"},
+             "best": {**{k: d + 0.1 for k in ("TC", "WT", "ET", "mean")}, "step": 5, "empty_reference": "skip"}}
             for (f, r), d in dice.items()]  # fmt: skip
     folder.mkdir()
     (folder / "summary.json").write_text(json.dumps({"arm": arm, "data": "/d", "target": "brats", "seed": 0,
@@ -75,3 +76,51 @@ def test_freeze_encoder_trains_only_the_patch_embedding_and_the_decoder():
     assert not changed & encoder and "swinViT.patch_embed.proj.weight" in changed
     assert "decoder1.transp_conv.conv.weight" in changed and "out.conv.conv.weight" in changed
     assert frozen == sum(p.numel() for n, p in model.swinViT.named_parameters() if not n.startswith("patch_embed."))
+
+
+def write_fold(root, fold, dice, val_cases, **changes):
+    """A finetune --out folder of one run on fold `fold`, final validation Dice `dice` = (TC, WT, ET)."""
+    final = {"TC": dice[0], "WT": dice[1], "ET": dice[2], "mean": sum(dice) / 3, "empty_reference": "skip",
+             "skipped": {"TC": 0, "WT": 0, "ET": 0}, "n_cases": len(val_cases)}  # fmt: skip
+    summary = {"arm": "two-stage", "data": "/d", "target": "brats", "seed": 0, "regions": ["TC", "WT", "ET"],
+               "fold": fold, "folds": 5, "split_file": None, "holdout": 0, "val_cases": val_cases,
+               "runs": [{"fraction": 1.0, "repeat": 0, "train_cases": ["t"], "final": final, "best": final}],
+               **changes}  # fmt: skip
+    folder = root / f"fold{fold}"
+    folder.mkdir()
+    (folder / "summary.json").write_text(json.dumps(summary))
+    return str(folder)
+
+
+def test_crossval_table_by_hand(tmp_path, capsys):
+    folds = [write_fold(tmp_path, 2, (0.8, 0.9, 0.7), ["c", "d"]), write_fold(tmp_path, 0, (0.6, 0.7, 0.5), ["a"]),
+             write_fold(tmp_path, 1, (0.7, 0.8, 0.9), ["b"])]  # fmt: skip
+    crossval.main([*folds, "--out", str(tmp_path / "cv.csv")])
+    printed = capsys.readouterr().out
+    assert "3 of 5 folds" in printed
+    rows = list(csv.DictReader(open(tmp_path / "cv.csv")))
+    assert [r["fold"] for r in rows] == ["0", "1", "2", "average"]  # sorted by fold
+    average = rows[-1]
+    # TC (0.6 + 0.7 + 0.8) / 3 = 0.7, WT 0.8, ET (0.5 + 0.9 + 0.7) / 3 = 0.7; mean of the fold means 0.7333
+    assert [float(average[k]) for k in ("TC", "WT", "ET", "mean")] == pytest.approx([0.7, 0.8, 0.7, 2.2 / 3])
+    assert float(rows[1]["mean"]) == pytest.approx(0.8) and rows[2]["n_val"] == "2"
+    assert " average   0.7000   0.8000   0.7000   0.7333      4" in printed
+    assert "       1   0.7000   0.8000   0.9000   0.8000      1" in printed
+
+
+def test_crossval_refuses_what_is_not_one_cross_validation(tmp_path):
+    (tmp_path / "x").mkdir()
+    (tmp_path / "y").mkdir()
+    a = write_fold(tmp_path / "x", 0, (0.6, 0.7, 0.5), ["a"])
+    b = write_fold(tmp_path / "y", 0, (0.6, 0.7, 0.5), ["b"])
+    with pytest.raises(InputError, match="fold 0 is also"):
+        crossval.main([a, b])
+    c = write_fold(tmp_path / "y", 1, (0.6, 0.7, 0.5), ["a"])
+    with pytest.raises(InputError, match="validation cases \\['a'\\] are also validated"):
+        crossval.main([a, c])
+    d = write_fold(tmp_path / "y", 2, (0.6, 0.7, 0.5), ["d"], folds=4)
+    with pytest.raises(InputError, match="folds 4 differs from 5"):
+        crossval.main([a, d])
+    e = write_fold(tmp_path / "y", 3, (0.6, 0.7, 0.5), ["e"], holdout=100)
+    with pytest.raises(InputError, match="--holdout"):
+        crossval.main([a, e])

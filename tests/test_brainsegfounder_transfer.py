@@ -8,7 +8,13 @@ import torch
 
 from brainsegfounder.model import SwinUNETR
 from brainsegfounder.ssl_head import SSLHead
-from brainsegfounder.transfer import adapt_patch_embed, encoder_weights, match_channels, transfer_encoder
+from brainsegfounder.transfer import (
+    adapt_patch_embed,
+    describe_transfer,
+    encoder_weights,
+    match_channels,
+    transfer_encoder,
+)
 from shared.errors import InputError
 
 SMALL = {"feature_size": 12, "window_size": 4}
@@ -62,3 +68,25 @@ def test_bare_encoder_keys_and_mismatch_are_handled():
                          init="kaiming", source="x")  # fmt: skip
     with pytest.raises(InputError, match="no Swin encoder"):
         encoder_weights({"decoder.weight": torch.zeros(1)}, "x.pt")
+
+
+def test_position_transfer_keeps_both_stage1_filters_for_modality_restriction():
+    torch.manual_seed(0)
+    source = SSLHead(2, **SMALL)  # a T1 + FLAIR Stage-1 encoder
+    src_w, src_b = source.swinViT.patch_embed.proj.weight, source.swinViT.patch_embed.proj.bias
+    by_position, by_name = SwinUNETR(2, 3, **SMALL), SwinUNETR(2, 3, **SMALL)
+    report = transfer_encoder(by_position.swinViT, source.state_dict(), ["T1", "FLAIR"], ["T1", "T1"],
+                              init="kaiming", source="test", by="position")  # fmt: skip
+    w = by_position.swinViT.patch_embed.proj.weight
+    assert torch.equal(w[:, 0], src_w[:, 0]) and torch.equal(w[:, 1], src_w[:, 1])  # the FLAIR filter is kept
+    assert torch.equal(by_position.swinViT.patch_embed.proj.bias, src_b)
+    assert report["by"] == "position" and report["adapted"] == ["T1 <- T1 (input 0)", "T1 <- FLAIR (input 1)"]
+    assert "patch embedding by position" in describe_transfer(report)
+    report = transfer_encoder(by_name.swinViT, source.state_dict(), ["T1", "FLAIR"], ["T1", "T1"], init="kaiming",
+                              source="test")  # fmt: skip
+    w = by_name.swinViT.patch_embed.proj.weight
+    assert torch.equal(w[:, 0], src_w[:, 0]) and torch.equal(w[:, 1], src_w[:, 0])  # by name: T1 twice
+    assert report["by"] == "name" and report["adapted"] == ["T1 <- T1", "T1 <- T1"]
+    with pytest.raises(InputError, match="has 2 input channel.*but 4 are asked for"):
+        transfer_encoder(SwinUNETR(4, 3, **SMALL).swinViT, source.state_dict(), ["T1", "FLAIR"],
+                         ["FLAIR", "T1ce", "T1", "T2"], init="kaiming", source="test", by="position")  # fmt: skip

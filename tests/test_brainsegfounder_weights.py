@@ -65,7 +65,8 @@ def tang_file(path, feature_size=12, in_channels=1, depths=(2, 2, 2, 2), seed=0)
 
 def _args(init, **kw):
     base = dict(init=str(init), init_channels=None, legacy_merging=None, size="tiny", feature_size=48,
-                num_heads=(3, 6, 12, 24), window_size=7, patch_embed_init="kaiming")  # fmt: skip
+                num_heads=(3, 6, 12, 24), window_size=7, patch_embed_init="kaiming", channel_transfer="name",
+                channels=["T1"])  # fmt: skip
     return argparse.Namespace(**{**base, **kw})
 
 
