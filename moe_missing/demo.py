@@ -6,7 +6,8 @@ Trains on folds 1-2 of a 3-fold split of the 12 MS phantoms:
 - ours: the paper's full model (MoE stem and encoder, L_reg, L_sd);
 - MD: the modality-dropout baseline (`--no-moe --no-sd`, Table 1's first row);
 - DM: dedicated models (`--dedicated CODE`, the plain UNet on one configuration) for the full code 111,
-  FLAIR only (001) and T1 only (100); `--dedicated` picks others (all seven, as the paper, cost ~1 min each).
+  FLAIR only (001) and T1 only (100); `--dedicated` picks others (all seven, as the paper,
+  about 100 s each on 2 CPU cores).
 Then predicts the 4 held-out cases from each configuration each model serves and prints DSC and CScore
 (mean +- SE) per configuration, the Wilcoxon signed-rank tests of ours against MD and DM (Holm-adjusted) and
 the gate specialisation of ours (`moe_missing.evaluate`).

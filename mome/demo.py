@@ -14,10 +14,11 @@ Three models are compared:
   steps) and every phase-2 step runs six UNets; matching MoME's compute would need about 3200 nnU-Net steps
   (5 x 400 expert steps + 200 phase-2 steps of about six expert steps each), five times the demo's 600;
 - "experts, oracle modality routing": each image sent to the phase-1 expert of its modality (a modality label
-  that MoME and the nnU-Net never see). Where a modality occurs in one dataset only (T1ce, T2, DWI here) this is
-  the paper's task-specific nnU-Net of that task; for T1 and FLAIR it is the modality expert. The paper's
-  task-specific nnU-Nets proper (one per dataset and modality) are not trained by the demo (time); train one with
-  `python -m mome.train_expert --modality M --data ONE_DATASET`.
+  that MoME and the nnU-Net never see). Where a modality occurs in one dataset only (T1ce, T2, DWI here) this is,
+  on the seen data, the paper's task-specific nnU-Net of that task (not on the unseen data: the paper's were
+  trained on its unseen datasets, ours never see scanner-B data); for T1 and FLAIR it is the modality expert.
+  The paper's task-specific nnU-Nets proper (one per dataset and modality) are not trained by the demo (time);
+  train one with `python -m mome.train_expert --modality M --data ONE_DATASET`.
 Unseen data follow the paper (Table 2: new datasets of seen lesion types from other sites): the same tumour,
 WMH and stroke phantoms from another scanner (`shared.phantom --scanner B`: other patients and contrast,
 stronger bias field, twice the noise, thick slices); the headline unseen number is the mean over these unseen
@@ -76,7 +77,8 @@ NOTES = """Notes on these numbers (see mome/demo.py):
 - phase 2 uses four flags that are not the paper's (--transfer-heads, --gate-init uniform, --gate-optimizer
   adam, --gate-lr 1e-3) and {phase2} steps instead of 800 x 250;
 - "experts, oracle modality routing" sends each image to its modality's expert using the modality label; for
-  T1ce, T2 and DWI (one dataset each) that expert is the task-specific nnU-Net of the paper;
+  T1ce, T2 and DWI (one dataset each) that expert is the paper's task-specific nnU-Net on the seen data (not on
+  the unseen: the paper's were trained on them);
 - unseen headline = mean over the unseen datasets (the paper's summary level); the new-lesion row holds lesion
   types absent from the demo's training data (seen types in the paper: MSSEG, ATLAS);
 - the lesion-usage table is signed (> 0 pushes towards lesion, < 0 towards background); the paper's comparison
