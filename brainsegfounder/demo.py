@@ -9,7 +9,7 @@
 3. Fine-tuning on 20 % and 50 % of the 9 tumour training cases (2 and 5 cases), two random subsets each, the
    same in every arm (as the decoder initialisation and the batches): scratch (the SwinUNETR baseline),
    two-stage (from Stage 2) and one-stage (Stage 1 only; `--no-one-stage` leaves it out). Scored on the 3
-   held-out cases (the paper's Dice: a case whose reference region is empty is left out of that region's mean).
+   held-out cases (BSF's code's Dice: a case whose reference region is empty is left out of that region's mean).
 4. The study table (Suppl. Table 9 layout, mean +- std) and paired Wilcoxon tests (`brainsegfounder.fewshot`).
 
 The budgets are tiny, so the pretrained encoders are weak and the arms are expected to be close: the paper's

@@ -1,4 +1,4 @@
-"""Evaluate BrainSegFounder predictions with the paper's metrics.
+"""Evaluate BrainSegFounder predictions with the paper's metrics (Dice as BSF's code computes it).
 
     python -m brainsegfounder.evaluate --pred preds/ --gt DATASET_DIR/labelsTr --task brats --out eval.csv
     python -m brainsegfounder.evaluate --pred preds/ --gt ATLAS/labelsTr --task atlas --out eval.csv

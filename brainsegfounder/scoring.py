@@ -13,8 +13,9 @@ Empty references (`--empty-reference`):
   mean over regions is then taken over the regions that have one.
 - "score" (the project's `shared.metrics.dice`): empty prediction and reference score 1, a prediction on an
   empty reference 0, and every case counts.
-On real BraTS (cases without enhancing tumour) the two give different ET and mean Dice; the paper's Tables
-4/8/9 use "skip".
+On real BraTS (cases without enhancing tumour) the two give different ET and mean Dice. The paper states no
+convention; "skip" is what BrainSegFounder's code computes (MONAI DiceMetric), so it is the one to compare
+with the paper's tables.
 """
 
 import numpy as np
