@@ -21,41 +21,22 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))  # the nnU-Net-style batch of the loader tests
+
+from test_shared_loader import DrawForAugmentation  # noqa: E402
 
 from mome.config import MoMEConfig  # noqa: E402
 from mome.losses import deep_supervised_loss, deep_supervision_weights, downsample_target  # noqa: E402
 from mome.model import build_expert  # noqa: E402
-from shared.augment import PIPELINES, BatchAugmentation, initial_patch_size, sample_params  # noqa: E402
+from shared.augment import PIPELINES, BatchAugmentation  # noqa: E402
 from shared.cache import Preprocessing, build_cache  # noqa: E402
 from shared.loader import training_batches  # noqa: E402
 from shared.phantom import write_phantom_datasets  # noqa: E402
 from shared.profiling import peak_tree_rss_anon  # noqa: E402
-from shared.sampling import forced_foreground, patch_start, read_region  # noqa: E402
-
-
-class NnunetDraw:
-    """Two patches per batch, the second forced to foreground, read at the initial patch size with nnU-Net's
-    augmentation parameters (the batch every nnU-Net-style loop of this project draws)."""
-
-    def __init__(self, entries, patch):
-        self.entries, self.patch = entries, tuple(patch)
-        self.read = initial_patch_size(self.patch, PIPELINES["nnunet"])
-
-    def __call__(self, rng):
-        images, labels = [], []
-        for j in range(2):
-            case = self.entries[int(rng.integers(len(self.entries)))]
-            start = patch_start(case, self.read, self.patch, rng, foreground=forced_foreground(j, 2, 0.33))
-            images.append(read_region(case.open_image(), start, self.read))
-            labels.append(read_region(case.open_label(), start, self.read, fill=-1, dtype=np.int16))
-        C = images[0].shape[0]
-        return {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(np.stack(labels)).long(),
-                "aug": sample_params(PIPELINES["nnunet"], 2, C, rng)}  # fmt: skip
 
 
 def make_data(work: Path, cases: int) -> Path:
@@ -69,7 +50,8 @@ def make_data(work: Path, cases: int) -> Path:
 def nnunet_batches(entries, patch, workers: int, steps: int):
     """The CPU batches of steps 0 .. steps (augmented in the workers, or in this process with 0 workers)."""
     augment = BatchAugmentation(PIPELINES["nnunet"], patch)
-    return training_batches(NnunetDraw(entries, patch), seed=0, rank=0, start=0, stop=steps + 1, workers=workers,
+    draw = DrawForAugmentation(entries, tuple(patch))
+    return training_batches(draw, seed=0, rank=0, start=0, stop=steps + 1, workers=workers,
                             device=torch.device("cpu"), augment=augment)  # fmt: skip
 
 

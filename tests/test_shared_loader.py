@@ -94,7 +94,8 @@ def test_default_workers_and_bad_worker_count():
 
 
 class DrawForAugmentation:
-    """A batch as the packages draw it for nnU-Net's augmentation: read region, labels padded with -1, params."""
+    """A batch as the packages draw it for nnU-Net's augmentation: read region, labels padded with -1, params.
+    Two patches, the second forced to foreground (also the batch of tests/bench_data_engine.py)."""
 
     def __init__(self, entries, patch=(8, 8, 8)):
         self.entries, self.patch = entries, patch
@@ -107,8 +108,9 @@ class DrawForAugmentation:
             start = patch_start(case, self.read, self.patch, rng, foreground=forced_foreground(j, 2, 0.33))
             images.append(read_region(case.open_image(), start, self.read))
             labels.append(read_region(case.open_label(), start, self.read, fill=-1, dtype=np.int16))
+        channels = images[0].shape[0]
         return {"image": torch.from_numpy(np.stack(images)), "label": torch.from_numpy(np.stack(labels)).long(),
-                "aug": sample_params(PIPELINES["nnunet"], 2, 2, rng)}  # fmt: skip
+                "aug": sample_params(PIPELINES["nnunet"], 2, channels, rng)}  # fmt: skip
 
 
 def test_nnunet_augmentation_in_workers_is_the_same_as_in_the_main_process(entries):
