@@ -98,7 +98,13 @@ def test_evaluate_refuses_what_the_names_cannot_score(tmp_path):
     with pytest.raises(InputError, match="does not determine the BraTS regions.*--brats-labels"):
         evaluate.main(["--pred", str(gt), "--gt", str(gt), "--out", str(tmp_path / "e.csv")])
     gt = _nnunet_brats(tmp_path / "Dataset003_Extra", labels={"background": 0, "edema": 1, "necrosis": 2, "ET": 4})
-    with pytest.raises(InputError, match=r"label values \[3\] are not BraTS classes"):
+    # the files hold 3, which this dataset.json does not declare: refused before any region is built
+    with pytest.raises(InputError, match=r"a.nii.gz: label values \[3\] are not declared in .*dataset.json"):
+        evaluate.main(["--pred", str(gt), "--gt", str(gt), "--out", str(tmp_path / "e.csv")])
+    # declared, but not one of the three BraTS classes: refused too (it would be dropped from every region)
+    gt = _nnunet_brats(tmp_path / "Dataset004_Other", labels={"background": 0, "edema": 1, "necrosis": 2, "x": 3,
+                                                               "enhancing": 4})  # fmt: skip
+    with pytest.raises(InputError, match=r"a.nii.gz: label values \[3\] are not BraTS classes"):
         evaluate.main(["--pred", str(gt), "--gt", str(gt), "--out", str(tmp_path / "e.csv")])
     assert not (tmp_path / "e.csv").exists()
 
