@@ -38,7 +38,7 @@ from shared.augment import (  # noqa: E402
     initial_patch_size,
     sample_params,
 )
-from shared.errors import run_cli  # noqa: E402
+from shared.cli import run_cli  # noqa: E402
 
 PATCH = (128, 128, 128)
 EVERY_P_ONE = AugmentationPipeline(  # every nnU-Net step always (MONAI's scale and shift are not nnU-Net's)

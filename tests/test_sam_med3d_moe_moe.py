@@ -47,7 +47,8 @@ def test_select_uses_the_best_specific_expert_not_the_general_column():
     assert torch.allclose(s_top, torch.tensor([0.4, 0.9])) and index.tolist() == [1, 0]
     out = select(MG, MT, scores, mode="weighted", tau=0.5)
     assert torch.equal(out[0], MG[0]) and torch.allclose(out[1], 0.1 * MG[1] + 0.9 * MT[1])
-    assert torch.equal(select(MG, MT, scores, mode="top1")[1], MT[1])
+    top1 = select(MG, MT, scores, mode="top1", tau=0.5)
+    assert torch.equal(top1[1], MT[1]) and torch.equal(top1[0], MG[0])  # s_top 0.4 <= tau: the general expert
     assert torch.equal(select(MG, MT, scores, mode="general"), MG)
 
 
