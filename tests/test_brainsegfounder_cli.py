@@ -22,12 +22,7 @@ TR = ["--split", "Tr"]
 TUNE = ["--channels", "T1", "FLAIR", "--patch", "64", "32", "32", "--steps", "1", "--warmup", "0", *SMALL]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_in_tmp(tmp_path_factory):
-    """The preprocessed caches of this module's runs go to a temporary folder, not the checkout's data/cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BRAINSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("cache_root")  # tests/conftest.py: caches in a temporary folder
 
 
 @pytest.fixture(scope="module")

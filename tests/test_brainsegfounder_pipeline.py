@@ -23,12 +23,7 @@ TUNE = ["--channels", "FLAIR", "T1ce", "T1", "T2", "--patch", "64", "32", "32", 
         "--warmup", "0", "--train-fraction", "0.5", "1", "--repeats", "2", "--val-every", "1", *SMALL]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _cache_in_tmp(tmp_path_factory):
-    """The preprocessed caches of this module's runs go to a temporary folder, not the checkout's data/cache."""
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("BRAINSEG_CACHE", str(tmp_path_factory.mktemp("cache")))
-        yield
+pytestmark = pytest.mark.usefixtures("cache_root")  # tests/conftest.py: caches in a temporary folder
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ TINY = ["--features", "4", "8", "16", "--patch", "16", "16", "16", "--batch-size
         "--fold", "0", "--folds", "3", "--device", "cpu", "--no-compile"]  # fmt: skip
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    """The preprocessed caches of these runs (default: data/cache of the checkout, which tests must not touch)."""
-    with pytest.MonkeyPatch.context() as patch:
-        root = tmp_path_factory.mktemp("cache")
-        patch.setenv("BRAINSEG_CACHE", str(root))
-        yield root
+pytestmark = pytest.mark.usefixtures("cache_root")  # tests/conftest.py: caches in a temporary folder
 
 
 @pytest.fixture(scope="module")

@@ -44,14 +44,7 @@ TINY = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def cache_root(tmp_path_factory):
-    """Every CLI of this module builds its preprocessed caches here (the default lies in the checkout)."""
-    patch = pytest.MonkeyPatch()
-    root = tmp_path_factory.mktemp("cache")
-    patch.setenv("BRAINSEG_CACHE", str(root))
-    yield root
-    patch.undo()
+pytestmark = pytest.mark.usefixtures("cache_root")  # tests/conftest.py: caches in a temporary folder
 
 
 @pytest.fixture(scope="module")
