@@ -22,9 +22,7 @@ prediction and reference 1, a prediction on an empty reference 0 (`brainsegfound
 
 from pathlib import Path
 
-import numpy as np
-
-from brainsegfounder.scoring import add_empty_reference_arg
+from brainsegfounder.scoring import add_empty_reference_arg, region_means
 from shared import cli
 from shared.brats import brats_values_for_gt, dataset_beside, describe
 from shared.cli import run_cli
@@ -53,13 +51,18 @@ def skip_empty_references(rows: list, summary: list) -> tuple[list, list]:
     """BSF / MONAI DiceMetric convention: a case whose reference is empty has no Dice (NaN in its row) and is
     left out of that class's mean Dice; each summary entry gains `n_skipped_dice`. The other metrics keep
     their own conventions; the CScore, built from the 1 / 0 mean Dice, is dropped."""
+    per_case = {}  # the shape of `brainsegfounder.scoring.case_scores`, so that one rule skips for both
+    for row in rows:
+        scores = per_case.setdefault(row["case"], {"dice": {}, "empty": []})
+        scores["dice"][row["class"]] = row["dice"]
+        if row["volume_gt_vox"] == 0:
+            scores["empty"].append(row["class"])
+    means = region_means(per_case, [entry["class"] for entry in summary], "skip")
     rows = [{**row, "dice": float("nan")} if row["volume_gt_vox"] == 0 else row for row in rows]
     out = []
     for entry in summary:
-        kept = [r["dice"] for r in rows if r["class"] == entry["class"] and r["volume_gt_vox"] > 0]
         entry = {k: v for k, v in entry.items() if k != "cscore"}
-        entry["mean_dice"] = float(np.mean(kept)) if kept else float("nan")
-        entry["n_skipped_dice"] = entry["n_cases"] - len(kept)
+        entry["mean_dice"], entry["n_skipped_dice"] = means[entry["class"]], means["skipped"][entry["class"]]
         out.append(entry)
     return rows, out
 
