@@ -33,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from mome.labels import binarise, lesion_values
+from mome.labels import add_label_rule_arg, binarise, lesion_values
 from mome.predict import load_model
 from mome.splits import held_out, read_split_files
 from mome.usage import expert_usage
@@ -223,13 +223,7 @@ def parse_args(argv=None):
                         "(Table 2)")  # fmt: skip
     parser.add_argument("--new-lesion", nargs="*", default=[], help="datasets of lesion types absent from training "
                         "(one extra row)")  # fmt: skip
-    parser.add_argument(
-        "--label-rule",
-        nargs="+",
-        default=[],
-        help="[DATASET:]MODALITY=LABELS: the reference "
-        "lesion of a modality, e.g. T1ce=necrosis,enhancing (tumour core, as the paper's BraTS T1ce)",
-    )
+    add_label_rule_arg(parser)
     parser.add_argument("--model", help="MoME checkpoint for the expert-usage tables (optional; a single network "
                         "of mome.train_expert has no gate and is skipped)")  # fmt: skip
     parser.add_argument("--connectivity", type=int, default=26, choices=(6, 18, 26), help="lesion connectivity")

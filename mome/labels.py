@@ -20,6 +20,17 @@ from shared.dataset import canonical_modality, declared_label_values, load_datas
 from shared.errors import InputError
 
 
+def add_label_rule_arg(parser) -> None:
+    """--label-rule, the same flag in training (train_expert, train) and evaluate: which labels are the lesion."""
+    parser.add_argument(
+        "--label-rule",
+        nargs="+",
+        default=[],
+        help="[DATASET:]MODALITY=LABELS: the lesion of one modality, e.g. T1ce=necrosis,enhancing (the paper's "
+        "BraTS T1ce: tumour core); mome/labels.py",
+    )
+
+
 def parse_label_rule(text: str) -> tuple[str | None, str, tuple[str, ...]]:
     """`[DATASET:]MODALITY=LABELS` -> (dataset or None, canonical modality, label names or values as strings)."""
     head, sep, labels = str(text).partition("=")

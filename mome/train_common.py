@@ -11,6 +11,7 @@ import torch
 
 from mome.config import MoMEConfig
 from mome.expert import per_stage
+from mome.labels import add_label_rule_arg
 from shared.checkpoint import plain_args, save_checkpoint
 from shared.cli import (
     add_run_args,
@@ -43,13 +44,7 @@ def add_common_args(parser, *, lr: float, epochs: int) -> None:
     g.add_argument("--no-augment", action="store_true", help="turn off nnU-Net's default augmentation")
     g.add_argument("--keep-labels", action="store_true", help="keep label values instead of lesion = label > 0; "
                    "the seg heads get one class per declared label value (0..max)")  # fmt: skip
-    g.add_argument(
-        "--label-rule",
-        nargs="+",
-        default=[],
-        help="[DATASET:]MODALITY=LABELS: the lesion of one "
-        "modality, e.g. T1ce=necrosis,enhancing (the paper's BraTS T1ce: tumour core); mome/labels.py",
-    )
+    add_label_rule_arg(g)
     g.add_argument("--modalities", nargs="+", default=list(MODALITIES), help="expert order (modality names)")
     g = parser.add_argument_group("model")
     g.add_argument("--features", type=positive_int, nargs="+", default=[32, 64, 128, 256, 320, 320],
