@@ -141,12 +141,13 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
     if regions == "brats" and (len(set(brats_labels)) != 3 or 0 in brats_labels):
         raise InputError(f"--brats-labels {brats_labels} must be three different non-zero label values.")
     declared = declared_labels(gt_dir)
+    declared_in = str(Path(gt_dir).parent / "dataset.json")  # where `declared` comes from, for the refusals
     if regions == "brats" and declared is not None and not set(brats_labels) <= set(declared):
-        raise InputError(f"--regions brats: {Path(gt_dir).parent / 'dataset.json'} declares the labels "
+        raise InputError(f"--regions brats: {declared_in} declares the labels "
                          f"{list(declared)}, which cannot hold the BraTS classes {list(brats_labels)}.")  # fmt: skip
     if labels and declared is not None and set(labels) - set(declared):
         raise InputError(f"--labels {short_list(set(labels) - set(declared))}: not declared in "
-                         f"{Path(gt_dir).parent / 'dataset.json'} (labels {list(declared)}).")  # fmt: skip
+                         f"{declared_in} (labels {list(declared)}).")  # fmt: skip
     pred_cases, gt_cases = list_cases(pred_dir, "--pred"), list_cases(gt_dir, "--gt")
     wanted = scored_cases(pred_cases, gt_cases, cases, pred_dir, gt_dir)
 
@@ -161,13 +162,12 @@ def evaluate_folders(pred_dir, gt_dir, labels=None, connectivity: int = 26, regi
                 f"{pred_cases[case]}: affine differs from the reference's (not in the same grid; resample the "
                 "prediction to the reference first)."
             )
-        gt_values = set(np.unique(gt).tolist())
+        gt_values, pred_values = set(np.unique(gt).tolist()), set(np.unique(pred).tolist())
         if declared is not None:
-            json_path = Path(gt_dir).parent / "dataset.json"
-            check_declared(gt_cases[case], gt_values, declared, source=str(json_path))
-            check_declared(pred_cases[case], np.unique(pred), declared, source=str(json_path))
+            check_declared(gt_cases[case], gt_values, declared, source=declared_in)
+            check_declared(pred_cases[case], pred_values, declared, source=declared_in)
         gt_present |= gt_values
-        present |= gt_values | set(np.unique(pred).tolist())
+        present |= gt_values | pred_values
         if regions == "brats":
             _check_brats_coding(gt_cases[case], gt, brats_labels)
             _check_brats_coding(pred_cases[case], pred, brats_labels)
